@@ -1,0 +1,213 @@
+"""The public API: `orthrus.load(...)` and `Orthrus.generate / stream`.
+
+Takes text, chat messages (the tokenizer's chat template is applied) or token ids, one prompt
+or a batch, and decodes them together through the engine in orthrus or AR mode.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence as Seq, Union
+
+import torch
+
+from .checkpoint import load_drafter, load_model
+from .engine import Engine, Mode, Sequence
+from .errors import OrthrusError
+from .hub import DEFAULT_DRAFTER, DEFAULT_MODEL, resolve_model
+from .sampling import SamplingParams
+
+Prompt = Union[str, list[dict], list[int]]
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class GenerationStats:
+    cycles: int
+    tokens: int
+    forwards: int
+    accepted: list[int]  # accepted drafts in each cycle
+    block_size: int
+    seconds: float
+
+    @property
+    def tokens_per_cycle(self) -> float:
+        """Mean acceptance length: tokens emitted per verify (accepted drafts + 1)."""
+        return (sum(self.accepted) + len(self.accepted)) / max(1, len(self.accepted))
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def position_acceptance(self) -> list[float]:
+        """Fraction of cycles in which draft position i (1-based) was accepted."""
+        n = max(1, len(self.accepted))
+        return [sum(a >= i for a in self.accepted) / n for i in range(1, self.block_size)]
+
+    def as_dict(self) -> dict:
+        return {"cycles": self.cycles, "tokens": self.tokens, "forwards": self.forwards,
+                "tokens_per_cycle": round(self.tokens_per_cycle, 3), "tokens_per_second": round(self.tokens_per_second, 2),
+                "seconds": round(self.seconds, 3), "position_acceptance": [round(x, 3) for x in self.position_acceptance]}
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    stats: GenerationStats
+    prompt_tokens: int = 0
+
+
+class TextStream:
+    """Incremental detokenisation with stop strings: emits only text that can no longer change
+    (no half UTF-8 character, no prefix of a stop string) and cuts at the first stop string."""
+
+    def __init__(self, tokenizer, stop: Seq[str] = ()):
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text = ""
+        self.sent = 0
+        self.stopped = False
+
+    def push(self, ids: list[int], final: bool = False) -> str:
+        self.ids.extend(ids)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            text, self.stopped, final = text[: min(hits)], True, True
+        self.text = text
+        safe = len(text)
+        if not final:
+            safe = len(text.rstrip("\ufffd"))
+            for s in self.stop:  # hold back a tail that could still grow into a stop string
+                for k in range(min(len(s) - 1, safe), 0, -1):
+                    if text[:safe].endswith(s[:k]):
+                        safe -= k
+                        break
+        delta = text[self.sent : safe] if safe > self.sent else ""
+        self.sent = max(self.sent, safe)
+        return delta
+
+
+class Orthrus:
+    def __init__(self, model, tokenizer, name: str, drafter: str | None, drafter_trained: bool):
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.drafter, self.drafter_trained = drafter, drafter_trained
+        self.stop_token_ids = frozenset(model.config.eos_token_id) | (
+            frozenset([tokenizer.eos_token_id]) if tokenizer.eos_token_id is not None else frozenset())
+
+    @property
+    def block_size(self) -> int:
+        return self.model.config.block_size
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=False)
+        if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+            for m in prompt:
+                if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                    raise OrthrusError("each chat message needs a string 'role' and 'content'")
+            ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return list(prompt)
+        raise OrthrusError("a prompt is a string, a list of chat messages ({'role', 'content'}) or a list of token ids")
+
+    def stream(self, prompt: Prompt, **kwargs) -> Iterator[str]:
+        """Yield text as it is accepted; the finished Generation is the iterator's return value."""
+        result = yield from self._run([prompt], streaming=True, **kwargs)
+        return result[0]
+
+    def generate(self, prompts: Prompt | list[Prompt], **kwargs) -> Generation | list[Generation]:
+        """Generate for one prompt or a batch (a list of prompts, decoded together)."""
+        single = not (isinstance(prompts, list) and prompts and isinstance(prompts[0], (str, list)))
+        batch = [prompts] if single else prompts
+        gen = self._run(batch, streaming=False, **kwargs)
+        try:
+            while True:
+                next(gen)
+        except StopIteration as done:
+            return done.value[0] if single else done.value
+
+    def _run(self, prompts: list[Prompt], streaming: bool, max_new_tokens: int = 256, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop: Seq[str] | str | None = None,
+             mode: Mode = "orthrus", block_size: int | None = None):
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        encoded = [self.encode(p) for p in prompts]
+        block = 1 if mode == "ar" else (block_size or self.block_size)
+        max_len = max(map(len, encoded)) + max_new_tokens + block
+        engine = Engine(self.model, len(encoded), max_len, mode=mode, block_size=block_size)
+        seqs = [Sequence(ids, params, max_new_tokens, self.stop_token_ids) for ids in encoded]
+        for s in seqs:
+            engine.add(s)
+        texts = [TextStream(self.tokenizer, stop) for _ in seqs]
+        start = time.perf_counter()
+        while engine.has_work():
+            for out in engine.step():
+                i = seqs.index(out.sequence)
+                delta = texts[i].push(out.new_tokens, final=out.sequence.finished)
+                if texts[i].stopped and not out.sequence.finished:
+                    out.sequence.finish_reason = "stop"
+                    engine.abort(out.sequence)
+                if streaming and delta:
+                    yield delta
+        seconds = time.perf_counter() - start
+        return [
+            Generation(text=t.text, token_ids=s.generated, finish_reason=s.finish_reason, prompt_tokens=len(s.prompt),
+                       stats=GenerationStats(cycles=s.stats.cycles, tokens=len(s.generated),
+                                             forwards=engine.forwards, accepted=s.stats.accepted,
+                                             block_size=engine.block_size, seconds=seconds))
+            for s, t in zip(seqs, texts)
+        ]
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise OrthrusError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def parse_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise OrthrusError("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise OrthrusError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+
+
+def load(model: str | None = None, drafter: str | None = None, dtype: str | torch.dtype = "float32",
+         device: str = "cpu", block_size: int | None = None) -> Orthrus:
+    """Load a base model (default: SmolLM2-135M-Instruct) and a drafter.
+
+    `drafter`: a drafter folder, a full Orthrus folder, "none" for the untrained twin copy, or
+    None for the model's own twins (an official Orthrus folder) or else the shipped default drafter.
+    """
+    from transformers import AutoTokenizer
+
+    folder = resolve_model(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:
+        raise OrthrusError(f"{folder}: cannot load its tokenizer ({type(e).__name__}: {e})") from None
+    spare = len(tokenizer)  # the first id past the tokenizer: a free embedding row if the vocab has one
+    net, trained = load_model(folder, parse_dtype(dtype), parse_device(device), mask_token_id=spare, block_size=block_size)
+    drafter_name = str(folder) if trained else None
+    if drafter is None and not trained and model in (None, DEFAULT_MODEL) and DEFAULT_DRAFTER.is_dir():
+        drafter = str(DEFAULT_DRAFTER)
+    if drafter not in (None, "none"):
+        load_drafter(net, drafter)
+        trained, drafter_name = True, drafter
+        if block_size is not None:
+            net.config.block_size = block_size
+    return Orthrus(net, tokenizer, name=model or DEFAULT_MODEL, drafter=drafter_name, drafter_trained=trained)

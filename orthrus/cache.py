@@ -1,0 +1,70 @@
+"""The shared KV cache: written only by the AR view, for committed tokens.
+
+One preallocated tensor per K and V, shaped [layers, rows, kv_heads, max_len, head_dim], and one
+length per row. Slots at and past a row's length are scratch: a forward pass writes its block
+there before attending (so the block sees itself), and the length moves only when tokens are
+committed. Rejected drafts are "cropped" by not advancing the length; the next pass overwrites
+them. The diffusion view's block also lands in that scratch and is overwritten by the verify
+pass over the same positions, so drafting costs one block of K/V whatever the context length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import ModelConfig
+
+
+class KVCache:
+    def __init__(self, cfg: ModelConfig, rows: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
+        shape = (cfg.num_hidden_layers, rows, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(rows, dtype=torch.long)  # committed tokens per row (host side)
+        self.max_len = max_len
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def window(self, rows: torch.Tensor, num_tokens: int, bidirectional: bool) -> "CacheWindow":
+        """Prepare a forward of `num_tokens` new tokens for `rows`, each starting at its length.
+
+        Causal (AR view): token t sees the context and block tokens 0..t. Bidirectional
+        (diffusion view): every block token sees the context and the whole block.
+        """
+        start = self.lengths[rows]
+        positions = start[:, None] + torch.arange(num_tokens)
+        end = int(start.max()) + num_tokens
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions needed, {self.max_len} allocated")
+        limit = positions + 1 if not bidirectional else (start + num_tokens)[:, None].expand_as(positions)
+        mask = None
+        if not bool((limit == end).all()):
+            mask = (torch.arange(end) < limit[..., None])[:, None].to(self.k.device)  # [N, 1, T, S]
+        return CacheWindow(self, rows, positions.to(self.k.device), end, mask)
+
+
+@dataclass
+class CacheWindow:
+    """What one forward pass sees of the cache: where it writes and how far it reads."""
+
+    cache: KVCache
+    rows: torch.Tensor  # [N] row indices (host)
+    positions: torch.Tensor  # [N, T] absolute positions (device)
+    end: int  # keys read: slots [0, end)
+    mask: torch.Tensor | None  # [N, 1, T, end] boolean, None when every key is visible
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this pass's K/V ([N, kv_heads, T, D]) and return the keys/values to attend to."""
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        n, h = k.shape[:2]
+        rows = self.rows.to(kc.device)
+        idx = (rows[:, None, None], torch.arange(h, device=kc.device)[None, :, None], self.positions[:, None, :])
+        kc.index_put_(idx, k)
+        vc.index_put_(idx, v)
+        if n == kc.shape[0] and bool((self.rows == torch.arange(n)).all()):
+            return kc[:, :, : self.end], vc[:, :, : self.end]  # every row, in order: a view, no copy
+        return kc[rows, :, : self.end], vc[rows, :, : self.end]

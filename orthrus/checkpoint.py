@@ -1,0 +1,199 @@
+"""Loading and saving weights: HF folders (config.json + safetensors, sharded or not), the
+official Orthrus layout (one folder, base + `*_diff` twins, `architectures: ["OrthrusLM"]`), and
+drafter-only folders (twins + mask embedding + the base model's fingerprint).
+
+Weights are read with safetensors only; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig, read_hf_config
+from .errors import OrthrusError
+from .model import OrthrusLM
+
+DRAFTER_ARCHITECTURE = "OrthrusDrafter"
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise OrthrusError(f"{folder}: shards named in model.safetensors.index.json are missing: {missing}")
+        return [folder / s for s in shards]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        if any(folder.glob("*.bin")) or any(folder.glob("*.pt*")):
+            raise OrthrusError(f"{folder}: only pickle weights (*.bin/*.pt) found; orthrus loads safetensors only. "
+                               "Convert them with transformers' save_pretrained(safe_serialization=True).")
+        raise OrthrusError(f"{folder}: no *.safetensors weights found.")
+    return files
+
+
+def read_tensors(folder: Path):
+    """Yield (name, tensor) from every safetensors file of a folder, with a clear error on damage."""
+    for path in safetensors_files(folder):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise OrthrusError(f"{path}: cannot read weights ({e}). The file is truncated or corrupt; "
+                               "download or convert it again.") from None
+
+
+def base_fingerprint(model: OrthrusLM) -> str:
+    """A short hash of a few frozen base weights (rounded to bf16, so fp32/bf16 copies agree)."""
+    h = hashlib.sha256()
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.norm.weight"):
+        h.update(model.get_parameter(name).detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _load_into(model: OrthrusLM, tensors, where: Path, only_twins: bool = False) -> set[str]:
+    params = dict(model.named_parameters())
+    loaded = set()
+    for name, tensor in tensors:
+        is_twin = name.endswith(("_diff.weight", "_diff.bias")) or name == "model.mask_embedding"
+        if name not in params or (only_twins and not is_twin):
+            continue
+        p = params[name]
+        if tuple(tensor.shape) != tuple(p.shape):
+            raise OrthrusError(f"{where}: {name} has shape {tuple(tensor.shape)}, the model expects "
+                               f"{tuple(p.shape)}. Is this checkpoint for another model size?")
+        with torch.no_grad():
+            p.copy_(tensor)
+        loaded.add(name)
+    return loaded
+
+
+def load_model(
+    folder: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    mask_token_id: int | None = None,
+    block_size: int | None = None,
+) -> tuple[OrthrusLM, bool]:
+    """Load an HF-format Qwen3/Llama folder or an official Orthrus folder.
+
+    Returns (model, has_trained_twins). Twins missing from the folder start as copies of the AR
+    projections. `mask_token_id` is used when the folder's config names none.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise OrthrusError(f"{folder}: no such model folder.")
+    hf = read_hf_config(folder)
+    cfg = ModelConfig.from_hf(hf, where=str(folder / "config.json"))
+    if cfg.mask_token_id is None:
+        cfg.mask_token_id = mask_token_id if mask_token_id is not None else cfg.vocab_size
+    if block_size is not None:
+        cfg.block_size = block_size
+    with torch.device("meta"):
+        model = OrthrusLM(cfg)
+    model.to_empty(device=device).to(dtype).tie_weights()
+    loaded = _load_into(model, read_tensors(folder), folder)
+    if cfg.tie_word_embeddings:
+        loaded.add("lm_head.weight")
+    twin_names = {n for n, _ in model.twin_parameters()}
+    missing = set(dict(model.named_parameters())) - loaded - twin_names
+    if missing:
+        raise OrthrusError(f"{folder}: weights missing from the checkpoint: {sorted(missing)[:5]}"
+                           f"{' ...' if len(missing) > 5 else ''}")
+    has_twins = twin_names <= loaded
+    if not has_twins:
+        init_untrained_twins(model)
+    model.eval().requires_grad_(False)
+    return model, has_twins
+
+
+def init_untrained_twins(model: OrthrusLM) -> None:
+    model.copy_twins_from_ar()
+    if model.config.learned_mask:
+        with torch.no_grad():  # start the learned mask at the average token embedding
+            model.model.mask_embedding.copy_(model.model.embed_tokens.weight.mean(0))
+
+
+def load_drafter(model: OrthrusLM, folder: str | Path) -> None:
+    """Load twins from a drafter-only folder, or from a full official Orthrus folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise OrthrusError(f"{folder}: no such drafter folder.")
+    hf = read_hf_config(folder)
+    if DRAFTER_ARCHITECTURE in hf.get("architectures", []):
+        expected = hf.get("base_fingerprint")
+        actual = base_fingerprint(model)
+        if expected != actual:
+            raise OrthrusError(f"{folder}: this drafter was trained for base model {hf.get('base_model')!r} "
+                               f"(fingerprint {expected}), not for the loaded model (fingerprint {actual}).")
+    else:
+        base_cfg = ModelConfig.from_hf(hf, where=str(folder / "config.json"))
+        mine = model.config
+        if (base_cfg.hidden_size, base_cfg.num_hidden_layers, base_cfg.vocab_size) != (
+                mine.hidden_size, mine.num_hidden_layers, mine.vocab_size):
+            raise OrthrusError(f"{folder}: this checkpoint is for a different base model "
+                               f"(hidden {base_cfg.hidden_size}, {base_cfg.num_hidden_layers} layers).")
+    if (hf.get("mask_token_id") is not None and hf["mask_token_id"] != model.config.mask_token_id):
+        raise OrthrusError(f"{folder}: drafter uses mask token {hf['mask_token_id']}, "
+                           f"the model {model.config.mask_token_id}.")
+    loaded = _load_into(model, read_tensors(folder), folder, only_twins=True)
+    needed = {n for n, _ in model.twin_parameters()}
+    if needed - loaded:
+        raise OrthrusError(f"{folder}: drafter weights missing: {sorted(needed - loaded)[:5]}")
+    model.config.block_size = hf.get("block_size", model.config.block_size)
+
+
+def _atomic_folder(target: Path):
+    """Write into a temporary sibling folder, then swap it in, so a crash never leaves half a checkpoint."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    if target.exists():
+        old = target.with_name(f".{target.name}.old.{os.getpid()}")
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(target)
+
+
+def save_drafter(model: OrthrusLM, folder: str | Path, base_model: str, dtype=torch.bfloat16, extra: dict | None = None) -> None:
+    folder = Path(folder)
+    tmp = _atomic_folder(folder)
+    tensors = {n: p.detach().to("cpu", dtype).contiguous() for n, p in model.twin_parameters()}
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    cfg = {
+        "architectures": [DRAFTER_ARCHITECTURE],
+        "model_type": model.config.model_type,
+        "base_model": base_model,
+        "base_fingerprint": base_fingerprint(model),
+        "block_size": model.config.block_size,
+        "mask_token_id": model.config.mask_token_id,
+        **(extra or {}),
+    }
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    _publish(tmp, folder)
+
+
+def save_orthrus(model: OrthrusLM, folder: str | Path, dtype=torch.bfloat16) -> None:
+    """Write the official layout: base and twins in one folder, `architectures: ["OrthrusLM"]`."""
+    folder = Path(folder)
+    tmp = _atomic_folder(folder)
+    tensors = {n: p.detach().to("cpu", dtype).contiguous() for n, p in model.named_parameters()
+               if not (model.config.tie_word_embeddings and n == "lm_head.weight")}
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(model.config.to_hf("OrthrusLM"), indent=2) + "\n")
+    _publish(tmp, folder)

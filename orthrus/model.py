@@ -1,0 +1,182 @@
+"""The dual-view decoder: a frozen Qwen3 / Llama backbone plus a diffusion-attention twin per layer.
+
+AR view: the unchanged backbone, causal. Diffusion view: the same stack with each layer's
+attention projections (and QK-norms) swapped for the `*_diff` twins, reading a block
+`[anchor, MASK, ...]` bidirectionally over the AR view's cached context. Everything else
+(embeddings, MLPs, layer norms, final norm, head) is shared. Parameter names follow the HF
+layout, and the twins use the official Orthrus names (`q_proj_diff`, ..., `k_norm_diff`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+View = Literal["ar", "diffusion"]
+TWIN_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
+
+
+class KVStore(Protocol):
+    """Where a forward's keys/values go and what it attends to: the KV cache at inference
+    (`cache.CacheWindow`), a plain per-layer store in training."""
+
+    mask: torch.Tensor | None
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and scale in the model dtype, as HF does, so bf16 runs round alike.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # Recomputed per call (head_dim/2 numbers): no buffer to rebuild after meta-device loading.
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float, device=positions.device) / self.head_dim
+        freqs = positions[..., None].float() * (1.0 / self.theta**exponents)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [N, 1, T, D], broadcast over heads
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.n_heads, self.n_kv, self.head_dim = layer, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q_out, kv_out = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        for suffix in ("", "_diff"):  # the AR projections, then their diffusion twins
+            setattr(self, "q_proj" + suffix, nn.Linear(cfg.hidden_size, q_out, bias=cfg.attention_bias))
+            setattr(self, "k_proj" + suffix, nn.Linear(cfg.hidden_size, kv_out, bias=cfg.attention_bias))
+            setattr(self, "v_proj" + suffix, nn.Linear(cfg.hidden_size, kv_out, bias=cfg.attention_bias))
+            setattr(self, "o_proj" + suffix, nn.Linear(q_out, cfg.hidden_size, bias=False))
+            if cfg.qk_norm:
+                setattr(self, "q_norm" + suffix, RMSNorm(cfg.head_dim, cfg.rms_norm_eps))
+                setattr(self, "k_norm" + suffix, RMSNorm(cfg.head_dim, cfg.rms_norm_eps))
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, view: View):
+        """Queries, keys and values of `x` ([N, T, hidden]) through the view's projections."""
+        sfx = "_diff" if view == "diffusion" else ""
+        n, t, _ = x.shape
+        q = getattr(self, "q_proj" + sfx)(x).view(n, t, self.n_heads, self.head_dim)
+        k = getattr(self, "k_proj" + sfx)(x).view(n, t, self.n_kv, self.head_dim)
+        v = getattr(self, "v_proj" + sfx)(x).view(n, t, self.n_kv, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = getattr(self, "q_norm" + sfx)(q), getattr(self, "k_norm" + sfx)(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def forward(self, x, cos, sin, kv: KVStore, view: View) -> torch.Tensor:
+        q, k, v = self.project(x, cos, sin, view)
+        keys, values = kv.update(self.layer, k, v)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=kv.mask, enable_gqa=self.n_kv != self.n_heads)
+        out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+        return getattr(self, "o_proj_diff" if view == "diffusion" else "o_proj")(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, kv: KVStore, view: View) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, view)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.learned_mask:
+            self.mask_embedding = nn.Parameter(torch.zeros(cfg.hidden_size))
+
+
+class OrthrusLM(nn.Module):
+    """Backbone + twins. `forward` runs either view over given tokens and positions."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the head with the embeddings when the config says so (again after `to_empty`)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.config.mask_token_id
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not self.config.learned_mask:
+            return self.model.embed_tokens(tokens)
+        is_mask = (tokens == self.config.mask_token_id)[..., None]
+        x = self.model.embed_tokens(tokens.masked_fill(is_mask[..., 0], 0))
+        return torch.where(is_mask, self.model.mask_embedding.to(x.dtype), x)
+
+    def forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor, kv: KVStore, view: View = "ar", logits: bool = True
+    ) -> torch.Tensor:
+        """tokens, positions: [N, T]. Returns fp32 logits [N, T, vocab] (or final hidden states)."""
+        x = self.embed(tokens)
+        cos, sin = self.rotary(positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, kv, view)
+        x = self.model.norm(x)
+        return self.lm_head(x).float() if logits else x
+
+    def twin_parameters(self):
+        """(name, parameter) of everything a drafter owns: the twins and a learned mask."""
+        for name, p in self.named_parameters():
+            if name.endswith(("_diff.weight", "_diff.bias")) or name == "model.mask_embedding":
+                yield name, p
+
+    @torch.no_grad()
+    def copy_twins_from_ar(self) -> None:
+        """Initialise every twin as a copy of its AR projection (the untrained drafter)."""
+        for name, p in self.twin_parameters():
+            if name != "model.mask_embedding":
+                p.copy_(self.get_parameter(name.replace("_diff.", ".")))

@@ -1,0 +1,92 @@
+"""One sampling transform for both views, and the exact speculative accept rule.
+
+`sampling_probs` turns logits into the distribution that is actually sampled (temperature,
+top-k, top-p; temperature 0 gives a one-hot argmax). The draft distribution q and the verify
+distribution p both come from it, so greedy decoding is the special case of speculative
+sampling with one-hot p and q: a draft is accepted iff it is the AR argmax, and the residual
+max(p - q, 0) is the AR argmax. All randomness enters as uniforms drawn per row by the caller,
+which keeps every function here deterministic and batch-independent.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import OrthrusError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = no limit
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and 0 <= self.temperature <= 100):
+            raise OrthrusError(f"temperature must be a number in [0, 100] (0 = greedy), got {self.temperature!r}")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise OrthrusError(f"top_k must be an integer >= 0 (0 = no limit), got {self.top_k!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise OrthrusError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise OrthrusError(f"seed must be an integer, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """logits [N, T, V] (fp32) -> the probabilities each row samples from, row n under params[n]."""
+    n, _, v = logits.shape
+    greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+    one_hot = torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    if bool(greedy.all()):
+        return one_hot
+    temperature = torch.tensor([p.temperature or 1.0 for p in params], device=logits.device)
+    x = logits / temperature[:, None, None]
+    if any(p.top_k or p.top_p < 1 for p in params):
+        top_k = torch.tensor([p.top_k or v for p in params], device=logits.device)
+        top_p = torch.tensor([p.top_p for p in params], device=logits.device)
+        sorted_x, order = x.sort(-1, descending=True)
+        rank = torch.arange(v, device=logits.device)
+        sorted_x = sorted_x.masked_fill(rank >= top_k[:, None, None], -math.inf)
+        sorted_p = sorted_x.softmax(-1)
+        mass_before = sorted_p.cumsum(-1) - sorted_p  # keep a token while the mass above it is < top_p
+        sorted_x = sorted_x.masked_fill((mass_before >= top_p[:, None, None]) & (rank > 0), -math.inf)
+        x = torch.full_like(x, -math.inf).scatter_(-1, order, sorted_x)
+    return torch.where(greedy[:, None, None], one_hot, x.softmax(-1))
+
+
+def sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: probs [..., V] (need not be normalised), uniforms [...] in [0, 1)."""
+    cdf = probs.cumsum(-1)
+    target = uniforms.to(cdf.dtype) * cdf[..., -1]
+    return torch.searchsorted(cdf, target[..., None], right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+
+
+def speculative_accept(
+    p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u_accept: torch.Tensor, u_next: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standard speculative sampling over a block, vectorised over rows.
+
+    p [N, K+1, V]: verify distributions (row i is the target for draft i, row K the bonus).
+    q [N, K, V]: draft distributions; drafts [N, K] were sampled from q.
+    Draft i is accepted with probability min(1, p_i(d_i) / q_i(d_i)); at the first rejection the
+    next token is drawn from normalize(max(p_i - q_i, 0)), and after K acceptances from p_K.
+    Returns (accepted count [N], next token [N]).
+    """
+    k = drafts.shape[1]
+    p_d = p[:, :k].gather(-1, drafts[..., None]).squeeze(-1)
+    q_d = q.gather(-1, drafts[..., None]).squeeze(-1)
+    accepted = (u_accept * q_d < p_d).long().cumprod(-1).sum(-1)
+    rows = torch.arange(p.shape[0], device=p.device)
+    p_a = p[rows, accepted]
+    q_a = torch.cat([q, torch.zeros_like(q[:, :1])], 1)[rows, accepted]  # q = 0 at the bonus row
+    residual = (p_a - q_a).clamp_(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_a)  # p == q: nothing to correct
+    return accepted, sample(residual, u_next)
