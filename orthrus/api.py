@@ -167,9 +167,12 @@ class Orthrus:
         ]
 
 
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def parse_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """"auto" is fp32 on CPU (fast, exact) and bf16 on CUDA."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
         raise OrthrusError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
@@ -186,8 +189,8 @@ def parse_device(device: str) -> torch.device:
         raise OrthrusError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
 
 
-def load(model: str | None = None, drafter: str | None = None, dtype: str | torch.dtype = "float32",
-         device: str = "cpu", block_size: int | None = None) -> Orthrus:
+def load(model: str | None = None, drafter: str | None = None, dtype: str | torch.dtype = "auto",
+         device: str = "auto", block_size: int | None = None) -> Orthrus:
     """Load a base model (default: SmolLM2-135M-Instruct) and a drafter.
 
     `drafter`: a drafter folder, a full Orthrus folder, "none" for the untrained twin copy, or
@@ -201,7 +204,8 @@ def load(model: str | None = None, drafter: str | None = None, dtype: str | torc
     except Exception as e:
         raise OrthrusError(f"{folder}: cannot load its tokenizer ({type(e).__name__}: {e})") from None
     spare = len(tokenizer)  # the first id past the tokenizer: a free embedding row if the vocab has one
-    net, trained = load_model(folder, parse_dtype(dtype), parse_device(device), mask_token_id=spare, block_size=block_size)
+    dev = parse_device(device)
+    net, trained = load_model(folder, parse_dtype(dtype, dev), dev, mask_token_id=spare, block_size=block_size)
     drafter_name = str(folder) if trained else None
     if drafter is None and not trained and model in (None, DEFAULT_MODEL) and DEFAULT_DRAFTER.is_dir():
         drafter = str(DEFAULT_DRAFTER)
