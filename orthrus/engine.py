@@ -86,11 +86,11 @@ class Engine:
         return self.cache.max_len
 
     def capacity_error(self, prompt_len: int, max_new_tokens: int) -> str | None:
-        limit = min(self.max_len, self.model.config.max_position_embeddings + self.block_size)
-        need = prompt_len + max_new_tokens + self.block_size
-        if need > limit:
-            return (f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context: "
-                    f"at most {limit - self.block_size - prompt_len} new tokens fit; shorten the prompt or lower max_new_tokens")
+        """Why a request does not fit (the model's positions, or this engine's cache rows), or None."""
+        limit = min(self.model.config.max_position_embeddings, self.max_len - self.block_size)
+        if prompt_len + max_new_tokens > limit:
+            return (f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context of "
+                    f"{limit} tokens; shorten the prompt or lower max_new_tokens (at most {max(0, limit - prompt_len)})")
         return None
 
     def add(self, seq: Sequence) -> None:

@@ -1,0 +1,125 @@
+"""Lossless decoding: greedy Orthrus output equals greedy AR output token for token, whatever
+the drafter (oracle: all accepted; random: none; the untrained twin copy), alone or in a batch."""
+
+import pytest
+import torch
+
+from orthrus.checkpoint import init_untrained_twins
+
+from .conftest import PROMPTS
+
+
+def make_oracle(llm, references: list[list[int]]):
+    """Replace the diffusion view by one that drafts the known AR continuation of each row."""
+    model = llm.model
+    real_forward = model.forward
+
+    def forward(tokens, positions, kv, view="ar", logits=True):
+        if view != "diffusion":
+            return real_forward(tokens, positions, kv, view, logits)
+        out = torch.full((*tokens.shape, model.config.vocab_size), -1e4)
+        for i, row in enumerate(kv.rows.tolist()):
+            for j, pos in enumerate(positions[i].tolist()):
+                if pos + 1 < len(references[row]):
+                    out[i, j, references[row][pos + 1]] = 0.0
+        return out
+
+    model.forward = forward
+    return lambda: delattr(model, "forward")
+
+
+def randomize_twins(llm, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in llm.model.twin_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+@pytest.mark.parametrize("name,block", [("qwen3", 8), ("smollm2", 6)])
+def test_greedy_orthrus_equals_ar_with_three_drafters(request, name, block):
+    llm = request.getfixturevalue(name)
+    max_new = 24 if name == "qwen3" else 14
+    prompts = [[{"role": "user", "content": p}] for p in PROMPTS]
+    ar = llm.generate(prompts, max_new_tokens=max_new, mode="ar")
+    expected = [g.token_ids for g in ar]
+    assert len({tuple(e) for e in expected}) > 10, "prompts should give varied outputs"
+
+    untrained = llm.generate(prompts, max_new_tokens=max_new, block_size=block)
+    assert [g.token_ids for g in untrained] == expected
+
+    restore = make_oracle(llm, [llm.encode(p) + e for p, e in zip(prompts, expected)])
+    try:
+        oracle = llm.generate(prompts, max_new_tokens=max_new, block_size=block)
+    finally:
+        restore()
+    assert [g.token_ids for g in oracle] == expected
+    for g in oracle:  # every draft accepted: full blocks until the budget or EOS cuts the last one
+        assert g.stats.cycles <= -(-len(g.token_ids) // block) + 1
+    assert sum(sum(g.stats.accepted) for g in oracle) >= sum(len(e) for e in expected) // 2
+
+    randomize_twins(llm)
+    try:
+        rand = llm.generate(prompts, max_new_tokens=max_new, block_size=block)
+    finally:
+        init_untrained_twins(llm.model)
+    assert [g.token_ids for g in rand] == expected
+    mean_accept = sum(sum(g.stats.accepted) for g in rand) / sum(g.stats.cycles for g in rand)
+    assert mean_accept < 0.5
+
+
+def test_batch_equals_each_prompt_alone(qwen3):
+    prompts = ["Hi", "A much longer prompt that has quite a few more tokens than the first one does.", "Hello there"]
+    for mode in ("ar", "orthrus"):
+        batch = qwen3.generate(prompts, max_new_tokens=20, mode=mode, block_size=4)
+        alone = [qwen3.generate(p, max_new_tokens=20, mode=mode, block_size=4) for p in prompts]
+        assert [b.token_ids for b in batch] == [a.token_ids for a in alone]
+        assert [b.stats.accepted for b in batch] == [a.stats.accepted for a in alone]
+
+
+def test_seeded_sampling_repeats_exactly_alone_or_batched(qwen3):
+    kwargs = dict(max_new_tokens=16, temperature=0.8, top_p=0.9, top_k=50, seed=1234, block_size=4)
+    a = qwen3.generate("Once upon a time", **kwargs)
+    b = qwen3.generate("Once upon a time", **kwargs)
+    assert a.token_ids == b.token_ids
+    batched = qwen3.generate(["Something else entirely", "Once upon a time"], **kwargs)
+    assert batched[1].token_ids == a.token_ids
+    other = qwen3.generate("Once upon a time", **{**kwargs, "seed": 99})
+    assert other.token_ids != a.token_ids
+
+
+def test_stops_cut_inside_an_accepted_block(qwen3):
+    prompt = [{"role": "user", "content": "Count"}]
+    ref = qwen3.generate(prompt, max_new_tokens=30, mode="ar")
+    restore = make_oracle(qwen3, [qwen3.encode(prompt) + ref.token_ids])
+    try:
+        # max tokens: the oracle accepts whole blocks of 8, the budget of 5 cuts the first one
+        short = qwen3.generate(prompt, max_new_tokens=5, block_size=8)
+        assert short.token_ids == ref.token_ids[:5] and short.finish_reason == "length"
+        assert short.stats.cycles == 1
+        # stop string: taken from the middle of the reference text
+        stop = ref.text[len(ref.text) // 2 : len(ref.text) // 2 + 3]
+        cut = qwen3.generate(prompt, max_new_tokens=30, block_size=8, stop=[stop])
+        assert cut.text == ref.text[: ref.text.index(stop)] and cut.finish_reason == "stop"
+        # EOS as a stop token inside a block
+        eos_at = 3
+        qwen3.stop_token_ids, saved = frozenset([ref.token_ids[eos_at]]), qwen3.stop_token_ids
+        try:
+            eos = qwen3.generate(prompt, max_new_tokens=30, block_size=8)
+        finally:
+            qwen3.stop_token_ids = saved
+        first = ref.token_ids.index(ref.token_ids[eos_at])
+        assert eos.token_ids == ref.token_ids[: first + 1] and eos.finish_reason == "stop"
+    finally:
+        restore()
+
+
+def test_streaming_yields_the_same_text(qwen3):
+    prompt = "Tell me about"
+    gen = qwen3.stream(prompt, max_new_tokens=20, block_size=4)
+    pieces = []
+    try:
+        while True:
+            pieces.append(next(gen))
+    except StopIteration as done:
+        result = done.value
+    assert "".join(pieces) == result.text == qwen3.generate(prompt, max_new_tokens=20, mode="ar").text

@@ -1,0 +1,77 @@
+"""The sampling transform and the speculative accept rule reproduce the target distribution."""
+
+import math
+
+import pytest
+import torch
+
+from orthrus.errors import OrthrusError
+from orthrus.sampling import SamplingParams, sample, sampling_probs, speculative_accept
+
+
+def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Upper tail of Pearson's chi-square (Wilson-Hilferty normal approximation)."""
+    n = counts.sum()
+    expected = probs * n
+    keep = expected > 0
+    assert counts[~keep].sum() == 0, "a zero-probability token was emitted"
+    stat = float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+    k = int(keep.sum()) - 1
+    z = ((stat / k) ** (1 / 3) - (1 - 2 / (9 * k))) / math.sqrt(2 / (9 * k))
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def test_speculative_sampling_reproduces_the_target_distribution():
+    g = torch.Generator().manual_seed(0)
+    n, vocab, k = 200_000, 6, 2
+    p = torch.softmax(torch.randn(k + 1, vocab, generator=g) * 1.5, -1)
+    q = torch.softmax(torch.randn(k, vocab, generator=g) * 1.5, -1)
+    q[0, 2] = 0.0  # a token the drafter never proposes must still come out at rate p
+    q[0] /= q[0].sum()
+    P, Q = p.expand(n, -1, -1), q.expand(n, -1, -1)
+    drafts = sample(Q, torch.rand(n, k, generator=g))
+    accepted, nxt = speculative_accept(P, Q, drafts, torch.rand(n, k, generator=g), torch.rand(n, generator=g))
+    first = torch.where(accepted > 0, drafts[:, 0], nxt)
+    assert chi_square_p_value(torch.bincount(first, minlength=vocab).float(), p[0]) > 1e-3
+    # the second emitted token, in cycles that accepted the first draft, follows p_1
+    reached = accepted > 0
+    second = torch.where(accepted[reached] > 1, drafts[reached, 1], nxt[reached])
+    assert chi_square_p_value(torch.bincount(second, minlength=vocab).float(), p[1]) > 1e-3
+    # and the test has power: the draft distribution itself is rejected
+    assert chi_square_p_value(torch.bincount(drafts[:, 0], minlength=vocab).float(), p[0]) < 1e-6
+
+
+def test_greedy_is_the_one_hot_special_case():
+    logits = torch.randn(3, 5, 20)
+    probs = sampling_probs(logits, [SamplingParams()] * 3)
+    assert torch.equal(probs.argmax(-1), logits.argmax(-1)) and torch.equal(probs.sum(-1), torch.ones(3, 5))
+    p, q = probs, sampling_probs(torch.randn(3, 4, 20), [SamplingParams()] * 3)
+    drafts = q.argmax(-1)
+    drafts[0] = p[0, :4].argmax(-1)  # row 0: every draft is the AR argmax
+    accepted, nxt = speculative_accept(p, q, drafts, torch.rand(3, 4), torch.rand(3))
+    assert accepted[0] == 4 and nxt[0] == p[0, 4].argmax()
+    for r in (1, 2):
+        a = int(accepted[r])
+        assert torch.equal(drafts[r, :a], p[r, :a].argmax(-1)) and nxt[r] == p[r, a].argmax()
+
+
+def test_top_k_top_p_temperature():
+    logits = torch.tensor([[[4.0, 3.0, 2.0, 1.0, 0.0]]])
+    top2 = sampling_probs(logits, [SamplingParams(temperature=1.0, top_k=2)])[0, 0]
+    assert (top2 > 0).tolist() == [True, True, False, False, False]
+    torch.testing.assert_close(top2[:2], torch.softmax(torch.tensor([4.0, 3.0]), -1))
+    soft = torch.softmax(logits[0, 0], -1)  # [0.636, 0.234, 0.086, ...]
+    nucleus = sampling_probs(logits, [SamplingParams(temperature=1.0, top_p=0.8)])[0, 0]
+    assert (nucleus > 0).tolist() == [True, True, False, False, False]
+    hot = sampling_probs(logits, [SamplingParams(temperature=2.0)])[0, 0]
+    torch.testing.assert_close(hot, torch.softmax(logits[0, 0] / 2, -1))
+    assert soft[0] > hot[0]
+    mixed = sampling_probs(logits.expand(2, 1, 5), [SamplingParams(), SamplingParams(temperature=1.0)])
+    assert mixed[0, 0].tolist() == [1.0, 0, 0, 0, 0] and torch.allclose(mixed[1, 0], soft)
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(temperature=float("nan")), dict(top_p=0),
+                                 dict(top_p=1.5), dict(top_k=-3), dict(seed="x")])
+def test_invalid_sampling_parameters_are_rejected(bad):
+    with pytest.raises(OrthrusError):
+        SamplingParams(**bad)
