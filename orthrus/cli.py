@@ -1,8 +1,10 @@
-"""`orthrus` command line: generate, chat (and the subcommands other modules add)."""
+"""`orthrus` command line: generate and chat here; serve, distill/train and bench live with
+their subsystems, each module giving a `register(subparsers)`."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -95,6 +97,9 @@ def cmd_chat(args) -> None:
             print_stats(result)
 
 
+SUBCOMMAND_MODULES: list[str] = []  # e.g. "orthrus.serving.cli": modules with register(subparsers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orthrus", description="Lossless parallel decoding with Orthrus drafters")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", default=None, help="system prompt")
     add_model_args(c), add_sampling_args(c)
     c.set_defaults(func=cmd_chat)
+    for module in SUBCOMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 
