@@ -97,7 +97,7 @@ def cmd_chat(args) -> None:
             print_stats(result)
 
 
-SUBCOMMAND_MODULES: list[str] = []  # e.g. "orthrus.serving.cli": modules with register(subparsers)
+SUBCOMMAND_MODULES: list[str] = ["orthrus.bench.cli", "orthrus.training.cli", "orthrus.serving.cli"]  # e.g. "orthrus.serving.cli": modules with register(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,16 +1,20 @@
 """The owned backbone matches HF transformers, and the cached forward matches the full one."""
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from orthrus.cache import KVCache
 from orthrus.checkpoint import load_model
+from orthrus.errors import OrthrusError
+from orthrus.hub import resolve_model
 
 from .conftest import write_random_model
 
 
 def full_logits(model, ids):
-    cache = KVCache(model.config, ids.shape[0], ids.shape[1] + 8, torch.float32, "cpu")
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(model.config, ids.shape[0], ids.shape[1] + 8, dtype, "cpu")
     window = cache.window(torch.arange(ids.shape[0]), ids.shape[1], bidirectional=False)
     return model(ids, window.positions, window)
 
@@ -85,3 +89,24 @@ def test_diffusion_view_uses_twins_and_sees_the_whole_block(qwen3):
     finally:
         with torch.no_grad():
             model.model.layers[0].self_attn.q_proj_diff.weight.div_(1.5)
+
+
+def test_bf16_rounds_like_hf(tmp_path):
+    """In bf16 the owned forward stays as close to HF's bf16 forward as HF's bf16 is to fp32."""
+    folder = write_random_model(tmp_path / "q", "qwen3", vocab_size=500)
+    ours, _ = load_model(folder, dtype=torch.bfloat16)
+    ref32 = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    ref16 = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, 500, (2, 16))
+    with torch.no_grad():
+        exact, hf16 = ref32(ids).logits, ref16(ids).logits.float()
+        mine = full_logits(ours, ids)
+    hf_error = (hf16 - exact).abs().max()
+    assert (mine - hf16).abs().max() <= hf_error + 1e-6
+    assert (mine.argmax(-1) == hf16.argmax(-1)).float().mean() > 0.9
+
+
+def test_hub_ids_fail_clearly_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OrthrusError, match="Offline"):
+        resolve_model("Qwen/Qwen3-0.6B-not-cached")

@@ -1,0 +1,116 @@
+"""Run every method on every prompt, side by side: for each prompt the methods take turns, in an
+order that rotates from prompt to prompt, so drift of a shared machine lands on all of them alike.
+
+Methods: `orthrus` (draft + verify), `ar` (our engine, plain decoding), `hf` (transformers
+`generate` on the same weights and dtype) and `hf-pld` (transformers prompt-lookup decoding, a
+drafter-free speculative peer). All stop at the same stop tokens and count them the same way
+(the stop token is included), and all are timed around the whole call, prefill included.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import OrthrusError
+from .prompts import PromptSet
+
+METHODS = ("orthrus", "ar", "hf", "hf-pld")
+PROMPT_LOOKUP_TOKENS = 10
+
+
+@dataclass
+class Run:
+    """One method on one prompt."""
+
+    set: str
+    prompt: int
+    method: str
+    token_ids: list[int]
+    seconds: float
+    forwards: int  # decoding forwards of this sequence (orthrus: 2 per cycle; HF: model calls)
+    accepted: list[int] = field(default_factory=list)  # orthrus: accepted drafts per cycle
+
+
+class HFGenerate:
+    """transformers `generate` on the folder our model was loaded from, same dtype and device."""
+
+    def __init__(self, folder: Path, dtype: torch.dtype, device: torch.device, stop_token_ids):
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(device).eval()
+        self.device, self.stop = device, sorted(stop_token_ids)
+        self.calls = 0
+        self.model.register_forward_hook(self._count)
+
+    def _count(self, *_):
+        self.calls += 1
+
+    @torch.inference_mode()
+    def generate(self, ids: list[int], max_new_tokens: int, temperature: float, seed: int,
+                 prompt_lookup: bool) -> tuple[list[int], int]:
+        sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+        if temperature > 0:
+            torch.manual_seed(seed)
+        extra = dict(prompt_lookup_num_tokens=PROMPT_LOOKUP_TOKENS) if prompt_lookup else {}
+        self.calls = 0
+        out = self.model.generate(torch.tensor([ids], device=self.device), max_new_tokens=max_new_tokens,
+                                  eos_token_id=self.stop, pad_token_id=self.stop[0], **sampling, **extra)
+        tokens = out[0, len(ids):].tolist()
+        for i, t in enumerate(tokens):  # keep up to and including the first stop token, as our engine does
+            if t in self.stop:
+                return tokens[: i + 1], self.calls
+        return tokens, self.calls
+
+
+class Runner:
+    def __init__(self, llm, folder: Path, methods=METHODS, max_new_tokens: int = 64, temperature: float = 0.0,
+                 seed: int = 0, block_size: int | None = None):
+        unknown = set(methods) - set(METHODS)
+        if unknown or not methods:
+            raise OrthrusError(f"unknown method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}")
+        if max_new_tokens < 1:
+            raise OrthrusError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.llm, self.methods = llm, list(methods)
+        self.max_new_tokens, self.temperature, self.seed, self.block_size = max_new_tokens, temperature, seed, block_size
+        self.hf = None
+        if any(m.startswith("hf") for m in methods):
+            param = next(llm.model.parameters())
+            self.hf = HFGenerate(folder, param.dtype, param.device, llm.stop_token_ids)
+
+    def run_one(self, method: str, ids: list[int], max_new_tokens: int, seed: int) -> tuple[list[int], float, int, list[int]]:
+        start = time.perf_counter()
+        if method.startswith("hf"):
+            tokens, forwards = self.hf.generate(ids, max_new_tokens, self.temperature, seed, prompt_lookup=method == "hf-pld")
+            return tokens, time.perf_counter() - start, forwards, []
+        out = self.llm.generate(ids, max_new_tokens=max_new_tokens, temperature=self.temperature, seed=seed,
+                                mode=method, block_size=self.block_size)
+        seconds = time.perf_counter() - start
+        forwards = out.stats.cycles * (2 if method == "orthrus" else 1)
+        return out.token_ids, seconds, forwards, list(out.stats.accepted)
+
+    def warm_up(self, ids: list[int]) -> None:
+        for method in self.methods:
+            self.run_one(method, ids, min(8, self.max_new_tokens), self.seed)
+
+    def run(self, prompt_sets: list[PromptSet], progress=None) -> list[Run]:
+        encoded = [(ps.name, [self.llm.encode(p) for p in ps.prompts]) for ps in prompt_sets]
+        self.warm_up(encoded[0][1][0])
+        runs, turn = [], 0
+        for name, prompts in encoded:
+            for i, ids in enumerate(prompts):
+                order = self.methods[turn % len(self.methods):] + self.methods[: turn % len(self.methods)]
+                turn += 1
+                for method in order:
+                    tokens, seconds, forwards, accepted = self.run_one(method, ids, self.max_new_tokens, self.seed + i)
+                    runs.append(Run(name, i, method, tokens, seconds, forwards, accepted))
+                if progress:
+                    progress(f"{name} {i + 1}/{len(prompts)}")
+        return runs
+
+
+def runs_as_dicts(runs: list[Run]) -> list[dict]:
+    return [asdict(r) for r in runs]

@@ -1,0 +1,41 @@
+"""`orthrus serve`: the OpenAI-compatible server on uvicorn."""
+
+from __future__ import annotations
+
+import sys
+
+from ..cli import add_model_args, load_from_args
+from ..errors import OrthrusError
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    add_model_args(p)
+    p.add_argument("--mode", choices=["orthrus", "ar"], default="orthrus", help="orthrus (draft + verify) or plain AR decoding")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1); anything else exposes the server")
+    p.add_argument("--port", type=int, default=8000, help="default 8000")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together, the batch rows (default 8)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row before new ones get 503 (default 64)")
+    p.add_argument("--max-model-len", type=int, default=None, help="prompt + completion tokens (default: min(2048, the model's))")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take in all (default 600)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> None:
+    import uvicorn
+
+    from .server import ServerConfig, create_app
+
+    if not 0 <= args.port <= 65535:
+        raise OrthrusError(f"--port must be in [0, 65535], got {args.port}")
+    config = ServerConfig(max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len,
+                          request_timeout=args.request_timeout, api_key=args.api_key,
+                          model_name=args.served_model_name, mode=args.mode)
+    app = create_app(load_from_args(args), config)
+    if args.host not in LOCAL_HOSTS and not args.api_key:
+        print(f"orthrus: warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)

@@ -1,0 +1,441 @@
+"""The training step and the run around it (ORTHRUS.md section 3).
+
+Per packed row: one no-grad AR pass records every layer's K/V (causal, within each conversation);
+then one diffusion pass runs every anchor block of the row at once. Block b = [anchor, MASK x
+(B-1)] at positions pos(a_b)..pos(a_b)+B-1; its queries see the AR keys before its anchor (same
+conversation) and all B keys of its own block, nothing else: exactly what the inference draft
+pass sees for that anchor. Block row j is taught by the AR distribution at a_b + j. Both passes
+are `OrthrusLM.forward`; only the KVStore differs. Only the twins (and a learned mask) train.
+
+A run folder holds `log.jsonl`, `checkpoints/step-N/` (twins + optimizer state as safetensors,
+scalars in state.json, written to a temp folder and renamed) and `curves.png`. Everything that
+decides the next step is in the checkpoint (step, epoch, cursor, the shard list of the epoch,
+optimizer moments); anchors are a pure function of (seed, epoch, row), so a resumed run repeats
+the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..checkpoint import base_fingerprint, save_drafter
+from ..errors import OrthrusError
+from ..model import OrthrusLM
+from .data import PackedRows, draw_anchors, pack, read_shards, shard_files, split_held_out
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    model: str | None = None
+    block_size: int = 16
+    seq_len: int = 512
+    anchors: int = 32
+    batch: int = 4  # rows per micro-batch per process
+    grad_accum: int = 1
+    lr: float = 2e-4
+    warmup: float = 0.05
+    steps: int = 2000
+    loss: str = "kl"
+    clip: float = 1.0
+    seed: int = 0
+    dtype: str = "fp32"
+    parallel: str = "ddp"
+    checkpoint_minutes: float = 5.0
+    eval_every: int = 50
+    eval_rows: int = 8
+    log_every: int = 5
+
+
+# Fields that define the run: a checkpoint written under other values is refused.
+IDENTITY = ("data", "model", "block_size", "seq_len", "anchors", "global_batch", "lr", "warmup", "steps", "loss", "clip", "seed")
+
+
+# ---- the two passes ----------------------------------------------------------------------------
+
+class RecordingStore:
+    """AR pass: attends within `mask` and keeps each layer's keys/values for the diffusion pass."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask, self.keys, self.values = mask, [], []
+
+    def update(self, layer, k, v):
+        self.keys.append(k)
+        self.values.append(v)
+        return k, v
+
+
+class BlockStore:
+    """Diffusion pass: keys = the row's recorded AR keys followed by every block's own keys."""
+
+    def __init__(self, ar: RecordingStore, mask: torch.Tensor):
+        self.ar, self.mask = ar, mask
+
+    def update(self, layer, k, v):
+        return torch.cat([self.ar.keys[layer], k], 2), torch.cat([self.ar.values[layer], v], 2)
+
+
+def ar_mask(doc: torch.Tensor) -> torch.Tensor:
+    """[R, 1, L, L]: causal, within one conversation (padding, doc -1, sees padding only)."""
+    L = doc.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=doc.device).tril()
+    return (causal & (doc[:, :, None] == doc[:, None, :]))[:, None]
+
+
+def block_mask(doc: torch.Tensor, anchors: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[R, 1, nb*B, L + nb*B]: block b sees AR keys s < a_b of a_b's conversation, and its own block."""
+    R, L = doc.shape
+    nb = anchors.shape[1]
+    q_block = torch.arange(nb * block_size, device=doc.device) // block_size  # block of each query
+    a = anchors[:, q_block]  # [R, Q] anchor of each query
+    s = torch.arange(L, device=doc.device)
+    sees_ar = (s[None, None, :] < a[:, :, None]) & (doc[:, None, :] == doc.gather(1, a)[:, :, None])
+    sees_block = (q_block[:, None] == q_block[None, :]).expand(R, -1, -1)
+    return torch.cat([sees_ar, sees_block], 2)[:, None]
+
+
+def dual_pass(model: OrthrusLM, rows: PackedRows, anchors: torch.Tensor, block_size: int, diffusion_model=None):
+    """Returns (student, teacher) final hidden states [R, nb, B-1, H] for block rows 0..B-2 and the
+    teacher's AR states at a_b + j, plus target_ok [R, nb, B-1]: row j's target a_b+j+1 is a reply
+    token of a_b's conversation. `diffusion_model` is the (DDP/FSDP-wrapped) module for the pass
+    that gets gradients; the AR pass runs on the bare model with no graph."""
+    device = next(model.parameters()).device
+    tokens, positions, doc = rows.tokens.to(device), rows.positions.to(device), rows.doc.to(device)
+    anchors = anchors.to(device)
+    R, L = tokens.shape
+    nb, B = anchors.shape[1], block_size
+    with torch.no_grad():
+        ar = RecordingStore(ar_mask(doc))
+        ar_hidden = model(tokens, positions, ar, "ar", logits=False)
+    offsets = torch.arange(B, device=device)
+    block_tokens = torch.full((R, nb, B), model.mask_token_id, device=device)
+    block_tokens[:, :, 0] = tokens.gather(1, anchors)
+    block_positions = positions.gather(1, anchors)[:, :, None] + offsets
+    store = BlockStore(ar, block_mask(doc, anchors, B))
+    student = (diffusion_model or model)(block_tokens.view(R, nb * B), block_positions.view(R, nb * B), store, "diffusion",
+                                         logits=False).view(R, nb, B, -1)[:, :, :-1]
+    at = (anchors[:, :, None] + offsets[:-1]).clamp(max=L - 1)  # teacher rows a_b + j
+    teacher = ar_hidden.gather(1, at.view(R, -1, 1).expand(-1, -1, ar_hidden.shape[-1])).view(R, nb, B - 1, -1)
+    target_ok = target_mask(rows, anchors.cpu(), B).to(device)
+    return student, teacher, target_ok
+
+
+def target_mask(rows: PackedRows, anchors: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[R, nb, B-1]: block row j's target a_b+j+1 is in the row and a reply token of a_b's conversation."""
+    R, L = rows.tokens.shape
+    target = anchors[:, :, None] + torch.arange(1, block_size)
+    clamped = target.clamp(max=L - 1).view(R, -1)
+    return (target < L) & rows.assistant.gather(1, clamped).view_as(target) & (
+        rows.doc.gather(1, clamped).view_as(target) == rows.doc.gather(1, anchors)[:, :, None])
+
+
+def draft_loss(model: OrthrusLM, student, teacher, ok, kind: str, targets=None) -> torch.Tensor:
+    """Summed loss over the valid rows: forward KL(p_AR || p_diff), or CE on the AR argmax."""
+    q_logp = F.log_softmax(model.lm_head(student[ok]).float(), -1)
+    with torch.no_grad():
+        p_logp = F.log_softmax(model.lm_head(teacher[ok]).float(), -1)
+    if kind == "ce":
+        return F.nll_loss(q_logp, p_logp.argmax(-1), reduction="sum")
+    return (p_logp.exp() * (p_logp - q_logp)).sum()
+
+
+# ---- the run -----------------------------------------------------------------------------------
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine down to 10% of the peak at `cfg.steps`."""
+    warm = max(1, int(cfg.warmup * cfg.steps))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    progress = min(1.0, (step - warm) / max(1, cfg.steps - warm))
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class Checkpoints:
+    def __init__(self, run: Path):
+        self.folder = run / "checkpoints"
+
+    def latest(self) -> Path | None:
+        done = sorted(p for p in self.folder.glob("step-*") if (p / "state.json").is_file())
+        return done[-1] if done else None
+
+    def save(self, twins: dict, moments: dict, state: dict, keep: int = 2) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".step-", dir=self.folder))
+        save_file(twins, str(tmp / "twins.safetensors"))
+        save_file(moments, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+        target = self.folder / f"step-{state['step']:08d}"
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+        for old in sorted(p for p in self.folder.glob("step-*"))[:-keep]:
+            shutil.rmtree(old)
+        return target
+
+    @staticmethod
+    def load(path: Path, model: OrthrusLM, opt: torch.optim.Optimizer, names: list[str]) -> None:
+        params = dict(model.named_parameters())
+        with safe_open(str(path / "twins.safetensors"), "pt") as f, torch.no_grad():
+            for n in names:
+                copy_full(params[n], f.get_tensor(n))
+        with safe_open(str(path / "optimizer.safetensors"), "pt") as f:
+            keys = set(f.keys())
+            for n in names:
+                p = params[n]
+                state = {}
+                for key in ("step", "exp_avg", "exp_avg_sq"):
+                    if f"{n}.{key}" in keys:
+                        t = f.get_tensor(f"{n}.{key}")
+                        state[key] = t.reshape(()) if key == "step" else like(p, t)
+                if state:
+                    opt.state[p] = state
+
+
+def gather_checkpoint(model: OrthrusLM, opt: torch.optim.Optimizer, names: list[str]) -> tuple[dict, dict]:
+    """Whole CPU copies of the twins and their AdamW moments, in a fixed order (FSDP2 gathers)."""
+    params = dict(model.named_parameters())
+    twins = {n: full(params[n]).contiguous() for n in names}
+    moments = {f"{n}.{key}": full(value).reshape(value.shape if value.dim() else (1,)).contiguous()
+               for n in names for key, value in opt.state.get(params[n], {}).items()}
+    return twins, moments
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A whole CPU tensor (gathers an FSDP2-sharded DTensor)."""
+    t = t.detach()
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).to("cpu", torch.float32 if t.is_floating_point() else t.dtype)
+
+
+def like(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`value` laid out like parameter p (sharded the same way under FSDP2)."""
+    if hasattr(p, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(value.to(p.dtype), p.device_mesh, p.placements)
+    return value.to(p.device, p.dtype)
+
+
+def copy_full(p: torch.Tensor, value: torch.Tensor) -> None:
+    p.copy_(like(p, value))
+
+
+class Logger:
+    def __init__(self, run: Path, rank: int, resume_step: int):
+        self.path, self.rank = run / "log.jsonl", rank
+        if rank == 0 and self.path.is_file():  # drop what was logged after the checkpoint we resume from
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def __call__(self, record: dict, console: str) -> None:
+        if self.rank == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(console, flush=True)
+
+
+def setup_distributed(device: str) -> tuple[int, int, torch.device]:
+    """(rank, world, device); under torchrun the process group (gloo on CPU, nccl on CUDA)."""
+    if "RANK" not in os.environ:
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return 0, 1, torch.device(device)
+    cuda = torch.cuda.is_available() and device != "cpu"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        return rank, world, torch.device("cuda", torch.cuda.current_device())
+    return rank, world, torch.device("cpu")
+
+
+def load_base(cfg: TrainConfig, device: torch.device):
+    from ..api import load
+
+    llm = load(cfg.model, drafter="none", dtype="float32", device=str(device))
+    model = llm.model
+    if cfg.dtype == "bf16":  # frozen backbone in bf16; twins stay fp32 (they are the master weights)
+        twins = {n for n, _ in model.twin_parameters()}
+        for n, p in model.named_parameters():
+            if n not in twins:
+                p.data = p.data.to(torch.bfloat16)
+    model.config.block_size = cfg.block_size
+    return llm, model
+
+
+def wrap_parallel(model: OrthrusLM, cfg: TrainConfig, world: int, device: torch.device):
+    """The module the diffusion pass runs through: itself (one process), DDP over the twins, or
+    FSDP2 sharding every layer (frozen backbone included) and the root."""
+    if world == 1:
+        return model
+    if cfg.parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def epoch_rows(cfg: TrainConfig, files: list[str], epoch: int) -> tuple[PackedRows, torch.Tensor]:
+    train_rows, _ = split_held_out(read_shards(Path(cfg.data), files))
+    packed = pack(train_rows, cfg.seq_len)
+    order = torch.randperm(len(packed), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+    return packed, order
+
+
+def eval_set(cfg: TrainConfig, files: list[str]) -> PackedRows:
+    _, held = split_held_out(read_shards(Path(cfg.data), files))
+    packed = pack(held, cfg.seq_len)
+    return packed.select(list(range(min(cfg.eval_rows, len(packed)))))
+
+
+@torch.no_grad()
+def evaluate(model: OrthrusLM, rows: PackedRows, cfg: TrainConfig) -> dict:
+    """Held-out loss and simulated greedy acceptance: for anchors whose whole block is reply, the
+    drafts accepted are the longest prefix where argmax q == argmax p; a cycle emits that + 1."""
+    anchors, valid = draw_anchors(rows, cfg.anchors, cfg.block_size, cfg.seed + 1, list(range(len(rows))), full_blocks=True)
+    student, teacher, ok = dual_pass(model, rows, anchors, cfg.block_size)
+    loss = draft_loss(model, student, teacher, ok, cfg.loss) / ok.sum().clamp(min=1)
+    match = model.lm_head(student).argmax(-1) == model.lm_head(teacher).argmax(-1)  # [R, nb, B-1]
+    match = match[valid.to(match.device)]
+    accepted = match.long().cumprod(-1)
+    return {"eval_loss": float(loss), "acceptance": float(accepted.sum(-1).float().mean() + 1) if len(match) else float("nan"),
+            "per_position": [round(float(x), 4) for x in accepted.float().mean(0)], "eval_blocks": int(len(match))}
+
+
+def check_resume(state: dict, cfg_identity: dict, fingerprint: str, path: Path) -> None:
+    if state["base_fingerprint"] != fingerprint:
+        raise OrthrusError(f"{path}: this checkpoint was trained on base model {state['config'].get('model')!r} "
+                           f"(fingerprint {state['base_fingerprint']}), not the loaded one ({fingerprint}). "
+                           "Use another --run folder.")
+    changed = {k: (state["config"].get(k), v) for k, v in cfg_identity.items() if state["config"].get(k) != v}
+    if changed:
+        raise OrthrusError(f"{path}: the run was started with other settings: "
+                           + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in changed.items())
+                           + ". Resume with the same settings, or use another --run folder.")
+
+
+def train(cfg: TrainConfig, run: Path, device: str = "auto", stop_after: int | None = None) -> dict:
+    """Train (or resume) the run in `run`; returns the final state. `stop_after` ends after that many
+    optimizer steps of this call (tests)."""
+    rank, world, dev = setup_distributed(device)
+    run = Path(run)
+    run.mkdir(parents=True, exist_ok=True)
+    llm, model = load_base(cfg, dev)
+    names = [n for n, _ in model.twin_parameters()]
+    model.requires_grad_(False)
+    for _, p in model.twin_parameters():
+        p.requires_grad_(True)
+    wrapped = wrap_parallel(model, cfg, world, dev)
+    params = [p for _, p in model.twin_parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    fingerprint = base_fingerprint(model)
+    identity = {**{k: v for k, v in asdict(cfg).items() if k in IDENTITY}, "global_batch": cfg.batch * cfg.grad_accum * world}
+    ckpts = Checkpoints(run)
+    latest = ckpts.latest()
+    if latest is not None:
+        state = json.loads((latest / "state.json").read_text())
+        check_resume(state, identity, fingerprint, latest)
+        Checkpoints.load(latest, model, opt, names)
+    else:
+        if not shard_files(Path(cfg.data)):
+            raise OrthrusError(f"{cfg.data}: no distilled shards; run `orthrus distill` first.")
+        files = [p.name for p in shard_files(Path(cfg.data))]
+        state = {"step": 0, "epoch": 0, "cursor": 0, "files": files, "eval_files": files, "tokens": 0, "seconds": 0.0,
+                 "config": identity, "base_fingerprint": fingerprint, "base_model": llm.name, "names": names}
+    log = Logger(run, rank, state["step"])
+    packed, order = epoch_rows(cfg, state["files"], state["epoch"])
+    global_batch = identity["global_batch"]
+    if len(packed) < global_batch:
+        raise OrthrusError(f"{cfg.data}: {len(packed)} packed rows, fewer than one global batch ({global_batch}).")
+    held = eval_set(cfg, state["eval_files"])
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if cfg.dtype == "bf16" else nullcontext()
+    last_ckpt, t0, steps_here = time.monotonic(), time.monotonic(), 0
+    window_tokens, window_start = 0, time.monotonic()
+    while state["step"] < cfg.steps and (stop_after is None or steps_here < stop_after):
+        if state["cursor"] + global_batch > len(packed):  # next epoch, over whatever data exists now
+            state["epoch"], state["cursor"] = state["epoch"] + 1, 0
+            state["files"] = [p.name for p in shard_files(Path(cfg.data))]
+            packed, order = epoch_rows(cfg, state["files"], state["epoch"])
+        ids = order[state["cursor"] : state["cursor"] + global_batch]
+        micro = [ids[m * world * cfg.batch + rank * cfg.batch :][: cfg.batch] for m in range(cfg.grad_accum)]
+        draws = []
+        for m_ids in micro:
+            rows = packed.select(m_ids)
+            anchors, valid = draw_anchors(rows, cfg.anchors, cfg.block_size, cfg.seed * 1009 + state["epoch"], m_ids.tolist())
+            draws.append((rows, anchors, valid))
+        # normalise by the valid targets of the whole global batch, so any split gives the same gradient
+        count = torch.tensor(0.0)
+        for rows, anchors, valid in draws:
+            count += (target_mask(rows, anchors, cfg.block_size) & valid[:, :, None]).sum()
+        if world > 1:
+            dist.all_reduce(count)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(state["step"], cfg)
+        total, step_tokens = 0.0, 0
+        for m, (rows, anchors, valid) in enumerate(draws):
+            sync = m == len(draws) - 1 or world == 1 or cfg.parallel != "ddp"
+            with (nullcontext() if sync else wrapped.no_sync()), autocast:
+                student, teacher, ok = dual_pass(model, rows, anchors, cfg.block_size, wrapped)
+                ok &= valid.to(ok.device)[:, :, None]
+                loss = draft_loss(model, student, teacher, ok, cfg.loss) / count.to(ok.device)
+            (loss * world).backward()  # DDP/FSDP average gradients over processes; undo that mean
+            total += float(loss.detach())
+            step_tokens += int((rows.doc >= 0).sum())
+        if world > 1:
+            t = torch.tensor([total, float(step_tokens)], dtype=torch.float64)
+            dist.all_reduce(t)
+            total, step_tokens = float(t[0]), int(t[1])
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        state["step"] += 1
+        state["cursor"] += global_batch
+        state["tokens"] += step_tokens
+        window_tokens += step_tokens
+        steps_here += 1
+        if state["step"] % cfg.log_every == 0 or state["step"] == 1:
+            elapsed = time.monotonic() - window_start
+            rate = window_tokens / max(elapsed, 1e-9)
+            window_tokens, window_start = 0, time.monotonic()
+            log({"step": state["step"], "loss": round(total, 5), "lr": lr_at(state["step"] - 1, cfg),
+                 "grad_norm": round(float(full(grad_norm)), 4), "tokens": state["tokens"], "tokens_per_s": round(rate, 1),
+                 "seconds": round(state["seconds"] + time.monotonic() - t0, 1)},
+                f"step {state['step']}/{cfg.steps} loss {total:.4f} lr {lr_at(state['step'] - 1, cfg):.2e} "
+                f"{rate:.0f} tok/s tokens {state['tokens']}")
+        if cfg.eval_every and state["step"] % cfg.eval_every == 0 and len(held):
+            with autocast:
+                ev = evaluate(model, held, cfg)
+            log({"step": state["step"], **ev}, f"eval step {state['step']}: loss {ev['eval_loss']:.4f} "
+                                               f"acceptance {ev['acceptance']:.3f} ({ev['eval_blocks']} blocks)")
+        done = state["step"] >= cfg.steps or (stop_after is not None and steps_here >= stop_after)
+        if done or time.monotonic() - last_ckpt > cfg.checkpoint_minutes * 60:
+            state["seconds"] += time.monotonic() - t0
+            t0 = time.monotonic()
+            tensors = gather_checkpoint(model, opt, names)  # collective under FSDP2: every rank takes part
+            if rank == 0:
+                print(f"checkpoint {ckpts.save(*tensors, state)}", flush=True)
+            last_ckpt = time.monotonic()
+            if world > 1:
+                dist.barrier()
+    return state
+
