@@ -44,7 +44,8 @@ class KVCache:
         mask = None
         if not bool((limit == end).all()):
             mask = (torch.arange(end) < limit[..., None])[:, None].to(self.k.device)  # [N, 1, T, S]
-        return CacheWindow(self, rows, positions.to(self.k.device), end, mask)
+        every_row = len(rows) == self.k.shape[1] and bool((rows == torch.arange(len(rows))).all())
+        return CacheWindow(self, rows.to(self.k.device), positions.to(self.k.device), end, mask, every_row)
 
 
 @dataclass
@@ -52,19 +53,19 @@ class CacheWindow:
     """What one forward pass sees of the cache: where it writes and how far it reads."""
 
     cache: KVCache
-    rows: torch.Tensor  # [N] row indices (host)
-    positions: torch.Tensor  # [N, T] absolute positions (device)
+    rows: torch.Tensor  # [N] row indices
+    positions: torch.Tensor  # [N, T] absolute positions
     end: int  # keys read: slots [0, end)
     mask: torch.Tensor | None  # [N, 1, T, end] boolean, None when every key is visible
+    every_row: bool  # all cache rows in order: read the cache through a view, no gather
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this pass's K/V ([N, kv_heads, T, D]) and return the keys/values to attend to."""
         kc, vc = self.cache.k[layer], self.cache.v[layer]
-        n, h = k.shape[:2]
-        rows = self.rows.to(kc.device)
-        idx = (rows[:, None, None], torch.arange(h, device=kc.device)[None, :, None], self.positions[:, None, :])
+        heads = torch.arange(k.shape[1], device=kc.device)
+        idx = (self.rows[:, None, None], heads[None, :, None], self.positions[:, None, :])
         kc.index_put_(idx, k)
         vc.index_put_(idx, v)
-        if n == kc.shape[0] and bool((self.rows == torch.arange(n)).all()):
-            return kc[:, :, : self.end], vc[:, :, : self.end]  # every row, in order: a view, no copy
-        return kc[rows, :, : self.end], vc[rows, :, : self.end]
+        if self.every_row:
+            return kc[:, :, : self.end], vc[:, :, : self.end]
+        return kc[self.rows, :, : self.end], vc[self.rows, :, : self.end]
