@@ -146,13 +146,13 @@ class Orthrus:
         seqs = [Sequence(ids, params, max_new_tokens, self.stop_token_ids) for ids in encoded]
         for s in seqs:
             engine.add(s)
-        texts = [TextStream(self.tokenizer, stop) for _ in seqs]
+        texts = {s: TextStream(self.tokenizer, stop) for s in seqs}
         start = time.perf_counter()
         while engine.has_work():
             for out in engine.step():
-                i = seqs.index(out.sequence)
-                delta = texts[i].push(out.new_tokens, final=out.sequence.finished)
-                if texts[i].stopped and not out.sequence.finished:
+                text = texts[out.sequence]
+                delta = text.push(out.new_tokens, final=out.sequence.finished)
+                if text.stopped and not out.sequence.finished:
                     out.sequence.finish_reason = "stop"
                     engine.abort(out.sequence)
                 if streaming and delta:
@@ -163,7 +163,7 @@ class Orthrus:
                        stats=GenerationStats(cycles=s.stats.cycles, tokens=len(s.generated),
                                              forwards=engine.forwards, accepted=s.stats.accepted,
                                              block_size=engine.block_size, seconds=seconds))
-            for s, t in zip(seqs, texts)
+            for s, t in texts.items()
         ]
 
 

@@ -40,7 +40,7 @@ class SequenceStats:
         return (sum(self.accepted) + len(self.accepted)) / max(1, len(self.accepted))
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: two requests with the same prompt are different sequences
 class Sequence:
     prompt: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
