@@ -35,7 +35,6 @@ from .metrics import Metrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, ResponseBuilder, SamplingRequest, Usage
 
 log = logging.getLogger("orthrus.serving")
-DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 
 
 @dataclass
@@ -236,25 +235,18 @@ class Server:
 
     # -- decoding ------------------------------------------------------------------------------
 
-    async def events(self, job: Job, request: Request | None = None) -> AsyncIterator[Event]:
-        """Submit the job and yield its events up to the finishing one. With `request` (not
-        streaming), a disconnected client ends it silently; streaming responses are cancelled."""
+    async def events(self, job: Job) -> AsyncIterator[Event]:
+        """Submit the job and yield its events up to the finishing one (or a timeout)."""
         self.engine_loop.submit(job)
         while True:
-            remaining = job.deadline - time.perf_counter()
-            if remaining <= 0:
+            try:
+                event = await asyncio.wait_for(job.events.get(), max(0.0, job.deadline - time.perf_counter()))
+            except TimeoutError:
                 job.outcome = "timeout"
                 yield Event(finish_reason="timeout", error=APIError(
                     408, f"the request took longer than the server's timeout of {self.config.request_timeout:g}s",
                     "timeout_error", code="timeout"))
                 return
-            try:
-                wait = min(remaining, DISCONNECT_POLL_S) if request is not None else remaining
-                event = await asyncio.wait_for(job.events.get(), wait)
-            except TimeoutError:
-                if request is not None and await request.is_disconnected():
-                    return
-                continue
             if event.finish_reason:
                 job.engine_done, job.outcome = True, event.finish_reason
             yield event
@@ -262,16 +254,28 @@ class Server:
                 return
 
     async def complete(self, job: Job, builder: ResponseBuilder, request: Request) -> JSONResponse:
-        try:
+        """The whole answer at once, unless the client disconnects first (then nobody reads it)."""
+
+        async def answer() -> JSONResponse:
             pieces = []
-            async for event in self.events(job, request):
+            async for event in self.events(job):
                 if event.error:
                     return JSONResponse(event.error.body(), event.error.status)
                 pieces.append(event.text)
                 if event.finish_reason:
                     return JSONResponse(builder.complete("".join(pieces), event.finish_reason, event.usage))
-            return JSONResponse({}, 499)  # the client is gone: nobody reads this
+
+        async def disconnect() -> None:  # the body is read: the next message is the disconnect
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        tasks = [asyncio.ensure_future(answer()), asyncio.ensure_future(disconnect())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            return tasks[0].result() if tasks[0].done() else JSONResponse({}, 499)
         finally:
+            for task in tasks:
+                task.cancel()
             self.release(job)
 
     async def stream(self, job: Job, builder: ResponseBuilder, include_usage: bool) -> AsyncIterator[str]:

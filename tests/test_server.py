@@ -1,0 +1,314 @@
+"""The OpenAI-compatible server, live on localhost, driven by the real `openai` client (httpx for
+raw and malformed requests): answers equal `Orthrus.generate`, concurrent requests share forward
+passes and get what they get alone, bad requests get OpenAI-style errors, disconnects and
+timeouts free their rows, and /metrics counts all of it."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+import orthrus
+from orthrus import cli
+from orthrus.serving.server import ServerConfig, create_app
+
+from .conftest import PROMPTS
+
+API_KEY = "test-key"
+BLOCK = 4
+
+
+class LiveServer:
+    """uvicorn on a free localhost port, in a thread of this process."""
+
+    def __init__(self, app):
+        self.app, self.state = app, app.state.server
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.uvicorn = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
+        self.thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        while not self.uvicorn.started:
+            time.sleep(0.01)
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+        self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+
+    def close(self):
+        self.http.close()
+        self.uvicorn.should_exit = True
+        self.thread.join(timeout=30)
+
+    def metric(self, name: str, **labels) -> float:
+        """The value of one sample of /metrics (labels: a subset of the sample's)."""
+        total = None
+        for line in self.http.get("/metrics").text.splitlines():
+            match = re.fullmatch(r"([^{\s]+)(?:\{(.*)\})? (\S+)", line)
+            if line.startswith("#") or not match or match[1] != name:
+                continue
+            sample = dict(re.findall(r'(\w+)="([^"]*)"', match[2] or ""))
+            if all(sample.get(k) == str(v) for k, v in labels.items()):
+                total = (total or 0) + float(match[3])
+        assert total is not None, f"no sample {name} {labels} in /metrics"
+        return total
+
+    def wait_idle(self, seconds: float = 10) -> None:
+        deadline = time.monotonic() + seconds
+        while self.metric("orthrus:num_requests_running") or self.metric("orthrus:num_requests_waiting"):
+            assert time.monotonic() < deadline, "requests still running or waiting"
+            time.sleep(0.05)
+
+    def assert_healthy(self) -> None:
+        assert self.http.get("/health").json() == {"status": "ok"}
+        reply = self.client.completions.create(model=self.state.name, prompt="Hello", max_tokens=3, temperature=0)
+        assert reply.usage.completion_tokens >= 1
+
+
+@pytest.fixture(scope="module")
+def qwen3(qwen3_folder):
+    """The tiny random Qwen3 with short draft blocks, so that a cycle is cheap on a busy CPU."""
+    return orthrus.load(str(qwen3_folder), drafter="none", dtype="float32", device="cpu", block_size=BLOCK)
+
+
+@pytest.fixture(scope="module")
+def server(qwen3):
+    live = LiveServer(create_app(qwen3, ServerConfig(api_key=API_KEY, max_batch=8, max_queue=16, max_model_len=512)))
+    yield live
+    live.close()
+
+
+def chat(prompt: str) -> list[dict]:
+    return [{"role": "user", "content": prompt}]
+
+
+def streamed_text(stream, chat: bool) -> tuple[str, list]:
+    chunks = list(stream)
+    pieces = [(c.choices[0].delta.content if chat else c.choices[0].text) or "" for c in chunks if c.choices]
+    return "".join(pieces), chunks
+
+
+def test_chat_and_completions_equal_generate(server, qwen3):
+    client, model = server.client, server.state.name
+    prompt = PROMPTS[0]
+    expected = qwen3.generate(chat(prompt), max_new_tokens=24)
+    before = {name: server.metric(name) for name in (
+        "orthrus:spec_decode_num_drafts_total", "orthrus:spec_decode_num_draft_tokens_total",
+        "orthrus:spec_decode_num_accepted_tokens_total", "orthrus:generation_tokens_total",
+        "orthrus:time_to_first_token_seconds_count")}
+
+    reply = client.chat.completions.create(model=model, messages=chat(prompt), max_tokens=24, temperature=0)
+    assert reply.object == "chat.completion" and reply.model == model
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content == expected.text
+    assert reply.choices[0].finish_reason == expected.finish_reason
+    assert reply.usage.prompt_tokens == expected.prompt_tokens
+    assert reply.usage.completion_tokens == len(expected.token_ids)
+    spec = reply.model_extra["speculative_decoding"]
+    block = qwen3.block_size
+    assert spec["drafts"] == expected.stats.cycles and spec["draft_tokens"] == expected.stats.cycles * (block - 1)
+    assert spec["accepted_tokens"] == sum(expected.stats.accepted)
+    assert spec["mean_acceptance_length"] == pytest.approx(expected.stats.tokens_per_cycle, abs=1e-3)
+    # the metrics moved by exactly this request
+    assert server.metric("orthrus:spec_decode_num_drafts_total") - before["orthrus:spec_decode_num_drafts_total"] == spec["drafts"]
+    assert (server.metric("orthrus:spec_decode_num_draft_tokens_total")
+            - before["orthrus:spec_decode_num_draft_tokens_total"]) == spec["draft_tokens"]
+    assert (server.metric("orthrus:spec_decode_num_accepted_tokens_total")
+            - before["orthrus:spec_decode_num_accepted_tokens_total"]) == spec["accepted_tokens"]
+    assert (server.metric("orthrus:generation_tokens_total")
+            - before["orthrus:generation_tokens_total"]) == reply.usage.completion_tokens
+    assert server.metric("orthrus:time_to_first_token_seconds_count") - before["orthrus:time_to_first_token_seconds_count"] == 1
+
+    stream = client.chat.completions.create(model=model, messages=chat(prompt), max_tokens=24, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    text, chunks = streamed_text(stream, chat=True)
+    assert text == expected.text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [expected.finish_reason]
+    assert chunks[-1].usage.completion_tokens == len(expected.token_ids)
+
+    raw = "The history of the printing press"
+    expected = qwen3.generate(raw, max_new_tokens=20)
+    reply = client.completions.create(model=model, prompt=raw, max_tokens=20, temperature=0)
+    assert reply.object == "text_completion" and reply.choices[0].text == expected.text
+    assert reply.usage.completion_tokens == len(expected.token_ids)
+    text, _ = streamed_text(client.completions.create(model=model, prompt=raw, max_tokens=20, temperature=0, stream=True), chat=False)
+    assert text == expected.text
+    ids = qwen3.encode(raw)
+    assert client.completions.create(model=model, prompt=ids, max_tokens=20, temperature=0).choices[0].text == expected.text
+
+    assert [m.id for m in client.models.list().data] == [model]
+
+
+def test_stop_strings_and_seeded_sampling_per_request(server, qwen3):
+    client, model = server.client, server.state.name
+    full = qwen3.generate(chat(PROMPTS[1]), max_new_tokens=32).text
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    expected = qwen3.generate(chat(PROMPTS[1]), max_new_tokens=32, stop=[stop])
+    assert expected.finish_reason == "stop" and len(expected.text) < len(full)
+    sampled = qwen3.generate(chat(PROMPTS[2]), max_new_tokens=24, temperature=0.9, top_p=0.95, top_k=40, seed=11)
+
+    with ThreadPoolExecutor(2) as pool:  # different sampling parameters in one batch
+        stopped = pool.submit(client.chat.completions.create, model=model, messages=chat(PROMPTS[1]), max_tokens=32,
+                              temperature=0, stop=stop)
+        seeded = pool.submit(client.chat.completions.create, model=model, messages=chat(PROMPTS[2]), max_tokens=24,
+                             temperature=0.9, top_p=0.95, seed=11, extra_body={"top_k": 40})
+    assert stopped.result().choices[0].message.content == expected.text
+    assert stopped.result().choices[0].finish_reason == "stop"
+    assert seeded.result().choices[0].message.content == sampled.text
+
+
+def test_sixteen_concurrent_greedy_clients_get_what_they_get_alone(server, qwen3):
+    prompts = PROMPTS[:16]
+    budgets = [4 + 2 * i for i in range(16)]  # different lengths: rows leave and new requests join mid-batch
+    alone = [qwen3.generate(chat(p), max_new_tokens=n) for p, n in zip(prompts, budgets)]
+
+    def ask(i: int) -> str:
+        kwargs = dict(model=server.state.name, messages=chat(prompts[i]), max_tokens=budgets[i], temperature=0)
+        if i % 2:
+            return streamed_text(server.client.chat.completions.create(stream=True, **kwargs), chat=True)[0]
+        return server.client.chat.completions.create(**kwargs).choices[0].message.content
+
+    forwards = server.state.engine.forwards
+    with ThreadPoolExecutor(16) as pool:
+        texts = list(pool.map(ask, range(16)))
+    assert texts == [a.text for a in alone]
+    # they shared forward passes: far fewer than the sum of each one's own
+    assert server.state.engine.forwards - forwards < 0.5 * sum(a.stats.forwards for a in alone)
+    server.wait_idle()
+
+
+def error_of(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+BAD_REQUESTS = [  # (name, endpoint, body, status, param, code)
+    ("unknown model", "/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]},
+     404, "model", "model_not_found"),
+    ("oversized prompt", "/v1/completions", {"prompt": "word " * 600, "max_tokens": 4}, 400, "prompt", "context_length_exceeded"),
+    ("negative max_tokens", "/v1/completions", {"prompt": "hi", "max_tokens": -5}, 400, "max_tokens", None),
+    ("zero max_tokens", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
+     400, "max_tokens", None),
+    ("huge max_tokens", "/v1/completions", {"prompt": "hi", "max_tokens": 10**12}, 400, "max_tokens", "context_length_exceeded"),
+    ("negative temperature", "/v1/completions", {"prompt": "hi", "temperature": -1}, 400, "temperature", None),
+    ("temperature not a number", "/v1/completions", {"prompt": "hi", "temperature": "hot"}, 400, "temperature", None),
+    ("top_p zero", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p", None),
+    ("top_p above one", "/v1/completions", {"prompt": "hi", "top_p": 1.5}, 400, "top_p", None),
+    ("no messages", "/v1/chat/completions", {"messages": []}, 400, "messages", None),
+    ("message without role", "/v1/chat/completions", {"messages": [{"content": "hi"}]}, 400, "messages.0.role", None),
+    ("token id out of range", "/v1/completions", {"prompt": [1, 10**7], "max_tokens": 2}, 400, "prompt", None),
+    ("several prompts", "/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt", None),
+    ("n > 1", "/v1/completions", {"prompt": "hi", "n": 2}, 400, "n", None),
+    ("no prompt", "/v1/completions", {"max_tokens": 3}, 400, "prompt", None),
+]
+
+
+@pytest.mark.parametrize("name,endpoint,body,status,param,code", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_requests_get_openai_errors_and_the_server_stays_healthy(server, name, endpoint, body, status, param, code):
+    rejected = server.metric("orthrus:requests_total", outcome="rejected")
+    error = error_of(server.http.post(endpoint, json=body), status)
+    assert (error["param"], error["code"]) == (param, code)
+    assert server.metric("orthrus:requests_total", outcome="rejected") == rejected + 1
+    server.assert_healthy()
+
+
+def test_malformed_json_and_auth_errors(server):
+    error = error_of(server.http.post("/v1/chat/completions", content=b'{"messages": [', headers={"Content-Type": "application/json"}), 400)
+    assert "not valid JSON" in error["message"] and error["type"] == "invalid_request_error"
+    server.assert_healthy()
+    body = {"prompt": "hi", "max_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+        response = httpx.post(server.url + "/v1/completions", json=body, headers=headers)
+        assert error_of(response, 401)["code"] == "invalid_api_key"
+        server.assert_healthy()
+    assert httpx.get(server.url + "/health").status_code == 200  # no key needed for health and metrics
+    assert httpx.get(server.url + "/metrics").status_code == 200
+    # the real client maps the statuses to its exception classes
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(openai.NotFoundError) as info:
+        server.client.completions.create(model="nope", prompt="hi", max_tokens=2)
+    assert info.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as info:
+        server.client.chat.completions.create(model=server.state.name, messages=chat("hi"), temperature=101)
+    assert info.value.param == "temperature"
+    assert error_of(server.http.get("/v1/nothing"), 404)["type"] == "not_found_error"
+
+
+def test_disconnects_free_their_rows(server):
+    server.wait_idle()
+    gone = server.metric("orthrus:requests_total", outcome="disconnect")
+    body = {"prompt": PROMPTS[3], "max_tokens": 480, "temperature": 0, "stream": True}
+    with server.http.stream("POST", "/v1/completions", json=body) as response:
+        first = next(line for line in response.iter_lines() if line.startswith("data: "))
+        assert json.loads(first[6:])["object"] == "text_completion"
+    # streaming: the response is cancelled; not streaming: the handler notices while it waits
+    with pytest.raises(httpx.ReadTimeout):
+        server.http.post("/v1/completions", json={**body, "stream": False}, timeout=0.5)
+    server.wait_idle()
+    assert server.metric("orthrus:requests_total", outcome="disconnect") == gone + 2
+    assert sorted(server.state.engine.free_rows) == list(range(8))
+    server.assert_healthy()
+
+
+def test_queue_limit_and_timeout(qwen3):
+    live = LiveServer(create_app(qwen3, ServerConfig(api_key=API_KEY, max_batch=1, max_queue=1, max_model_len=2048,
+                                                     request_timeout=1.5)))
+    try:
+        long = {"prompt": PROMPTS[4], "max_tokens": 2000, "temperature": 0}
+        with live.http.stream("POST", "/v1/completions", json={**long, "stream": True}) as running:
+            events = (line[6:] for line in running.iter_lines() if line.startswith("data: "))
+            next(events)  # decoding: the only row is taken
+            with ThreadPoolExecutor(1) as pool:
+                queued = pool.submit(live.http.post, "/v1/completions", json=long)
+                while live.metric("orthrus:num_requests_waiting") < 1:
+                    time.sleep(0.01)
+                full = live.http.post("/v1/completions", json=long)
+                assert error_of(full, 503)["type"] == "server_overloaded" and full.headers["Retry-After"] == "1"
+                last = [json.loads(e) for e in events if e != "[DONE]"][-1]
+                assert last["error"]["type"] == "timeout_error"
+                assert error_of(queued.result(), 408)["type"] == "timeout_error"
+        live.wait_idle()
+        assert live.metric("orthrus:requests_total", outcome="timeout") == 2
+        live.assert_healthy()
+    finally:
+        live.close()
+
+
+def test_orthrus_serve_command(qwen3_folder, qwen3, monkeypatch):
+    """`orthrus serve` builds the app from its options and hands it to uvicorn on localhost."""
+    launched = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: launched.update(app=app, **kwargs))
+    assert cli.main(["serve", "--model", str(qwen3_folder), "--drafter", "none", "--dtype", "float32", "--device", "cpu",
+                     "--block-size", str(BLOCK), "--port", "8123", "--api-key", API_KEY, "--served-model-name", "tiny",
+                     "--max-batch", "2", "--max-queue", "3", "--max-model-len", "256", "--request-timeout", "9"]) == 0
+    assert (launched["host"], launched["port"]) == ("127.0.0.1", 8123)
+    state = launched["app"].state.server
+    assert (state.name, state.context, state.config.max_batch, state.config.max_queue) == ("tiny", 256, 2, 3)
+    assert state.config.request_timeout == 9 and state.engine.block_size == BLOCK
+    live = LiveServer(launched["app"])
+    try:
+        reply = live.client.chat.completions.create(model="tiny", messages=chat(PROMPTS[5]), max_tokens=12, temperature=0)
+        assert reply.choices[0].message.content == qwen3.generate(chat(PROMPTS[5]), max_new_tokens=12).text
+    finally:
+        live.close()
+
+
+def test_orthrus_serve_refuses_bad_options(qwen3_folder, capsys):
+    base = ["serve", "--model", str(qwen3_folder), "--drafter", "none", "--dtype", "float32", "--device", "cpu"]
+    for extra, message in ((["--max-batch", "0"], "max batch must be >= 1"),
+                           (["--max-model-len", "99999"], "exceeds the model's 2048 positions"),
+                           (["--port", "70000"], "--port must be in")):
+        assert cli.main(base + extra) == 2
+        assert message in capsys.readouterr().err
