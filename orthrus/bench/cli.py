@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 from ..cli import add_model_args
+from ..errors import OrthrusError
 from .prompts import PROMPT_SETS, load_prompt_set
 from .report import markdown_table, plot, summarize
-from .runner import METHODS, Runner, runs_as_dicts
+from .runner import METHODS, Runner, check_methods, runs_as_dicts
 
 
 def machine() -> str:
@@ -32,10 +33,13 @@ def cmd_bench(args) -> None:
     from ..api import load
     from ..hub import resolve_model
 
+    methods = check_methods(args.methods.split(","))  # user mistakes first, before the slow loads
+    sets = [load_prompt_set(spec, args.num_prompts) for spec in args.sets.split(",") if spec]
+    if not sets:
+        raise OrthrusError("--sets is empty: name at least one prompt set")
     folder = resolve_model(args.model)
     llm = load(str(folder), drafter=args.drafter, dtype=args.dtype, device=args.device, block_size=args.block_size)
-    sets = [load_prompt_set(spec, args.num_prompts) for spec in args.sets.split(",") if spec]
-    runner = Runner(llm, folder, args.methods.split(","), args.max_new_tokens, args.temperature, args.seed, args.block_size)
+    runner = Runner(llm, folder, methods, args.max_new_tokens, args.temperature, args.seed, args.block_size)
     log = (lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True))
     runs = runner.run(sets, progress=log)
 

@@ -66,15 +66,19 @@ class HFGenerate:
         return tokens, self.calls
 
 
+def check_methods(methods: list[str]) -> list[str]:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise OrthrusError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    return methods
+
+
 class Runner:
     def __init__(self, llm, folder: Path, methods=METHODS, max_new_tokens: int = 64, temperature: float = 0.0,
                  seed: int = 0, block_size: int | None = None):
-        unknown = set(methods) - set(METHODS)
-        if unknown or not methods:
-            raise OrthrusError(f"unknown method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}")
         if max_new_tokens < 1:
             raise OrthrusError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        self.llm, self.methods = llm, list(methods)
+        self.llm, self.methods = llm, check_methods(list(methods))
         self.max_new_tokens, self.temperature, self.seed, self.block_size = max_new_tokens, temperature, seed, block_size
         self.hf = None
         if any(m.startswith("hf") for m in methods):

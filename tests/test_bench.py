@@ -1,0 +1,82 @@
+"""`orthrus bench` end to end on the tiny random Qwen3 (every method, two prompt sets), and the
+prompt-set loaders."""
+
+import json
+
+import pytest
+
+from orthrus.bench import GSM_EVAL_SEED, load_prompt_set
+from orthrus.bench.prompts import gsm
+from orthrus.cli import main
+from orthrus.errors import OrthrusError
+
+METHODS = ["orthrus", "ar", "hf", "hf-pld"]
+
+
+def test_bench_runs_every_method_and_writes_json_table_plots(qwen3_folder, tmp_path, capsys):
+    prompts = tmp_path / "mine.jsonl"
+    prompts.write_text('"Name a river."\n{"messages": [{"role": "user", "content": "Count to five."}]}\n')
+    out = tmp_path / "out"
+    rc = main(["bench", "--model", str(qwen3_folder), "--drafter", "none", "--dtype", "float32", "--device", "cpu",
+               "--sets", f"{prompts},gsm", "--num-prompts", "2", "--max-new-tokens", "8", "--block-size", "4", "--out", str(out)])
+    assert rc == 0
+    result = json.loads((out / "bench.json").read_text())
+    assert list(result["summary"]) == ["mine", "gsm"]
+    runs = result["runs"]
+    assert len(runs) == 2 * 2 * len(METHODS)
+    for name, s in result["summary"].items():
+        assert s["prompts"] == 2 and list(s["methods"]) == METHODS
+        m = s["methods"]
+        assert m["orthrus"]["exact_match_vs_ar"] == 1.0  # greedy fp32: lossless
+        assert m["hf"]["exact_match_vs_ar"] == 1.0  # same weights, same stop rule, same token count
+        assert m["ar"]["tokens_per_forward"] == 1.0 and m["hf"]["tokens_per_forward"] == 1.0
+        o = m["orthrus"]
+        assert 1.0 <= o["acceptance_length"] <= 4
+        assert 0 < o["tokens_per_forward"] <= o["acceptance_length"] / 2 + 1e-9  # two forwards per cycle
+        assert len(o["position_acceptance"]) == 3
+        assert o["position_acceptance"] == sorted(o["position_acceptance"], reverse=True)
+        assert sum(o["acceptance_length_histogram"].values()) == o["cycles"]
+        assert m["ar"]["speedup_vs_ar"] == 1.0 and m["hf"]["speedup_vs_hf"] == 1.0
+        mine = [r for r in runs if r["set"] == name]
+        assert all(1 <= len(r["token_ids"]) <= 8 and r["seconds"] > 0 for r in mine)
+        assert o["tokens"] == sum(len(r["token_ids"]) for r in mine if r["method"] == "orthrus")
+    table = (out / "bench.md").read_text()
+    assert table.count("\n| mine (2) |") == len(METHODS) and table.count("\n| gsm (2) |") == len(METHODS)
+    assert table in capsys.readouterr().out
+    for png in ("position_acceptance.png", "acceptance_length_histogram.png", "speedup.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_rejects_unknown_method_and_set(qwen3_folder, tmp_path, capsys):
+    base = ["bench", "--model", str(qwen3_folder), "--drafter", "none", "--out", str(tmp_path)]
+    assert main(base + ["--methods", "orthrus,vllm", "--sets", "gsm", "--num-prompts", "1"]) == 2
+    assert "unknown method" in capsys.readouterr().err
+    assert main(base + ["--sets", "mmlu"]) == 2
+    assert "unknown prompt set 'mmlu'" in capsys.readouterr().err
+
+
+def test_named_prompt_sets_load_and_gsm_eval_split_is_fixed():
+    for name in ("mtbench", "humaneval", "gsm"):
+        ps = load_prompt_set(name, 3)
+        assert len(ps.prompts) == 3
+        assert all(p[0]["role"] == "user" and len(p[0]["content"]) > 20 for p in ps.prompts)
+    assert load_prompt_set("gsm", 3).prompts == gsm(3, GSM_EVAL_SEED)
+    assert gsm(3, GSM_EVAL_SEED + 1) != gsm(3, GSM_EVAL_SEED)
+
+
+def test_jsonl_prompt_formats_and_errors(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('"plain"\n\n{"prompt": "a"}\n{"text": "b"}\n{"turns": ["first", "second"]}\n'
+                 '{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]}\n')
+    ps = load_prompt_set(str(f), 10)
+    assert ps.name == "p"
+    assert [p[-1]["content"] for p in ps.prompts] == ["plain", "a", "b", "first", "u"]
+    assert len(load_prompt_set(str(f), 2).prompts) == 2
+    f.write_text('"ok"\n{"prompt": 3}\n')
+    with pytest.raises(OrthrusError, match=r"p.jsonl:2:"):
+        load_prompt_set(str(f), 10)
+    f.write_text('"ok"\nnot json\n')
+    with pytest.raises(OrthrusError, match=r"p.jsonl:2:"):
+        load_prompt_set(str(f), 10)
+    with pytest.raises(OrthrusError, match="no such prompt file"):
+        load_prompt_set(str(tmp_path / "missing.jsonl"), 10)
