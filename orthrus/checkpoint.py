@@ -2,6 +2,12 @@
 official Orthrus layout (one folder, base + `*_diff` twins, `architectures: ["OrthrusLM"]`), and
 drafter-only folders (twins + mask embedding + the base model's fingerprint).
 
+A drafter-only folder stores its twins either as floats (`"storage": "float"`, the default) or,
+to ship small, as int8 deltas from the base's own AR weights (`"storage": "int8-delta"`): each
+2-D twin `W_diff` is saved as int8 `W_diff` plus fp32 `W_diff_scale` per output row, and loads
+as `W_ar + int8 * scale` (1-D tensors such as the mask embedding stay floats). Both load into
+the same model, so inference code never sees the difference.
+
 Weights are read with safetensors only; nothing is ever unpickled.
 """
 
@@ -147,11 +153,33 @@ def load_drafter(model: OrthrusLM, folder: str | Path) -> None:
     if (hf.get("mask_token_id") is not None and hf["mask_token_id"] != model.config.mask_token_id):
         raise OrthrusError(f"{folder}: drafter uses mask token {hf['mask_token_id']}, "
                            f"the model {model.config.mask_token_id}.")
-    loaded = _load_into(model, read_tensors(folder), folder, only_twins=True)
+    tensors = read_tensors(folder)
+    if hf.get("storage", "float") == "int8-delta":
+        tensors = _dequantize_deltas(model, dict(tensors), folder)
+    loaded = _load_into(model, tensors, folder, only_twins=True)
     needed = {n for n, _ in model.twin_parameters()}
     if needed - loaded:
         raise OrthrusError(f"{folder}: drafter weights missing: {sorted(needed - loaded)[:5]}")
     model.config.block_size = hf.get("block_size", model.config.block_size)
+
+
+def _dequantize_deltas(model: OrthrusLM, tensors: dict, where: Path):
+    params = dict(model.named_parameters())
+    for name, t in tensors.items():
+        if t.dtype == torch.int8:
+            ar = params.get(name.replace("_diff.", "."))
+            if name + "_scale" not in tensors or ar is None:
+                raise OrthrusError(f"{where}: int8 tensor {name} has no {name}_scale or no AR weight to add it to.")
+            yield name, (ar.float() + t.float() * tensors[name + "_scale"].float()[:, None]).to(ar.dtype)
+        elif not name.endswith("_scale"):
+            yield name, t
+
+
+def _quantize_delta(twin: torch.Tensor, ar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output row of (twin - ar): the twins start as AR copies and stay close."""
+    delta = twin.detach().float().cpu() - ar.detach().float().cpu()
+    scale = (delta.abs().amax(1) / 127).clamp(min=1e-12)
+    return (delta / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
 
 
 def _atomic_folder(target: Path):
@@ -170,10 +198,19 @@ def _publish(tmp: Path, target: Path) -> None:
         tmp.rename(target)
 
 
-def save_drafter(model: OrthrusLM, folder: str | Path, base_model: str, dtype=torch.bfloat16, extra: dict | None = None) -> None:
+def save_drafter(model: OrthrusLM, folder: str | Path, base_model: str, dtype=torch.bfloat16, extra: dict | None = None,
+                 storage: str = "float") -> None:
+    """storage "float" (twins in `dtype`) or "int8" (int8 deltas from the AR weights, see above)."""
+    if storage not in ("float", "int8"):
+        raise OrthrusError(f"drafter storage must be 'float' or 'int8', got {storage!r}")
     folder = Path(folder)
     tmp = _atomic_folder(folder)
-    tensors = {n: p.detach().to("cpu", dtype).contiguous() for n, p in model.twin_parameters()}
+    tensors = {}
+    for n, p in model.twin_parameters():
+        if storage == "int8" and p.dim() == 2:
+            tensors[n], tensors[n + "_scale"] = _quantize_delta(p, model.get_parameter(n.replace("_diff.", ".")))
+        else:
+            tensors[n] = p.detach().to("cpu", dtype).contiguous()
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     cfg = {
         "architectures": [DRAFTER_ARCHITECTURE],
@@ -182,6 +219,7 @@ def save_drafter(model: OrthrusLM, folder: str | Path, base_model: str, dtype=to
         "base_fingerprint": base_fingerprint(model),
         "block_size": model.config.block_size,
         "mask_token_id": model.config.mask_token_id,
+        "storage": "int8-delta" if storage == "int8" else "float",
         **(extra or {}),
     }
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

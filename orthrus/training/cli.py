@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from ..hub import cache_dir
@@ -28,7 +27,7 @@ def register(sub) -> None:
 
     t = sub.add_parser("train", help="train the drafter twins on distilled data (resumes the run if it exists)")
     t.add_argument("--data", default="smollm2", help="distilled data: a name under ~/.cache/orthrus/distill or a folder")
-    t.add_argument("--run", default="smollm2", help="run folder: a name under ~/.cache/orthrus/runs or a folder")
+    t.add_argument("--run-dir", default="smollm2", help="run folder: a name under ~/.cache/orthrus/runs or a folder")
     t.add_argument("--model", default=None)
     t.add_argument("--block-size", type=int, default=16)
     t.add_argument("--seq-len", type=int, default=512)
@@ -50,7 +49,7 @@ def register(sub) -> None:
     t.add_argument("--log-every", type=int, default=5)
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--export", default=None, help="only export the run's last checkpoint as a drafter folder, then exit")
-    t.add_argument("--export-storage", choices=["bf16", "int8"], default="int8", help="drafter tensor storage for --export")
+    t.add_argument("--export-storage", choices=["float", "int8"], default="int8", help="drafter storage for --export: bf16 floats or int8 deltas")
     t.add_argument("--plot", action="store_true", help="only draw the run's curves (curves.png), then exit")
     t.set_defaults(func=cmd_train)
 
@@ -69,9 +68,10 @@ def cmd_distill(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    mix = parse_mix(args.mix)
     llm = load(args.model, drafter="none", dtype=args.dtype, device=args.device)
     out = Path(args.out) if args.out else folder(args.name, "distill")
-    n = distill(llm, out, args.count, parse_mix(args.mix), seed=args.seed, rows=args.rows,
+    n = distill(llm, out, args.count, mix, seed=args.seed, rows=args.rows,
                 max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
                 temperature=args.temperature, top_p=args.top_p)
     print(f"orthrus distill: {n} new rows in {out}")
@@ -84,7 +84,7 @@ def cmd_train(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    run = folder(args.run, "runs")
+    run = folder(args.run_dir, "runs")
     if args.plot:
         print(plot_curves(run))
         return

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -97,16 +96,38 @@ def ar_mask(doc: torch.Tensor) -> torch.Tensor:
     return (causal & (doc[:, :, None] == doc[:, None, :]))[:, None]
 
 
+def diffusion_mask_mod(doc: torch.Tensor, anchors: torch.Tensor, block_size: int):
+    """The diffusion pass's mask as a FlexAttention mask_mod over (row, head, query, key): block
+    b = q // B sees AR keys s < a_b of a_b's conversation, and the keys L + bB .. L + bB + B-1 of
+    its own block. Also evaluates on broadcast index tensors, which gives the boolean mask."""
+    L = doc.shape[1]
+    anchor_doc = doc.gather(1, anchors)
+
+    def mask_mod(b, h, q, kv):
+        blk = q // block_size
+        s = kv.clamp(max=L - 1)
+        sees_ar = (kv < L) & (s < anchors[b, blk]) & (doc[b, s] == anchor_doc[b, blk])
+        return sees_ar | ((kv >= L) & ((kv - L) // block_size == blk))
+
+    return mask_mod
+
+
 def block_mask(doc: torch.Tensor, anchors: torch.Tensor, block_size: int) -> torch.Tensor:
-    """[R, 1, nb*B, L + nb*B]: block b sees AR keys s < a_b of a_b's conversation, and its own block."""
-    R, L = doc.shape
-    nb = anchors.shape[1]
-    q_block = torch.arange(nb * block_size, device=doc.device) // block_size  # block of each query
-    a = anchors[:, q_block]  # [R, Q] anchor of each query
-    s = torch.arange(L, device=doc.device)
-    sees_ar = (s[None, None, :] < a[:, :, None]) & (doc[:, None, :] == doc.gather(1, a)[:, :, None])
-    sees_block = (q_block[:, None] == q_block[None, :]).expand(R, -1, -1)
-    return torch.cat([sees_ar, sees_block], 2)[:, None]
+    """[R, 1, nb*B, L + nb*B] boolean mask (SDPA) from `diffusion_mask_mod`."""
+    (R, L), queries = doc.shape, anchors.shape[1] * block_size
+    idx = lambda n: torch.arange(n, device=doc.device)  # noqa: E731
+    mask_mod = diffusion_mask_mod(doc, anchors, block_size)
+    return mask_mod(idx(R)[:, None, None], None, idx(queries)[None, :, None], idx(L + queries)[None, None, :])[:, None]
+
+
+def flex_block_mask(doc: torch.Tensor, anchors: torch.Tensor, block_size: int):
+    """The same mask as a FlexAttention BlockMask: memory grows with the blocks that are visible,
+    not with queries x keys (for long rows with hundreds of anchors on GPU)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    (R, L), queries = doc.shape, anchors.shape[1] * block_size
+    return create_block_mask(diffusion_mask_mod(doc, anchors, block_size), R, None, queries, L + queries,
+                             device=str(doc.device))
 
 
 def dual_pass(model: OrthrusLM, rows: PackedRows, anchors: torch.Tensor, block_size: int, diffusion_model=None):
@@ -269,7 +290,8 @@ def load_base(cfg: TrainConfig, device: torch.device):
 
     llm = load(cfg.model, drafter="none", dtype="float32", device=str(device))
     model = llm.model
-    if cfg.dtype == "bf16":  # frozen backbone in bf16; twins stay fp32 (they are the master weights)
+    if cfg.dtype == "bf16" and cfg.parallel != "fsdp":  # frozen backbone in bf16; twins stay fp32 master weights
+        # (under FSDP2 every weight stays fp32 and sharded; its mixed-precision policy gathers bf16 copies)
         twins = {n for n, _ in model.twin_parameters()}
         for n, p in model.named_parameters():
             if n not in twins:
@@ -278,17 +300,28 @@ def load_base(cfg: TrainConfig, device: torch.device):
     return llm, model
 
 
+def prepare_model(model: OrthrusLM) -> list[str]:
+    """Freeze everything but the twins (and the learned mask); returns their names."""
+    model.requires_grad_(False)
+    names = []
+    for name, p in model.twin_parameters():
+        p.requires_grad_(True)
+        names.append(name)
+    return names
+
+
 def wrap_parallel(model: OrthrusLM, cfg: TrainConfig, world: int, device: torch.device):
     """The module the diffusion pass runs through: itself (one process), DDP over the twins, or
     FSDP2 sharding every layer (frozen backbone included) and the root."""
     if world == 1:
         return model
     if cfg.parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cfg.dtype == "bf16" else None, reduce_dtype=torch.float32)
         for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
         return model
     from torch.nn.parallel import DistributedDataParallel
 
@@ -326,12 +359,12 @@ def check_resume(state: dict, cfg_identity: dict, fingerprint: str, path: Path) 
     if state["base_fingerprint"] != fingerprint:
         raise OrthrusError(f"{path}: this checkpoint was trained on base model {state['config'].get('model')!r} "
                            f"(fingerprint {state['base_fingerprint']}), not the loaded one ({fingerprint}). "
-                           "Use another --run folder.")
+                           "Use another --run-dir.")
     changed = {k: (state["config"].get(k), v) for k, v in cfg_identity.items() if state["config"].get(k) != v}
     if changed:
         raise OrthrusError(f"{path}: the run was started with other settings: "
                            + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in changed.items())
-                           + ". Resume with the same settings, or use another --run folder.")
+                           + ". Resume with the same settings, or use another --run-dir.")
 
 
 def train(cfg: TrainConfig, run: Path, device: str = "auto", stop_after: int | None = None) -> dict:
@@ -341,14 +374,11 @@ def train(cfg: TrainConfig, run: Path, device: str = "auto", stop_after: int | N
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
     llm, model = load_base(cfg, dev)
-    names = [n for n, _ in model.twin_parameters()]
-    model.requires_grad_(False)
-    for _, p in model.twin_parameters():
-        p.requires_grad_(True)
+    names = prepare_model(model)
+    fingerprint = base_fingerprint(model)  # before FSDP2 turns the weights into shards
     wrapped = wrap_parallel(model, cfg, world, dev)
     params = [p for _, p in model.twin_parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    fingerprint = base_fingerprint(model)
     identity = {**{k: v for k, v in asdict(cfg).items() if k in IDENTITY}, "global_batch": cfg.batch * cfg.grad_accum * world}
     ckpts = Checkpoints(run)
     latest = ckpts.latest()
@@ -361,7 +391,7 @@ def train(cfg: TrainConfig, run: Path, device: str = "auto", stop_after: int | N
             raise OrthrusError(f"{cfg.data}: no distilled shards; run `orthrus distill` first.")
         files = [p.name for p in shard_files(Path(cfg.data))]
         state = {"step": 0, "epoch": 0, "cursor": 0, "files": files, "eval_files": files, "tokens": 0, "seconds": 0.0,
-                 "config": identity, "base_fingerprint": fingerprint, "base_model": llm.name, "names": names}
+                 "config": identity, "base_fingerprint": fingerprint, "base_model": llm.name}
     log = Logger(run, rank, state["step"])
     packed, order = epoch_rows(cfg, state["files"], state["epoch"])
     global_batch = identity["global_batch"]
@@ -376,6 +406,9 @@ def train(cfg: TrainConfig, run: Path, device: str = "auto", stop_after: int | N
             state["epoch"], state["cursor"] = state["epoch"] + 1, 0
             state["files"] = [p.name for p in shard_files(Path(cfg.data))]
             packed, order = epoch_rows(cfg, state["files"], state["epoch"])
+            if len(held) < cfg.eval_rows:  # the held-out set grows with the data until it is full, then stays fixed
+                state["eval_files"] = state["files"]
+                held = eval_set(cfg, state["eval_files"])
         ids = order[state["cursor"] : state["cursor"] + global_batch]
         micro = [ids[m * world * cfg.batch + rank * cfg.batch :][: cfg.batch] for m in range(cfg.grad_accum)]
         draws = []
@@ -427,6 +460,8 @@ def train(cfg: TrainConfig, run: Path, device: str = "auto", stop_after: int | N
                 ev = evaluate(model, held, cfg)
             log({"step": state["step"], **ev}, f"eval step {state['step']}: loss {ev['eval_loss']:.4f} "
                                                f"acceptance {ev['acceptance']:.3f} ({ev['eval_blocks']} blocks)")
+            if rank == 0:
+                plot_curves(run)
         done = state["step"] >= cfg.steps or (stop_after is not None and steps_here >= stop_after)
         if done or time.monotonic() - last_ckpt > cfg.checkpoint_minutes * 60:
             state["seconds"] += time.monotonic() - t0
@@ -439,3 +474,55 @@ def train(cfg: TrainConfig, run: Path, device: str = "auto", stop_after: int | N
                 dist.barrier()
     return state
 
+
+
+def read_log(run: Path) -> list[dict]:
+    path = Path(run) / "log.jsonl"
+    if not path.is_file():
+        raise OrthrusError(f"{run}: no log.jsonl; is this a training run folder?")
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def plot_curves(run: Path) -> Path:
+    """curves.png: training loss and held-out acceptance against tokens trained."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_log(run)
+    train_rows = [r for r in records if "loss" in r]
+    tokens_at = {r["step"]: r["tokens"] for r in train_rows}
+    evals = [r for r in records if "acceptance" in r and r["step"] in tokens_at]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot([r["tokens"] for r in train_rows], [r["loss"] for r in train_rows], lw=0.8, label="train")
+    left.plot([tokens_at[r["step"]] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out")
+    left.set(xlabel="tokens trained", ylabel="loss (KL)", yscale="log", title="draft loss")
+    left.legend()
+    right.plot([tokens_at[r["step"]] for r in evals], [r["acceptance"] for r in evals], "o-")
+    right.set(xlabel="tokens trained", ylabel="tokens per cycle", title="simulated greedy acceptance (held-out)")
+    fig.tight_layout()
+    out = Path(run) / "curves.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def export_drafter(run: Path, out: Path, storage: str = "int8", model: str | None = None) -> None:
+    """Write the run's last checkpoint as a drafter-only folder (orthrus.checkpoint.save_drafter)."""
+    from ..api import load
+
+    latest = Checkpoints(Path(run)).latest()
+    if latest is None:
+        raise OrthrusError(f"{run}: no checkpoint to export yet.")
+    state = json.loads((latest / "state.json").read_text())
+    llm = load(model or state["config"]["model"], drafter="none", dtype="float32", device="cpu")
+    if base_fingerprint(llm.model) != state["base_fingerprint"]:
+        raise OrthrusError(f"{latest}: trained for another base model than {llm.name!r}.")
+    params = dict(llm.model.named_parameters())
+    with safe_open(str(latest / "twins.safetensors"), "pt") as f, torch.no_grad():
+        for n in f.keys():
+            params[n].copy_(f.get_tensor(n))
+    llm.model.config.block_size = state["config"]["block_size"]
+    save_drafter(llm.model, out, base_model=state["base_model"], storage=storage,
+                 extra={"trained_steps": state["step"], "trained_tokens": state["tokens"]})

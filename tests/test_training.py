@@ -1,0 +1,281 @@
+"""Drafter training: the batched training pass is the inference draft pass, only the twins learn,
+runs resume exactly after kill -9 and refuse foreign checkpoints, two gloo processes match one,
+distillation resumes, and an exported (int8) drafter loads and decodes losslessly."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import orthrus
+from orthrus.cache import KVCache
+from orthrus.checkpoint import load_model
+from orthrus.errors import OrthrusError
+from orthrus.training.data import draw_anchors, pack, read_shards
+from orthrus.training.distill import distill, write_shard
+from orthrus.training.trainer import (TrainConfig, ar_mask, block_mask, draft_loss, dual_pass, prepare_model, train)
+
+from .conftest import write_random_model
+
+# A small vocabulary keeps the tests fast; the mask id is the first id past the Qwen3 tokenizer (151669),
+# outside this vocabulary, so the mask is a learned embedding, as for SmolLM2.
+VOCAB, MASK_ID = 4096, 151669
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    return write_random_model(tmp_path_factory.mktemp("llama"), "llama", vocab_size=VOCAB)
+
+
+@pytest.fixture(scope="module")
+def data_folder(tmp_path_factory):
+    """Fake distilled rows: random prompts and replies (what matters here is the mechanics)."""
+    folder = tmp_path_factory.mktemp("data")
+    rng = random.Random(0)
+    rows = [{"index": i, "source": "chat", "tokens": [rng.randrange(2000) for _ in range(rng.randrange(30, 90))],
+             "prompt_len": rng.randrange(5, 20), "finish": "stop"} for i in range(240)]
+    write_shard(folder, rows[:120])
+    write_shard(folder, rows[120:])
+    return folder
+
+
+def trained_model(folder, seed=1):
+    """A model whose twins differ from the AR weights, as after training."""
+    model, _ = load_model(folder, mask_token_id=MASK_ID)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.twin_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    return model
+
+
+def inference_draft(model, tokens, anchor, block):
+    """The engine's draft pass: cache holds tokens[:anchor], block [tokens[anchor], MASK...]."""
+    cache = KVCache(model.config, 1, anchor + block, torch.float32, "cpu")
+    window = cache.window(torch.tensor([0]), anchor, bidirectional=False)
+    model(torch.tensor([tokens[:anchor]]), window.positions, window, "ar", logits=False)
+    cache.lengths[0] = anchor
+    ids = torch.full((1, block), model.mask_token_id)
+    ids[0, 0] = tokens[anchor]
+    window = cache.window(torch.tensor([0]), block, bidirectional=True)
+    return model(ids, window.positions, window, "diffusion")[0, :-1]
+
+
+def test_training_pass_gives_the_inference_draft_logits(llama_folder):
+    model = trained_model(llama_folder)
+    block = 8
+    rng = random.Random(1)
+    first = [rng.randrange(2000) for _ in range(40)]
+    second = [rng.randrange(2000) for _ in range(50)]
+    rows = pack([{"index": 0, "tokens": first, "prompt_len": 5}, {"index": 1, "tokens": second, "prompt_len": 5}], 96)
+    assert rows.tokens.shape == (1, 96) and rows.doc[0, 40].item() == 1 and rows.positions[0, 40].item() == 0
+    # anchors in both conversations (40 + 17 is position 17 of the second, which must not see the
+    # first); the blocks at 36 and 40 + 45 run past the end of their conversation
+    anchors = torch.tensor([[6, 36, 40 + 17, 40 + 45]])
+    with torch.no_grad():
+        student, teacher, ok = dual_pass(model, rows, anchors, block)
+    for b, (tokens, a) in enumerate([(first, 6), (first, 36), (second, 17), (second, 45)]):
+        expected = inference_draft(model, tokens, a, block)
+        torch.testing.assert_close(model.lm_head(student[0, b]), expected, atol=2e-5, rtol=1e-5)
+        with torch.no_grad():  # the teacher rows are the AR distribution at a .. a+B-2
+            ar = model(torch.tensor([tokens]), torch.arange(len(tokens))[None], type("S", (), {
+                "mask": torch.ones(len(tokens), len(tokens), dtype=torch.bool).tril(), "update": lambda s, l, k, v: (k, v)})(), "ar")
+        n = min(block - 1, len(tokens) - a)
+        torch.testing.assert_close(model.lm_head(teacher[0, b, :n]), ar[0, a : a + n], atol=2e-5, rtol=1e-5)
+    # a target is valid only inside its own conversation's reply
+    assert ok[0, 0].all() and ok[0, 2].all()
+    assert ok[0, 1].tolist() == [True] * 3 + [False] * 4 and ok[0, 3].tolist() == [True] * 4 + [False] * 3
+
+
+def test_block_mask_is_block_diagonal_with_the_causal_limit():
+    doc = torch.tensor([[0, 0, 0, 0, 1, 1, 1, -1]])
+    mask = block_mask(doc, torch.tensor([[2, 6]]), 2)[0, 0]  # 2 blocks of 2 queries, 8 AR + 4 block keys
+    ar = mask[:, :8]
+    assert ar[:2].tolist() == [[True, True, False, False, False, False, False, False]] * 2
+    assert ar[2:].tolist() == [[False, False, False, False, True, True, False, False]] * 2
+    assert mask[:, 8:].tolist() == [[True, True, False, False]] * 2 + [[False, False, True, True]] * 2
+    assert ar_mask(doc)[0, 0, 5].tolist() == [False, False, False, False, True, True, False, False]
+
+
+def test_anchors_lie_in_replies_without_repeats_and_depend_only_on_the_row(data_folder):
+    rows = pack(read_shards(data_folder), 128)
+    anchors, valid = draw_anchors(rows, 16, 8, seed=3, row_ids=list(range(len(rows))))
+    for i in range(len(rows)):
+        a = anchors[i][valid[i]]
+        assert len(set(a.tolist())) == len(a) > 0
+        assert rows.assistant[i, a + 1].all() and (rows.doc[i, a + 1] == rows.doc[i, a]).all()
+    again, _ = draw_anchors(rows.select([5, 2]), 16, 8, seed=3, row_ids=[5, 2])
+    assert torch.equal(again, anchors[[5, 2]])
+
+
+def test_only_the_twins_and_the_mask_embedding_get_gradients(llama_folder, data_folder):
+    model = trained_model(llama_folder)
+    prepare_model(model)
+    rows = pack(read_shards(data_folder), 128).select([0, 1])
+    anchors, valid = draw_anchors(rows, 8, 8, seed=0, row_ids=[0, 1])
+    student, teacher, ok = dual_pass(model, rows, anchors, 8)
+    draft_loss(model, student, teacher, ok & valid[:, :, None], "kl").backward()
+    twins = {n for n, _ in model.twin_parameters()}
+    assert "model.mask_embedding" in twins and len(twins) == 2 * 4 + 1
+    for name, p in model.named_parameters():
+        if name in twins:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None and not p.requires_grad, name
+
+
+def run_cli(args, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "orthrus", "train", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def train_args(llama_folder, data_folder, run, *extra):
+    return ["--model", str(llama_folder), "--data", str(data_folder), "--run-dir", str(run), "--block-size", "8",
+            "--seq-len", "128", "--anchors", "8", "--batch", "2", "--grad-accum", "2", "--steps", "5", "--eval-every", "0",
+            "--log-every", "1", "--threads", "1", *extra]
+
+
+def final_twins(run):
+    from safetensors.torch import load_file
+
+    latest = sorted((run / "checkpoints").glob("step-*"))[-1]
+    return load_file(str(latest / "twins.safetensors")), json.loads((latest / "state.json").read_text())
+
+
+def losses(run):
+    return [r["loss"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_resume_after_kill_9_repeats_the_uninterrupted_run(llama_folder, data_folder, tmp_path):
+    straight = run_cli(train_args(llama_folder, data_folder, tmp_path / "straight"))
+    killed_run = tmp_path / "killed"
+    proc = run_cli(train_args(llama_folder, data_folder, killed_run, "--checkpoint-minutes", "0"))
+    deadline = time.time() + 120
+    while not (killed_run / "checkpoints" / "step-00000002" / "state.json").is_file():
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _, state = final_twins(killed_run)
+    assert 2 <= state["step"] < 5  # killed mid-run
+    resumed = run_cli(train_args(llama_folder, data_folder, killed_run))
+    assert resumed.wait(120) == 0 and straight.wait(120) == 0, resumed.stdout.read() + straight.stdout.read()
+    a, sa = final_twins(tmp_path / "straight")
+    b, sb = final_twins(killed_run)
+    assert sa["step"] == sb["step"] == 5 and sa["cursor"] == sb["cursor"]
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert losses(tmp_path / "straight") == losses(killed_run)
+    assert (killed_run / "curves.png").stat().st_size > 1000
+
+
+def test_resume_refuses_another_base_or_config(llama_folder, data_folder, tmp_path):
+    cfg = TrainConfig(data=str(data_folder), model=str(llama_folder), block_size=8, seq_len=128, anchors=8, batch=2,
+                      steps=3, eval_every=0)
+    train(cfg, tmp_path / "run", device="cpu", stop_after=1)
+    with pytest.raises(OrthrusError, match="block_size=8 \\(now 16\\)"):
+        train(TrainConfig(**{**cfg.__dict__, "block_size": 16}), tmp_path / "run", device="cpu")
+    other = write_random_model(tmp_path / "other", "llama", seed=5, vocab_size=VOCAB)
+    with pytest.raises(OrthrusError, match="fingerprint"):
+        train(TrainConfig(**{**cfg.__dict__, "model": str(other)}), tmp_path / "run", device="cpu")
+
+
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(llama_folder, data_folder, tmp_path):
+    """DDP over the twins, and FSDP2 sharding the whole model, each on 2 CPU processes (gloo)."""
+    one = run_cli(train_args(llama_folder, data_folder, tmp_path / "one", "--steps", "2"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launched = {}
+    for parallel in ("ddp", "fsdp"):
+        args = train_args(llama_folder, data_folder, tmp_path / parallel, "--steps", "2", "--batch", "1", "--parallel", parallel)
+        launched[parallel] = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                               "2", "-m", "orthrus", "train", *args], env=env, stdout=subprocess.PIPE,
+                                              stderr=subprocess.STDOUT, text=True)
+    assert one.wait(180) == 0, one.stdout.read()
+    reference, ref_twins = losses(tmp_path / "one"), final_twins(tmp_path / "one")[0]
+    assert len(reference) == 2
+    for parallel, proc in launched.items():
+        out, _ = proc.communicate(timeout=180)
+        assert proc.returncode == 0, out[-3000:]
+        assert losses(tmp_path / parallel) == pytest.approx(reference, abs=1e-5), parallel
+        twins, _ = final_twins(tmp_path / parallel)
+        for name in ref_twins:
+            torch.testing.assert_close(twins[name], ref_twins[name], atol=1e-5, rtol=1e-4)
+
+def test_export_int8_and_float_drafters_load_and_decode_losslessly(llama_folder, data_folder, tmp_path):
+    from orthrus.training.trainer import export_drafter
+
+    cfg = TrainConfig(data=str(data_folder), model=str(llama_folder), block_size=8, seq_len=128, anchors=8, batch=2,
+                      steps=2, eval_every=0, lr=1e-2)
+    train(cfg, tmp_path / "run", device="cpu")
+    trained, _ = final_twins(tmp_path / "run")
+    export_drafter(tmp_path / "run", tmp_path / "int8", storage="int8")
+    export_drafter(tmp_path / "run", tmp_path / "float", storage="float")
+    sizes = {s: (tmp_path / s / "model.safetensors").stat().st_size for s in ("int8", "float")}
+    assert sizes["int8"] < 0.6 * sizes["float"]
+    base, _ = load_model(llama_folder, mask_token_id=MASK_ID)
+    for storage in ("int8", "float"):
+        llm = orthrus.load(str(llama_folder), drafter=str(tmp_path / storage), dtype="float32", device="cpu")
+        assert llm.drafter_trained and llm.block_size == 8
+        for name, want in trained.items():
+            got = llm.model.get_parameter(name)
+            if storage == "int8" and got.dim() == 2:  # half a quantisation step of the delta per row
+                step = (want - base.get_parameter(name.replace("_diff.", "."))).abs().amax(1, keepdim=True) / 127
+                assert ((got - want).abs() <= step / 2 + 1e-6).all(), name
+            else:
+                torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)  # bf16 storage
+        prompt = [17, 99, 1234, 5, 77, 300]
+        ar = llm.generate(prompt, max_new_tokens=12, mode="ar")
+        assert llm.generate(prompt, max_new_tokens=12).token_ids == ar.token_ids
+
+
+def test_bf16_training_step_keeps_fp32_master_twins(llama_folder, data_folder, tmp_path):
+    cfg = TrainConfig(data=str(data_folder), model=str(llama_folder), block_size=8, seq_len=128, anchors=4, batch=1,
+                      steps=1, eval_every=0, dtype="bf16")
+    train(cfg, tmp_path / "run", device="cpu")
+    twins, state = final_twins(tmp_path / "run")
+    base, _ = load_model(llama_folder, mask_token_id=MASK_ID)
+    assert state["step"] == 1 and all(t.dtype == torch.float32 for t in twins.values())
+    moved = [n for n, t in twins.items() if not torch.equal(t, base.get_parameter(n.replace("_diff.", ".")))
+             and n != "model.mask_embedding"]
+    assert len(moved) == len(twins) - 1
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines()))
+
+
+def test_distill_writes_the_models_own_replies_and_resumes(qwen3, tmp_path):
+    from orthrus.training.data import prompt_mix
+
+    mix = {"chat": 1, "math": 1, "code": 1}
+    assert distill(qwen3, tmp_path, 4, mix, rows=2, max_new_tokens=6, flush_rows=2, progress=False) == 4
+    assert distill(qwen3, tmp_path, 6, mix, rows=2, max_new_tokens=6, flush_rows=2, progress=False) == 2
+    rows = read_shards(tmp_path)
+    assert [r["index"] for r in rows] == list(range(6)) and [r["source"] for r in rows[:3]] == ["chat", "math", "code"]
+    prompts = prompt_mix(mix, 0, 6)
+    for r in rows:
+        ids = qwen3.encode([{"role": "user", "content": prompts[r["index"]][1]}])
+        assert r["tokens"][: r["prompt_len"]] == ids
+        assert r["tokens"][r["prompt_len"] :] == qwen3.generate(ids, max_new_tokens=6, mode="ar").token_ids
+    with pytest.raises(OrthrusError, match="other settings"):
+        distill(qwen3, tmp_path, 6, mix, rows=2, max_new_tokens=7, progress=False)
+
+
+def test_flex_attention_block_mask_agrees_with_the_sdpa_mask():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from orthrus.training.trainer import flex_block_mask
+
+    torch.manual_seed(0)
+    doc = torch.tensor([[0] * 20 + [1] * 30 + [-1] * 14, [0] * 64])
+    anchors = torch.tensor([[3, 15, 25, 40], [1, 9, 30, 50]])
+    B, L = 8, 64
+    q = torch.randn(2, 4, 4 * B, 16)
+    k, v = torch.randn(2, 2, L + 4 * B, 16), torch.randn(2, 2, L + 4 * B, 16)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=block_mask(doc, anchors, B), enable_gqa=True)
+    flex = flex_attention(q, k, v, block_mask=flex_block_mask(doc, anchors, B), enable_gqa=True)
+    torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
