@@ -13,7 +13,7 @@ from typing import Iterator, Sequence as Seq, Union
 
 import torch
 
-from .checkpoint import load_drafter, load_model
+from .checkpoint import drafter_fits, load_drafter, load_model
 from .engine import Engine, Mode, Sequence
 from .errors import OrthrusError
 from .hub import DEFAULT_DRAFTER, DEFAULT_MODEL, resolve_model
@@ -207,7 +207,7 @@ def load(model: str | None = None, drafter: str | None = None, dtype: str | torc
     dev = parse_device(device)
     net, trained = load_model(folder, parse_dtype(dtype, dev), dev, mask_token_id=spare, block_size=block_size)
     drafter_name = str(folder) if trained else None
-    if drafter is None and not trained and model in (None, DEFAULT_MODEL) and DEFAULT_DRAFTER.is_dir():
+    if drafter is None and not trained and drafter_fits(net, DEFAULT_DRAFTER):  # the shipped drafter, for its base
         drafter = str(DEFAULT_DRAFTER)
     if drafter not in (None, "none"):
         load_drafter(net, drafter)

@@ -131,6 +131,12 @@ def init_untrained_twins(model: OrthrusLM) -> None:
             model.model.mask_embedding.copy_(model.model.embed_tokens.weight.mean(0))
 
 
+def drafter_fits(model: OrthrusLM, folder: Path) -> bool:
+    """Whether a drafter-only folder was trained for this base model (same fingerprint)."""
+    config = folder / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("base_fingerprint") == base_fingerprint(model)
+
+
 def load_drafter(model: OrthrusLM, folder: str | Path) -> None:
     """Load twins from a drafter-only folder, or from a full official Orthrus folder."""
     folder = Path(folder)
@@ -185,7 +191,9 @@ def _quantize_delta(twin: torch.Tensor, ar: torch.Tensor) -> tuple[torch.Tensor,
 def _atomic_folder(target: Path):
     """Write into a temporary sibling folder, then swap it in, so a crash never leaves half a checkpoint."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a published checkpoint is readable like any folder
+    return tmp
 
 
 def _publish(tmp: Path, target: Path) -> None:

@@ -23,7 +23,8 @@ TWIN_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
 
 class KVStore(Protocol):
     """Where a forward's keys/values go and what it attends to: the KV cache at inference
-    (`cache.CacheWindow`), a plain per-layer store in training."""
+    (`cache.CacheWindow`), a plain per-layer store in training. A store may bring its own
+    `attend(q, keys, values)` (training's block-sparse FlexAttention); otherwise SDPA with `mask`."""
 
     mask: torch.Tensor | None
 
@@ -91,7 +92,10 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, kv: KVStore, view: View) -> torch.Tensor:
         q, k, v = self.project(x, cos, sin, view)
         keys, values = kv.update(self.layer, k, v)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=kv.mask, enable_gqa=self.n_kv != self.n_heads)
+        if (attend := getattr(kv, "attend", None)) is not None:
+            out = attend(q, keys, values)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=kv.mask, enable_gqa=self.n_kv != self.n_heads)
         out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
         return getattr(self, "o_proj_diff" if view == "diffusion" else "o_proj")(out)
 

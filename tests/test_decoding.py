@@ -123,3 +123,15 @@ def test_streaming_yields_the_same_text(qwen3):
     except StopIteration as done:
         result = done.value
     assert "".join(pieces) == result.text == qwen3.generate(prompt, max_new_tokens=20, mode="ar").text
+
+
+def test_the_shipped_drafter_is_the_default_and_exact(smollm2):
+    import orthrus
+    from orthrus.hub import DEFAULT_DRAFTER
+
+    llm = orthrus.load(dtype="float32", device="cpu")
+    assert llm.drafter_trained and llm.drafter == str(DEFAULT_DRAFTER)
+    prompts = [[{"role": "user", "content": p}] for p in PROMPTS[:4]]
+    ar = smollm2.generate(prompts, max_new_tokens=24, mode="ar")
+    drafted = llm.generate(prompts, max_new_tokens=24)
+    assert [g.token_ids for g in drafted] == [g.token_ids for g in ar]

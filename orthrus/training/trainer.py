@@ -80,10 +80,18 @@ class RecordingStore:
 
 
 class BlockStore:
-    """Diffusion pass: keys = the row's recorded AR keys followed by every block's own keys."""
+    """Diffusion pass: keys = the row's recorded AR keys followed by every block's own keys,
+    attended through a dense boolean mask (SDPA) or a FlexAttention BlockMask (`flex`)."""
 
-    def __init__(self, ar: RecordingStore, mask: torch.Tensor):
-        self.ar, self.mask = ar, mask
+    def __init__(self, ar: RecordingStore, doc: torch.Tensor, anchors: torch.Tensor, block_size: int, flex: bool):
+        self.ar = ar
+        self.mask = None if flex else block_mask(doc, anchors, block_size)
+        self.attend = None
+        if flex:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            sparse = flex_block_mask(doc, anchors, block_size)
+            self.attend = lambda q, k, v: flex_attention(q, k, v, block_mask=sparse, enable_gqa=k.shape[1] != q.shape[1])
 
     def update(self, layer, k, v):
         return torch.cat([self.ar.keys[layer], k], 2), torch.cat([self.ar.values[layer], v], 2)
@@ -130,11 +138,13 @@ def flex_block_mask(doc: torch.Tensor, anchors: torch.Tensor, block_size: int):
                              device=str(doc.device))
 
 
-def dual_pass(model: OrthrusLM, rows: PackedRows, anchors: torch.Tensor, block_size: int, diffusion_model=None):
+def dual_pass(model: OrthrusLM, rows: PackedRows, anchors: torch.Tensor, block_size: int, diffusion_model=None,
+              flex: bool | None = None):
     """Returns (student, teacher) final hidden states [R, nb, B-1, H] for block rows 0..B-2 and the
     teacher's AR states at a_b + j, plus target_ok [R, nb, B-1]: row j's target a_b+j+1 is a reply
     token of a_b's conversation. `diffusion_model` is the (DDP/FSDP-wrapped) module for the pass
-    that gets gradients; the AR pass runs on the bare model with no graph."""
+    that gets gradients; the AR pass runs on the bare model with no graph. `flex` (default: on
+    CUDA) attends block-sparsely, so memory grows with visible blocks, not queries x keys."""
     device = next(model.parameters()).device
     tokens, positions, doc = rows.tokens.to(device), rows.positions.to(device), rows.doc.to(device)
     anchors = anchors.to(device)
@@ -147,7 +157,7 @@ def dual_pass(model: OrthrusLM, rows: PackedRows, anchors: torch.Tensor, block_s
     block_tokens = torch.full((R, nb, B), model.mask_token_id, device=device)
     block_tokens[:, :, 0] = tokens.gather(1, anchors)
     block_positions = positions.gather(1, anchors)[:, :, None] + offsets
-    store = BlockStore(ar, block_mask(doc, anchors, B))
+    store = BlockStore(ar, doc, anchors, B, flex=device.type == "cuda" if flex is None else flex)
     student = (diffusion_model or model)(block_tokens.view(R, nb * B), block_positions.view(R, nb * B), store, "diffusion",
                                          logits=False).view(R, nb, B, -1)[:, :, :-1]
     at = (anchors[:, :, None] + offsets[:-1]).clamp(max=L - 1)  # teacher rows a_b + j
