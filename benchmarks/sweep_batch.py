@@ -7,7 +7,6 @@ together in one engine, every row emitting --max-new-tokens tokens.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import orthrus  # noqa: E402
 from orthrus.bench.prompts import mtbench  # noqa: E402
-from orthrus.bench.sweeps import timed_decode  # noqa: E402
+from orthrus.bench.sweeps import compare_modes, save_sweep, timed_decode  # noqa: E402
 from orthrus.cli import add_model_args  # noqa: E402
 
 
@@ -31,16 +30,8 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     prompts = [llm.encode(chat) for chat in mtbench(max(batches))]
     timed_decode(llm.model, prompts[:2], "orthrus", block, 4)  # warm-up
-    rows = []
-    for i, batch in enumerate(batches):
-        modes = ["ar", "orthrus"] if i % 2 == 0 else ["orthrus", "ar"]  # alternate so drift hits both
-        result = {m: timed_decode(llm.model, prompts[:batch], m, block, args.max_new_tokens) for m in modes}
-        rows.append({"batch": batch, **result,
-                     "speedup": round(result["orthrus"]["decode_tokens_per_second"] / result["ar"]["decode_tokens_per_second"], 3)})
-        print(f"batch {batch}: done", file=sys.stderr, flush=True)
-    Path(args.out).write_text(json.dumps({"block_size": block, "max_new_tokens": args.max_new_tokens,
-                                          "drafter": llm.drafter if llm.drafter_trained else "untrained twin copy",
-                                          "rows": rows}, indent=1) + "\n")
+    rows = compare_modes(llm.model, batches, lambda batch: prompts[:batch], block, args.max_new_tokens, "batch")
+    save_sweep(args.out, llm, args.max_new_tokens, rows)
     print("| batch | AR tok/s | orthrus tok/s | speedup | AR ms/step | orthrus ms/cycle | acceptance length | KV MiB AR | KV MiB orthrus |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -8,7 +8,6 @@ at which orthrus breaks even) and the KV cache each mode allocates.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import orthrus  # noqa: E402
 from orthrus.bench.prompts import mtbench  # noqa: E402
-from orthrus.bench.sweeps import timed_decode  # noqa: E402
+from orthrus.bench.sweeps import compare_modes, save_sweep, timed_decode  # noqa: E402
 from orthrus.cli import add_model_args  # noqa: E402
 
 
@@ -39,19 +38,9 @@ def main() -> None:
     limit = llm.model.config.max_position_embeddings - args.max_new_tokens - block
     contexts = sorted({min(int(c), limit) for c in args.contexts.split(",")})
     timed_decode(llm.model, [context_prompt(llm, 64)], "orthrus", block, 4)  # warm-up
-    rows = []
-    for i, length in enumerate(contexts):
-        prompt = context_prompt(llm, length)
-        modes = ["ar", "orthrus"] if i % 2 == 0 else ["orthrus", "ar"]  # alternate so drift hits both
-        result = {m: timed_decode(llm.model, [prompt], m, block, args.max_new_tokens) for m in modes}
-        ar, orth = result["ar"], result["orthrus"]
-        rows.append({"context": length, "ar": ar, "orthrus": orth,
-                     "speedup": round(orth["decode_tokens_per_second"] / ar["decode_tokens_per_second"], 3),
-                     "cycle_cost_in_ar_steps": round(orth["ms_per_step"] / ar["ms_per_step"], 3)})
-        print(f"context {length}: done", file=sys.stderr, flush=True)
-    Path(args.out).write_text(json.dumps({"block_size": block, "max_new_tokens": args.max_new_tokens,
-                                          "drafter": llm.drafter if llm.drafter_trained else "untrained twin copy",
-                                          "rows": rows}, indent=1) + "\n")
+    rows = compare_modes(llm.model, contexts, lambda length: [context_prompt(llm, length)], block, args.max_new_tokens,
+                         "context")
+    save_sweep(args.out, llm, args.max_new_tokens, rows)
     print("| context | AR tok/s | orthrus tok/s | speedup | AR ms/step | orthrus ms/cycle | cycle cost (AR steps) "
           "| acceptance length | KV MiB AR | KV MiB orthrus | prefill s |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -7,8 +7,11 @@ decode throughputs compare like for like.
 
 from __future__ import annotations
 
+import json
 import resource
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -63,3 +66,25 @@ def timed_decode(model: OrthrusLM, prompts: list[list[int]], mode: str, block_si
         "tokens_per_cycle": round((sum(accepted) + len(accepted)) / len(accepted), 3),
         "row_cycles": cycles, "kv_bytes": engine.cache.nbytes, "peak_memory_mib": round(peak_memory_mib(device), 1),
     }
+
+
+def compare_modes(model: OrthrusLM, points: list[int], prompts_for, block_size: int, max_new_tokens: int, name: str) -> list[dict]:
+    """For each sweep point, decode `prompts_for(point)` in AR and orthrus mode, alternating which
+    goes first so machine drift hits both; rows carry both results and their ratios."""
+    rows = []
+    for i, point in enumerate(points):
+        prompts = prompts_for(point)
+        modes = ["ar", "orthrus"] if i % 2 == 0 else ["orthrus", "ar"]
+        result = {m: timed_decode(model, prompts, m, block_size, max_new_tokens) for m in modes}
+        ar, orth = result["ar"], result["orthrus"]
+        rows.append({name: point, "ar": ar, "orthrus": orth,
+                     "speedup": round(orth["decode_tokens_per_second"] / ar["decode_tokens_per_second"], 3),
+                     "cycle_cost_in_ar_steps": round(orth["ms_per_step"] / ar["ms_per_step"], 3)})
+        print(f"{name} {point}: done", file=sys.stderr, flush=True)
+    return rows
+
+
+def save_sweep(path: str, llm, max_new_tokens: int, rows: list[dict]) -> None:
+    Path(path).write_text(json.dumps({"block_size": llm.block_size, "max_new_tokens": max_new_tokens,
+                                      "drafter": llm.drafter if llm.drafter_trained else "untrained twin copy",
+                                      "rows": rows}, indent=1) + "\n")
