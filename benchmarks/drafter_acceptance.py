@@ -12,13 +12,14 @@ import torch
 import orthrus
 from orthrus.bench.prompts import gsm
 from orthrus.checkpoint import load_drafter
+from orthrus.engine import acceptance_length, position_acceptance
 
 
 def acceptance(llm, prompts, max_new_tokens: int, block_size: int) -> dict:
     accepted = [a for out in llm.generate(prompts, max_new_tokens=max_new_tokens, block_size=block_size)
                 for a in out.stats.accepted]
-    return {"tokens_per_cycle": round((sum(accepted) + len(accepted)) / len(accepted), 3), "cycles": len(accepted),
-            "position_acceptance": [round(sum(a >= i for a in accepted) / len(accepted), 3) for i in range(1, block_size)]}
+    return {"tokens_per_cycle": round(acceptance_length(accepted), 3), "cycles": len(accepted),
+            "position_acceptance": [round(x, 3) for x in position_acceptance(accepted, block_size)]}
 
 
 def main() -> None:

@@ -7,14 +7,13 @@ or a batch, and decodes them together through the engine in orthrus or AR mode.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Iterator, Sequence as Seq, Union
 
 import torch
 
 from .checkpoint import drafter_fits, load_drafter, load_model
-from .engine import Engine, Mode, Sequence
+from .engine import Engine, Mode, Sequence, acceptance_length, position_acceptance
 from .errors import OrthrusError
 from .hub import DEFAULT_DRAFTER, DEFAULT_MODEL, resolve_model
 from .sampling import SamplingParams
@@ -36,7 +35,7 @@ class GenerationStats:
     @property
     def tokens_per_cycle(self) -> float:
         """Mean acceptance length: tokens emitted per verify (accepted drafts + 1)."""
-        return (sum(self.accepted) + len(self.accepted)) / max(1, len(self.accepted))
+        return acceptance_length(self.accepted)
 
     @property
     def tokens_per_second(self) -> float:
@@ -45,8 +44,7 @@ class GenerationStats:
     @property
     def position_acceptance(self) -> list[float]:
         """Fraction of cycles in which draft position i (1-based) was accepted."""
-        n = max(1, len(self.accepted))
-        return [sum(a >= i for a in self.accepted) / n for i in range(1, self.block_size)]
+        return position_acceptance(self.accepted, self.block_size)
 
     def as_dict(self) -> dict:
         return {"cycles": self.cycles, "tokens": self.tokens, "forwards": self.forwards,

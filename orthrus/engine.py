@@ -14,7 +14,6 @@ Requests join between cycles (their prompt is prefilled into a free row) and lea
 from __future__ import annotations
 
 import itertools
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
@@ -30,14 +29,20 @@ Mode = Literal["orthrus", "ar"]
 PREFILL_CHUNK = 1024  # prompt tokens per prefill forward: bounds attention memory on long prompts
 
 
+def acceptance_length(accepted: list[int]) -> float:
+    """Mean tokens per cycle (accepted drafts + the AR token), given accepted drafts per cycle."""
+    return (sum(accepted) + len(accepted)) / max(1, len(accepted))
+
+
+def position_acceptance(accepted: list[int], block_size: int) -> list[float]:
+    """Fraction of cycles in which draft position i (1-based, up to block_size - 1) was accepted."""
+    return [sum(a >= i for a in accepted) / max(1, len(accepted)) for i in range(1, block_size)]
+
+
 @dataclass
 class SequenceStats:
     cycles: int = 0
     accepted: list[int] = field(default_factory=list)  # accepted drafts per cycle
-
-    @property
-    def tokens_per_cycle(self) -> float:
-        return (sum(self.accepted) + len(self.accepted)) / max(1, len(self.accepted))
 
 
 @dataclass(eq=False)  # identity semantics: two requests with the same prompt are different sequences

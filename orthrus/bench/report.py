@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from ..engine import acceptance_length, position_acceptance
 from .runner import METHODS, Run
 
 
@@ -30,8 +31,8 @@ def summarize(runs: list[Run], block_size: int) -> dict:
             if method == "orthrus":
                 cycles = [a for r in mine for a in r.accepted]
                 m["cycles"] = len(cycles)
-                m["acceptance_length"] = round((sum(cycles) + len(cycles)) / len(cycles), 3)
-                m["position_acceptance"] = [round(sum(a >= i for a in cycles) / len(cycles), 3) for i in range(1, block_size)]
+                m["acceptance_length"] = round(acceptance_length(cycles), 3)
+                m["position_acceptance"] = [round(x, 3) for x in position_acceptance(cycles, block_size)]
                 m["acceptance_length_histogram"] = {str(k): v for k, v in sorted(Counter(a + 1 for a in cycles).items())}
             methods[method] = m
         for m in methods.values():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..engine import Engine, Sequence
+from ..engine import Engine, Sequence, acceptance_length
 from ..model import OrthrusLM
 
 
@@ -63,7 +63,7 @@ def timed_decode(model: OrthrusLM, prompts: list[list[int]], mode: str, block_si
         "prefill_seconds": round(first - start, 4), "decode_seconds": round(end - first, 4),
         "decode_tokens": tokens, "decode_tokens_per_second": round(tokens / (end - first), 2) if steps else None,
         "ms_per_step": round(1000 * (end - first) / steps, 3) if steps else None,
-        "tokens_per_cycle": round((sum(accepted) + len(accepted)) / len(accepted), 3),
+        "tokens_per_cycle": round(acceptance_length(accepted), 3),
         "row_cycles": cycles, "kv_bytes": engine.cache.nbytes, "peak_memory_mib": round(peak_memory_mib(device), 1),
     }
 

@@ -14,6 +14,8 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..engine import acceptance_length
+
 
 class APIError(Exception):
     """An error answered with an OpenAI-style body: {"error": {message, type, param, code}}."""
@@ -121,7 +123,7 @@ class Usage:
         drafts = len(self.accepted) if self.draft_tokens_per_cycle else 0
         return {"drafts": drafts, "draft_tokens": drafts * self.draft_tokens_per_cycle,
                 "accepted_tokens": sum(self.accepted),
-                "mean_acceptance_length": round((sum(self.accepted) + len(self.accepted)) / max(1, len(self.accepted)), 4)}
+                "mean_acceptance_length": round(acceptance_length(self.accepted), 4)}
 
 
 class ResponseBuilder:
