@@ -134,13 +134,13 @@ class Orthrus:
 
     def _run(self, prompts: list[Prompt], streaming: bool, max_new_tokens: int = 256, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop: Seq[str] | str | None = None,
-             mode: Mode = "orthrus", block_size: int | None = None):
+             mode: Mode = "orthrus", block_size: int | None = None, draft_confidence: float = 0.0):
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         stop = [stop] if isinstance(stop, str) else list(stop or [])
         encoded = [self.encode(p) for p in prompts]
         block = 1 if mode == "ar" else (block_size or self.block_size)
         max_len = max(map(len, encoded)) + max_new_tokens + block
-        engine = Engine(self.model, len(encoded), max_len, mode=mode, block_size=block_size)
+        engine = Engine(self.model, len(encoded), max_len, mode=mode, block_size=block_size, draft_confidence=draft_confidence)
         seqs = [Sequence(ids, params, max_new_tokens, self.stop_token_ids) for ids in encoded]
         for s in seqs:
             engine.add(s)

@@ -7,6 +7,11 @@ Orthrus mode, per cycle (ORTHRUS.md section 2), for every running row at once:
   commit  each row's length advances by its own 1 + accepted; the rest is cropped by not counting it
 AR mode runs the same loop with no draft and a block of one token: the baseline.
 
+Adaptive verify (`draft_confidence` > 0): drafts after the first one the drafter itself is unsure
+of (top probability below the threshold) are not verified, which shortens the verify pass where
+a pass costs more with more tokens (CPUs). The cut depends on the draft side only, so the
+accept rule stays exact.
+
 Invariant: the cache holds every committed token of a row except the last one, the anchor.
 Requests join between cycles (their prompt is prefilled into a free row) and leave at once.
 """
@@ -71,10 +76,13 @@ class StepOutput:
 
 
 class Engine:
-    def __init__(self, model: OrthrusLM, max_rows: int, max_len: int, mode: Mode = "orthrus", block_size: int | None = None):
+    def __init__(self, model: OrthrusLM, max_rows: int, max_len: int, mode: Mode = "orthrus", block_size: int | None = None,
+                 draft_confidence: float = 0.0):
         if mode not in ("orthrus", "ar"):
             raise OrthrusError(f"mode must be 'orthrus' or 'ar', got {mode!r}")
-        self.model, self.mode = model, mode
+        if not 0 <= draft_confidence <= 1:
+            raise OrthrusError(f"draft confidence must be in [0, 1] (0 verifies every draft), got {draft_confidence!r}")
+        self.model, self.mode, self.draft_confidence = model, mode, draft_confidence
         self.block_size = 1 if mode == "ar" else (block_size or model.config.block_size)
         if self.block_size < 1 or (mode == "orthrus" and self.block_size < 2):
             raise OrthrusError(f"block size must be >= 2 in orthrus mode, got {self.block_size}")
@@ -207,14 +215,20 @@ class Engine:
         block = torch.full((len(seqs), b), self.model.mask_token_id, device=self.device)
         block[:, 0] = anchors
         window = self.cache.window(rows, b, bidirectional=True)
-        q = sampling_probs(self.model(block, window.positions, window, "diffusion")[:, :-1], params)
+        draft_logits = self.model(block, window.positions, window, "diffusion")[:, :-1]
+        q = sampling_probs(draft_logits, params)
         drafts = sample(q, u[:, : b - 1])
+        k = b - 1  # drafts to verify: through the first unsure one of any row
+        if self.draft_confidence > 0:
+            sure = draft_logits.softmax(-1).amax(-1) >= self.draft_confidence
+            k = min(k, int(sure.long().cumprod(-1).sum(-1).max()) + 1)
+            drafts, q = drafts[:, :k], q[:, :k]
         # verify: one AR pass over [anchor, drafts], writing the cache
-        window = self.cache.window(rows, b, bidirectional=False)
+        window = self.cache.window(rows, k + 1, bidirectional=False)
         verify_tokens = torch.cat([anchors[:, None], drafts], 1)
         p = sampling_probs(self.model(verify_tokens, window.positions, window, "ar"), params)
         self.forwards += 2
-        accepted, next_tokens = speculative_accept(p, q, drafts, u[:, b - 1 : 2 * b - 2], u[:, 2 * b - 2])
+        accepted, next_tokens = speculative_accept(p, q, drafts, u[:, b - 1 : b - 1 + k], u[:, 2 * b - 2])
         self.cache.lengths[rows] += accepted.cpu() + 1  # commit the anchor and the accepted drafts
         drafts, accepted, next_tokens = drafts.tolist(), accepted.tolist(), next_tokens.tolist()
         return accepted, [d[:a] + [t] for d, a, t in zip(drafts, accepted, next_tokens)]

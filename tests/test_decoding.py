@@ -135,3 +135,14 @@ def test_the_shipped_drafter_is_the_default_and_exact(smollm2):
     ar = smollm2.generate(prompts, max_new_tokens=24, mode="ar")
     drafted = llm.generate(prompts, max_new_tokens=24)
     assert [g.token_ids for g in drafted] == [g.token_ids for g in ar]
+
+
+def test_adaptive_verify_stays_exact_and_shortens_the_verify_pass(smollm2):
+    prompts = [[{"role": "user", "content": p}] for p in PROMPTS[:6]]
+    expected = [g.token_ids for g in smollm2.generate(prompts, max_new_tokens=16, mode="ar")]
+    for confidence in (0.3, 0.9):
+        adaptive = smollm2.generate(prompts, max_new_tokens=16, block_size=8, draft_confidence=confidence)
+        assert [g.token_ids for g in adaptive] == expected
+    never_sure = smollm2.generate(prompts, max_new_tokens=16, block_size=8, draft_confidence=1.0)
+    assert [g.token_ids for g in never_sure] == expected
+    assert max(a for g in never_sure for a in g.stats.accepted) <= 1  # one draft verified per cycle
