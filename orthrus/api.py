@@ -25,12 +25,19 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 @dataclass
 class GenerationStats:
-    cycles: int
     tokens: int
-    forwards: int
     accepted: list[int]  # accepted drafts in each cycle
-    block_size: int
+    block_size: int  # 1 in AR mode
     seconds: float
+
+    @property
+    def cycles(self) -> int:
+        return len(self.accepted)
+
+    @property
+    def forwards(self) -> int:
+        """Decoding forwards of this sequence: draft + verify per cycle (one in AR mode)."""
+        return self.cycles * (1 if self.block_size == 1 else 2)
 
     @property
     def tokens_per_cycle(self) -> float:
@@ -158,8 +165,7 @@ class Orthrus:
         seconds = time.perf_counter() - start
         return [
             Generation(text=t.text, token_ids=s.generated, finish_reason=s.finish_reason, prompt_tokens=len(s.prompt),
-                       stats=GenerationStats(cycles=s.stats.cycles, tokens=len(s.generated),
-                                             forwards=engine.forwards, accepted=s.stats.accepted,
+                       stats=GenerationStats(tokens=len(s.generated), accepted=s.stats.accepted,
                                              block_size=engine.block_size, seconds=seconds))
             for s, t in texts.items()
         ]

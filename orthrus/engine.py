@@ -46,8 +46,11 @@ def position_acceptance(accepted: list[int], block_size: int) -> list[float]:
 
 @dataclass
 class SequenceStats:
-    cycles: int = 0
     accepted: list[int] = field(default_factory=list)  # accepted drafts per cycle
+
+    @property
+    def cycles(self) -> int:
+        return len(self.accepted)
 
 
 @dataclass(eq=False)  # identity semantics: two requests with the same prompt are different sequences
@@ -148,7 +151,6 @@ class Engine:
         accepted, new_tokens = self._cycle(seqs)
         outputs = []
         for seq, n_acc, tokens in zip(seqs, accepted, new_tokens):
-            seq.stats.cycles += 1
             seq.stats.accepted.append(n_acc)
             kept = []
             for tok in tokens:

@@ -93,8 +93,7 @@ class Runner:
         out = self.llm.generate(ids, max_new_tokens=max_new_tokens, temperature=self.temperature, seed=seed,
                                 mode=method, block_size=self.block_size)
         seconds = time.perf_counter() - start
-        forwards = out.stats.cycles * (2 if method == "orthrus" else 1)
-        return out.token_ids, seconds, forwards, list(out.stats.accepted)
+        return out.token_ids, seconds, out.stats.forwards, list(out.stats.accepted)
 
     def warm_up(self, ids: list[int]) -> None:
         for method in self.methods:
