@@ -188,15 +188,17 @@ def _quantize_delta(twin: torch.Tensor, ar: torch.Tensor) -> tuple[torch.Tensor,
     return (delta / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
 
 
-def _atomic_folder(target: Path):
-    """Write into a temporary sibling folder, then swap it in, so a crash never leaves half a checkpoint."""
+def staging_folder(target: Path) -> Path:
+    """A temporary sibling of `target` to write a checkpoint into; `publish_folder` swaps it in,
+    so a crash never leaves half a checkpoint under the real name."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a published checkpoint is readable like any folder
     return tmp
 
 
-def _publish(tmp: Path, target: Path) -> None:
+def publish_folder(tmp: Path, target: Path) -> None:
+    """Rename a finished staging folder to `target`, replacing an older one."""
     if target.exists():
         old = target.with_name(f".{target.name}.old.{os.getpid()}")
         target.rename(old)
@@ -212,7 +214,7 @@ def save_drafter(model: OrthrusLM, folder: str | Path, base_model: str, dtype=to
     if storage not in ("float", "int8"):
         raise OrthrusError(f"drafter storage must be 'float' or 'int8', got {storage!r}")
     folder = Path(folder)
-    tmp = _atomic_folder(folder)
+    tmp = staging_folder(folder)
     tensors = {}
     for n, p in model.twin_parameters():
         if storage == "int8" and p.dim() == 2:
@@ -231,15 +233,15 @@ def save_drafter(model: OrthrusLM, folder: str | Path, base_model: str, dtype=to
         **(extra or {}),
     }
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    _publish(tmp, folder)
+    publish_folder(tmp, folder)
 
 
 def save_orthrus(model: OrthrusLM, folder: str | Path, dtype=torch.bfloat16) -> None:
     """Write the official layout: base and twins in one folder, `architectures: ["OrthrusLM"]`."""
     folder = Path(folder)
-    tmp = _atomic_folder(folder)
+    tmp = staging_folder(folder)
     tensors = {n: p.detach().to("cpu", dtype).contiguous() for n, p in model.named_parameters()
                if not (model.config.tie_word_embeddings and n == "lm_head.weight")}
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(model.config.to_hf("OrthrusLM"), indent=2) + "\n")
-    _publish(tmp, folder)
+    publish_folder(tmp, folder)

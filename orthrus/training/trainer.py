@@ -20,7 +20,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..checkpoint import base_fingerprint, save_drafter
+from ..checkpoint import base_fingerprint, publish_folder, save_drafter, staging_folder
 from ..errors import OrthrusError
 from ..model import OrthrusLM
 from .data import PackedRows, draw_anchors, pack, read_shards, shard_files, split_held_out
@@ -205,15 +204,12 @@ class Checkpoints:
         return done[-1] if done else None
 
     def save(self, twins: dict, moments: dict, state: dict, keep: int = 2) -> Path:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".step-", dir=self.folder))
+        target = self.folder / f"step-{state['step']:08d}"
+        tmp = staging_folder(target)
         save_file(twins, str(tmp / "twins.safetensors"))
         save_file(moments, str(tmp / "optimizer.safetensors"))
         (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
-        target = self.folder / f"step-{state['step']:08d}"
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
+        publish_folder(tmp, target)
         for old in sorted(p for p in self.folder.glob("step-*"))[:-keep]:
             shutil.rmtree(old)
         return target
