@@ -45,7 +45,10 @@ class KVCache:
         if not bool((limit == end).all()):
             mask = (torch.arange(end) < limit[..., None])[:, None].to(self.k.device)  # [N, 1, T, S]
         every_row = len(rows) == self.k.shape[1] and bool((rows == torch.arange(len(rows))).all())
-        return CacheWindow(self, rows.to(self.k.device), positions.to(self.k.device), end, mask, every_row)
+        rows, positions = rows.to(self.k.device), positions.to(self.k.device)
+        heads = torch.arange(self.k.shape[2], device=self.k.device)
+        slots = (rows[:, None, None], heads[None, :, None], positions[:, None, :])  # where [N, H, T] K/V go
+        return CacheWindow(self, rows, positions, end, mask, every_row, slots)
 
 
 @dataclass
@@ -58,14 +61,13 @@ class CacheWindow:
     end: int  # keys read: slots [0, end)
     mask: torch.Tensor | None  # [N, 1, T, end] boolean, None when every key is visible
     every_row: bool  # all cache rows in order: read the cache through a view, no gather
+    slots: tuple[torch.Tensor, ...]  # index of this pass's K/V in a layer's cache, shared by all layers
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this pass's K/V ([N, kv_heads, T, D]) and return the keys/values to attend to."""
         kc, vc = self.cache.k[layer], self.cache.v[layer]
-        heads = torch.arange(k.shape[1], device=kc.device)
-        idx = (self.rows[:, None, None], heads[None, :, None], self.positions[:, None, :])
-        kc.index_put_(idx, k)
-        vc.index_put_(idx, v)
+        kc.index_put_(self.slots, k)
+        vc.index_put_(self.slots, v)
         if self.every_row:
             return kc[:, :, : self.end], vc[:, :, : self.end]
         return kc[self.rows, :, : self.end], vc[self.rows, :, : self.end]
