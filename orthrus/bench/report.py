@@ -43,8 +43,8 @@ def summarize(runs: list[Run], block_size: int) -> dict:
     return out
 
 
-def _fmt(x, spec=".2f") -> str:
-    return "-" if x is None else format(x, spec)
+def _fmt(x, spec=".2f", unit="") -> str:
+    return "-" if x is None else format(x, spec) + unit
 
 
 def markdown_table(summary: dict) -> str:
@@ -53,7 +53,7 @@ def markdown_table(summary: dict) -> str:
     for name, s in summary.items():
         for method, m in s["methods"].items():
             lines.append(f"| {name} ({s['prompts']}) | {method} | {m['tokens']} | {m['tokens_per_second']:.1f} | "
-                         f"{_fmt(m.get('speedup_vs_ar'))}x | {_fmt(m.get('speedup_vs_hf'))}x | "
+                         f"{_fmt(m.get('speedup_vs_ar'), unit='x')} | {_fmt(m.get('speedup_vs_hf'), unit='x')} | "
                          f"{_fmt(m.get('acceptance_length'))} | {_fmt(m['tokens_per_forward'])} | "
                          f"{_fmt(m.get('exact_match_vs_ar'), '.0%')} |")
     return "\n".join(lines) + "\n"
