@@ -16,6 +16,7 @@ the uninterrupted one exactly.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -89,8 +90,16 @@ class BlockStore:
         if flex:
             from torch.nn.attention.flex_attention import flex_attention
 
+            attention = compiled_flex_attention() if doc.is_cuda else flex_attention  # eager flex is slow on GPU
             sparse = flex_block_mask(doc, anchors, block_size)
-            self.attend = lambda q, k, v: flex_attention(q, k, v, block_mask=sparse, enable_gqa=k.shape[1] != q.shape[1])
+            self.attend = lambda q, k, v: attention(q, k, v, block_mask=sparse, enable_gqa=k.shape[1] != q.shape[1])
+
+
+@functools.cache
+def compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
 
     def update(self, layer, k, v):
         return torch.cat([self.ar.keys[layer], k], 2), torch.cat([self.ar.values[layer], v], 2)
