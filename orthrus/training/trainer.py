@@ -79,6 +79,13 @@ class RecordingStore:
         return k, v
 
 
+@functools.cache
+def compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
 class BlockStore:
     """Diffusion pass: keys = the row's recorded AR keys followed by every block's own keys,
     attended through a dense boolean mask (SDPA) or a FlexAttention BlockMask (`flex`)."""
@@ -93,13 +100,6 @@ class BlockStore:
             attention = compiled_flex_attention() if doc.is_cuda else flex_attention  # eager flex is slow on GPU
             sparse = flex_block_mask(doc, anchors, block_size)
             self.attend = lambda q, k, v: attention(q, k, v, block_mask=sparse, enable_gqa=k.shape[1] != q.shape[1])
-
-
-@functools.cache
-def compiled_flex_attention():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False)
 
     def update(self, layer, k, v):
         return torch.cat([self.ar.keys[layer], k], 2), torch.cat([self.ar.values[layer], v], 2)
