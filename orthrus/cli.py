@@ -99,7 +99,8 @@ def cmd_chat(args) -> None:
             print_stats(result)
 
 
-SUBCOMMAND_MODULES: list[str] = ["orthrus.bench.cli", "orthrus.training.cli", "orthrus.serving.cli"]  # e.g. "orthrus.serving.cli": modules with register(subparsers)
+# modules that add their subcommands through register(subparsers)
+SUBCOMMAND_MODULES = ["orthrus.bench.cli", "orthrus.training.cli", "orthrus.serving.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:
