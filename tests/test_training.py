@@ -233,6 +233,13 @@ def test_export_int8_and_float_drafters_load_and_decode_losslessly(llama_folder,
         prompt = [17, 99, 1234, 5, 77, 300]
         ar = llm.generate(prompt, max_new_tokens=12, mode="ar")
         assert llm.generate(prompt, max_new_tokens=12).token_ids == ar.token_ids
+    # a new run at another block size starts from the exported drafter (lr 0: the twins stay put)
+    train(TrainConfig(**{**cfg.__dict__, "block_size": 4, "steps": 1, "lr": 0.0, "init_from": str(tmp_path / "float")}),
+          tmp_path / "b4", device="cpu")
+    started, state = final_twins(tmp_path / "b4")
+    assert state["init_from"] == str(tmp_path / "float") and state["config"]["block_size"] == 4
+    for name, want in started.items():
+        assert torch.equal(want, llm.model.get_parameter(name)), name
 
 
 def test_bf16_training_step_keeps_fp32_master_twins(llama_folder, data_folder, tmp_path):

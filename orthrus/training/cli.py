@@ -48,6 +48,8 @@ def register(sub) -> None:
     t.add_argument("--eval-rows", type=int, default=8)
     t.add_argument("--log-every", type=int, default=5)
     t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--init-from", default=None, metavar="DRAFTER",
+                   help="a new run starts from this drafter folder's twins (e.g. another block size's export)")
     t.add_argument("--export", default=None, help="only export the run's last checkpoint as a drafter folder, then exit")
     t.add_argument("--export-storage", choices=["float", "int8"], default="int8", help="drafter storage for --export: bf16 floats or int8 deltas")
     t.add_argument("--plot", action="store_true", help="only draw the run's curves (curves.png), then exit")
@@ -96,6 +98,6 @@ def cmd_train(args) -> None:
                       seq_len=args.seq_len, anchors=args.anchors, batch=args.batch, grad_accum=args.grad_accum, lr=args.lr,
                       warmup=args.warmup, steps=args.steps, loss=args.loss, clip=args.clip, seed=args.seed, dtype=args.dtype,
                       parallel=args.parallel, checkpoint_minutes=args.checkpoint_minutes, eval_every=args.eval_every,
-                      eval_rows=args.eval_rows, log_every=args.log_every)
+                      eval_rows=args.eval_rows, log_every=args.log_every, init_from=args.init_from)
     train(cfg, run, device=args.device)
     print(plot_curves(run))

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..checkpoint import base_fingerprint, publish_folder, save_drafter, staging_folder
+from ..checkpoint import base_fingerprint, load_drafter, publish_folder, save_drafter, staging_folder
 from ..errors import OrthrusError
 from ..model import OrthrusLM
 from .data import PackedRows, draw_anchors, pack, read_shards, shard_files, split_held_out
@@ -59,6 +59,7 @@ class TrainConfig:
     eval_every: int = 50
     eval_rows: int = 8
     log_every: int = 5
+    init_from: str | None = None  # drafter folder whose twins start a new run (not part of the run's identity)
 
 
 # Fields that define the run: a checkpoint written under other values is refused.
@@ -391,12 +392,15 @@ def train(cfg: TrainConfig, run: Path, device: str = "auto", stop_after: int | N
     llm, model = load_base(cfg, dev)
     names = prepare_model(model)
     fingerprint = base_fingerprint(model)  # before FSDP2 turns the weights into shards
+    latest = Checkpoints(run).latest()
+    if latest is None and cfg.init_from:  # a new run that starts from a trained drafter's twins
+        load_drafter(model, cfg.init_from)
+        model.config.block_size = cfg.block_size
     wrapped = wrap_parallel(model, cfg, world, dev)
     params = [p for _, p in model.twin_parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     identity = {**{k: v for k, v in asdict(cfg).items() if k in IDENTITY}, "global_batch": cfg.batch * cfg.grad_accum * world}
     ckpts = Checkpoints(run)
-    latest = ckpts.latest()
     if latest is not None:
         state = json.loads((latest / "state.json").read_text())
         check_resume(state, identity, fingerprint, latest)
@@ -406,7 +410,7 @@ def train(cfg: TrainConfig, run: Path, device: str = "auto", stop_after: int | N
             raise OrthrusError(f"{cfg.data}: no distilled shards; run `orthrus distill` first.")
         files = [p.name for p in shard_files(Path(cfg.data))]
         state = {"step": 0, "epoch": 0, "cursor": 0, "files": files, "eval_files": files, "tokens": 0, "seconds": 0.0,
-                 "config": identity, "base_fingerprint": fingerprint, "base_model": llm.name}
+                 "config": identity, "base_fingerprint": fingerprint, "base_model": llm.name, "init_from": cfg.init_from}
     log = Logger(run, rank, state["step"])
     packed, order = epoch_rows(cfg, state["files"], state["epoch"])
     global_batch = identity["global_batch"]
