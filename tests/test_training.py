@@ -282,3 +282,19 @@ def test_flex_attention_pass_agrees_with_the_sdpa_pass(llama_folder, data_folder
         sparse, teacher2, ok2 = dual_pass(model, rows, anchors, 8, flex=True)
     torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=1e-5)
     assert torch.equal(teacher, teacher2) and torch.equal(ok, ok2)
+
+
+def test_acceptance_trend_fits_the_fixed_held_out_evaluations_and_extrapolates_to_the_targets():
+    from orthrus.training.trainer import acceptance_trend
+
+    records = [{"step": 5, "loss": 1.0, "tokens": 500}, {"step": 5, "acceptance": 9.0, "eval_blocks": 32}]  # smaller held-out set: ignored
+    for i, step in enumerate((10, 20, 40, 80)):
+        tokens = 1000 * 2 ** i
+        records += [{"step": step, "loss": 1.0, "tokens": tokens},
+                    {"step": step, "acceptance": 2.0 + 0.25 * i, "eval_blocks": 64}]
+    trend = acceptance_trend(records, targets=(3.0, 4.0))
+    assert trend["evaluations"] == 4 and trend["per_doubling"] == pytest.approx(0.25)
+    assert trend["tokens_to_reach"][3.0] == pytest.approx(16_000) and trend["tokens_to_reach"][4.0] == pytest.approx(256_000)
+    falling = [dict(r, acceptance=3.0 - r["acceptance"] / 10) if "acceptance" in r else r for r in records]
+    assert acceptance_trend(falling)["tokens_to_reach"] == {3.0: None, 4.0: None}
+    assert acceptance_trend(records[:4]) is None

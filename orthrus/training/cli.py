@@ -52,7 +52,7 @@ def register(sub) -> None:
                    help="a new run starts from this drafter folder's twins (e.g. another block size's export)")
     t.add_argument("--export", default=None, help="only export the run's last checkpoint as a drafter folder, then exit")
     t.add_argument("--export-storage", choices=["float", "int8"], default="int8", help="drafter storage for --export: bf16 floats or int8 deltas")
-    t.add_argument("--plot", action="store_true", help="only draw the run's curves (curves.png), then exit")
+    t.add_argument("--plot", action="store_true", help="only draw the run's curves (curves.png) and print the acceptance trend, then exit")
     t.set_defaults(func=cmd_train)
 
 
@@ -82,13 +82,14 @@ def cmd_distill(args) -> None:
 def cmd_train(args) -> None:
     import torch
 
-    from .trainer import TrainConfig, export_drafter, plot_curves, train
+    from .trainer import TrainConfig, acceptance_trend, describe_trend, export_drafter, plot_curves, read_log, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
     run = folder(args.run_dir, "runs")
     if args.plot:
         print(plot_curves(run))
+        print(describe_trend(acceptance_trend(read_log(run))))
         return
     if args.export:
         export_drafter(run, Path(args.export), storage=args.export_storage, model=args.model)
@@ -101,3 +102,4 @@ def cmd_train(args) -> None:
                       eval_rows=args.eval_rows, log_every=args.log_every, init_from=args.init_from)
     train(cfg, run, device=args.device)
     print(plot_curves(run))
+    print(describe_trend(acceptance_trend(read_log(run))))

@@ -502,8 +502,37 @@ def read_log(run: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def acceptance_trend(records: list[dict], targets=(3.0, 4.0)) -> dict | None:
+    """Least-squares fit of held-out acceptance against log2(tokens trained), over the evaluations
+    on the final (fixed) held-out set: the gain per doubling of tokens, and the tokens the line
+    reaches each target at (None where it never does). None with fewer than 3 such evaluations."""
+    tokens_at = {r["step"]: r["tokens"] for r in records if "loss" in r}
+    evals = [r for r in records if "acceptance" in r and tokens_at.get(r["step"], 0) > 0]
+    evals = [r for r in evals if r["eval_blocks"] == evals[-1]["eval_blocks"]] if evals else []
+    if len(evals) < 3:
+        return None
+    x = torch.tensor([math.log2(tokens_at[r["step"]]) for r in evals], dtype=torch.float64)
+    y = torch.tensor([r["acceptance"] for r in evals], dtype=torch.float64)
+    slope = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum().clamp(min=1e-12))
+    intercept = float(y.mean() - slope * x.mean())
+    reach = {t: (2 ** ((t - intercept) / slope) if slope > 0 else None) for t in targets}
+    return {"per_doubling": slope, "intercept": intercept, "evaluations": len(evals),
+            "tokens": int(2 ** float(x[-1])), "acceptance": float(y[-1]), "tokens_to_reach": reach}
+
+
+def describe_trend(trend: dict | None) -> str:
+    if trend is None:
+        return "acceptance trend: fewer than 3 evaluations on the fixed held-out set"
+    reach = ", ".join(f"{t:g} at {n / 1e6:.3g}M tokens" if n else f"{t:g} never (flat or falling)"
+                      for t, n in trend["tokens_to_reach"].items())
+    return (f"acceptance trend over {trend['evaluations']} evaluations: {trend['per_doubling']:+.3f} tokens per cycle "
+            f"per doubling of tokens trained (now {trend['acceptance']:.3f} at {trend['tokens'] / 1e3:.0f}K); "
+            f"the line reaches {reach}")
+
+
 def plot_curves(run: Path) -> Path:
-    """curves.png: training loss and held-out acceptance against tokens trained."""
+    """curves.png: training loss and held-out acceptance against tokens trained, with the
+    acceptance trend line extended to the targets."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -518,8 +547,15 @@ def plot_curves(run: Path) -> Path:
     left.plot([tokens_at[r["step"]] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out")
     left.set(xlabel="tokens trained", ylabel="loss (KL)", yscale="log", title="draft loss")
     left.legend()
-    right.plot([tokens_at[r["step"]] for r in evals], [r["acceptance"] for r in evals], "o-")
-    right.set(xlabel="tokens trained", ylabel="tokens per cycle", title="simulated greedy acceptance (held-out)")
+    right.plot([tokens_at[r["step"]] for r in evals], [r["acceptance"] for r in evals], "o-", label="held-out")
+    trend = acceptance_trend(records)
+    if trend is not None:
+        ends = [trend["tokens"]] + [n for n in trend["tokens_to_reach"].values() if n]
+        xs = torch.logspace(math.log10(max(1, tokens_at[evals[0]["step"]])), math.log10(min(max(ends), 1e12)), 50)
+        right.plot(xs, trend["intercept"] + trend["per_doubling"] * torch.log2(xs), "--",
+                   label=f"trend {trend['per_doubling']:+.3f} per doubling")
+    right.set(xlabel="tokens trained", ylabel="tokens per cycle", xscale="log", title="simulated greedy acceptance")
+    right.legend()
     fig.tight_layout()
     out = Path(run) / "curves.png"
     fig.savefig(out, dpi=110)
