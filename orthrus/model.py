@@ -63,16 +63,34 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
+class Linear(nn.Linear):
+    """nn.Linear that sends a handful of fp32 rows on CPU through W @ x^T. For 2 to 6 rows MKL's
+    GEMM runs up to 2x slower than the same product with the operands swapped (measured on AVX2;
+    BENCHMARKS.md, "Small blocks on CPU"), and a small block's draft or verify pass is that.
+    (bf16 showed no gain, so it keeps the plain path.)"""
+
+    FEW_ROWS = 6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if x.device.type != "cpu" or x.dtype != torch.float32 or rows > self.FEW_ROWS:
+            return super().forward(x)
+        y = torch.mm(self.weight, x.reshape(rows, -1).t()).t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.contiguous().view(*x.shape[:-1], self.out_features)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer, self.n_heads, self.n_kv, self.head_dim = layer, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         q_out, kv_out = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
         for suffix in ("", "_diff"):  # the AR projections, then their diffusion twins
-            setattr(self, "q_proj" + suffix, nn.Linear(cfg.hidden_size, q_out, bias=cfg.attention_bias))
-            setattr(self, "k_proj" + suffix, nn.Linear(cfg.hidden_size, kv_out, bias=cfg.attention_bias))
-            setattr(self, "v_proj" + suffix, nn.Linear(cfg.hidden_size, kv_out, bias=cfg.attention_bias))
-            setattr(self, "o_proj" + suffix, nn.Linear(q_out, cfg.hidden_size, bias=False))
+            setattr(self, "q_proj" + suffix, Linear(cfg.hidden_size, q_out, bias=cfg.attention_bias))
+            setattr(self, "k_proj" + suffix, Linear(cfg.hidden_size, kv_out, bias=cfg.attention_bias))
+            setattr(self, "v_proj" + suffix, Linear(cfg.hidden_size, kv_out, bias=cfg.attention_bias))
+            setattr(self, "o_proj" + suffix, Linear(q_out, cfg.hidden_size, bias=False))
             if cfg.qk_norm:
                 setattr(self, "q_norm" + suffix, RMSNorm(cfg.head_dim, cfg.rms_norm_eps))
                 setattr(self, "k_norm" + suffix, RMSNorm(cfg.head_dim, cfg.rms_norm_eps))
@@ -103,9 +121,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -141,7 +159,7 @@ class OrthrusLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Backbone(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
         self.tie_weights()
 
