@@ -52,6 +52,8 @@ def register(sub) -> None:
                    help="a new run starts from this drafter folder's twins (e.g. another block size's export)")
     t.add_argument("--export", default=None, help="only export the run's last checkpoint as a drafter folder, then exit")
     t.add_argument("--export-storage", choices=["float", "int8"], default="int8", help="drafter storage for --export: bf16 floats or int8 deltas")
+    t.add_argument("--export-block-size", type=int, default=None,
+                   help="the exported drafter's default decode block (default: the trained block size)")
     t.add_argument("--plot", action="store_true", help="only draw the run's curves (curves.png) and print the acceptance trend, then exit")
     t.set_defaults(func=cmd_train)
 
@@ -92,7 +94,8 @@ def cmd_train(args) -> None:
         print(describe_trend(acceptance_trend(read_log(run))))
         return
     if args.export:
-        export_drafter(run, Path(args.export), storage=args.export_storage, model=args.model)
+        export_drafter(run, Path(args.export), storage=args.export_storage, model=args.model,
+                       block_size=args.export_block_size)
         print(f"orthrus train: exported {run} to {args.export}")
         return
     cfg = TrainConfig(data=str(folder(args.data, "distill")), model=args.model, block_size=args.block_size,

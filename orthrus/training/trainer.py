@@ -563,8 +563,9 @@ def plot_curves(run: Path) -> Path:
     return out
 
 
-def export_drafter(run: Path, out: Path, storage: str = "int8", model: str | None = None) -> None:
-    """Write the run's last checkpoint as a drafter-only folder (orthrus.checkpoint.save_drafter)."""
+def export_drafter(run: Path, out: Path, storage: str = "int8", model: str | None = None, block_size: int | None = None) -> None:
+    """Write the run's last checkpoint as a drafter-only folder (orthrus.checkpoint.save_drafter).
+    `block_size`: the drafter's default decode block, if not the trained one (pick it by measurement)."""
     from ..api import load
 
     latest = Checkpoints(Path(run)).latest()
@@ -578,6 +579,7 @@ def export_drafter(run: Path, out: Path, storage: str = "int8", model: str | Non
     with safe_open(str(latest / "twins.safetensors"), "pt") as f, torch.no_grad():
         for n in f.keys():
             params[n].copy_(f.get_tensor(n))
-    llm.model.config.block_size = state["config"]["block_size"]
+    llm.model.config.block_size = block_size or state["config"]["block_size"]
     save_drafter(llm.model, out, base_model=state["base_model"], storage=storage,
-                 extra={"trained_steps": state["step"], "trained_tokens": state["tokens"]})
+                 extra={"trained_block_size": state["config"]["block_size"], "trained_steps": state["step"],
+                        "trained_tokens": state["tokens"]})
