@@ -392,7 +392,8 @@ def train(cfg: TrainConfig, run: Path, device: str = "auto", stop_after: int | N
     llm, model = load_base(cfg, dev)
     names = prepare_model(model)
     fingerprint = base_fingerprint(model)  # before FSDP2 turns the weights into shards
-    latest = Checkpoints(run).latest()
+    ckpts = Checkpoints(run)
+    latest = ckpts.latest()
     if latest is None and cfg.init_from:  # a new run that starts from a trained drafter's twins
         load_drafter(model, cfg.init_from)
         model.config.block_size = cfg.block_size
@@ -400,7 +401,6 @@ def train(cfg: TrainConfig, run: Path, device: str = "auto", stop_after: int | N
     params = [p for _, p in model.twin_parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     identity = {**{k: v for k, v in asdict(cfg).items() if k in IDENTITY}, "global_batch": cfg.batch * cfg.grad_accum * world}
-    ckpts = Checkpoints(run)
     if latest is not None:
         state = json.loads((latest / "state.json").read_text())
         check_resume(state, identity, fingerprint, latest)
