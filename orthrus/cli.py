@@ -17,6 +17,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
     p.add_argument("--block-size", type=int, default=None, help="draft block size (default: the drafter's)")
+    p.add_argument("--draft-confidence", type=float, default=0.0,
+                   help="verify drafts only up to the first one whose draft probability is below this (0 = all)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -27,8 +29,6 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    p.add_argument("--draft-confidence", type=float, default=0.0,
-                   help="verify drafts only up to the first one whose draft probability is below this (0 = all)")
     p.add_argument("--stats", action="store_true", help="print decoding statistics to stderr")
 
 

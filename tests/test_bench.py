@@ -18,9 +18,11 @@ def test_bench_runs_every_method_and_writes_json_table_plots(qwen3_folder, tmp_p
     prompts.write_text('"Name a river."\n{"messages": [{"role": "user", "content": "Count to five."}]}\n')
     out = tmp_path / "out"
     rc = main(["bench", "--model", str(qwen3_folder), "--drafter", "none", "--dtype", "float32", "--device", "cpu",
-               "--sets", f"{prompts},gsm", "--num-prompts", "2", "--max-new-tokens", "8", "--block-size", "4", "--out", str(out)])
+               "--sets", f"{prompts},gsm", "--num-prompts", "2", "--max-new-tokens", "8", "--block-size", "4", "--draft-confidence", "0.3",
+               "--out", str(out)])
     assert rc == 0
     result = json.loads((out / "bench.json").read_text())
+    assert result["config"]["draft_confidence"] == 0.3 and result["config"]["block_size"] == 4
     assert list(result["summary"]) == ["mine", "gsm"]
     runs = result["runs"]
     assert len(runs) == 2 * 2 * len(METHODS)

@@ -292,11 +292,12 @@ def test_orthrus_serve_command(qwen3_folder, qwen3, monkeypatch):
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: launched.update(app=app, **kwargs))
     assert cli.main(["serve", "--model", str(qwen3_folder), "--drafter", "none", "--dtype", "float32", "--device", "cpu",
                      "--block-size", str(BLOCK), "--port", "8123", "--api-key", API_KEY, "--served-model-name", "tiny",
-                     "--max-batch", "2", "--max-queue", "3", "--max-model-len", "256", "--request-timeout", "9"]) == 0
+                     "--max-batch", "2", "--max-queue", "3", "--max-model-len", "256", "--request-timeout", "9",
+                     "--draft-confidence", "0.5"]) == 0
     assert (launched["host"], launched["port"]) == ("127.0.0.1", 8123)
     state = launched["app"].state.server
     assert (state.name, state.context, state.config.max_batch, state.config.max_queue) == ("tiny", 256, 2, 3)
-    assert state.config.request_timeout == 9 and state.engine.block_size == BLOCK
+    assert state.config.request_timeout == 9 and state.engine.block_size == BLOCK and state.engine.draft_confidence == 0.5
     live = LiveServer(launched["app"])
     try:
         reply = live.client.chat.completions.create(model="tiny", messages=chat(PROMPTS[5]), max_tokens=12, temperature=0)
@@ -309,6 +310,7 @@ def test_orthrus_serve_refuses_bad_options(qwen3_folder, capsys):
     base = ["serve", "--model", str(qwen3_folder), "--drafter", "none", "--dtype", "float32", "--device", "cpu"]
     for extra, message in ((["--max-batch", "0"], "max batch must be >= 1"),
                            (["--max-model-len", "99999"], "exceeds the model's 2048 positions"),
-                           (["--port", "70000"], "--port must be in")):
+                           (["--port", "70000"], "--port must be in"),
+                           (["--draft-confidence", "1.5"], "draft confidence must be in [0, 1]")):
         assert cli.main(base + extra) == 2
         assert message in capsys.readouterr().err

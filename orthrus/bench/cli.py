@@ -39,14 +39,16 @@ def cmd_bench(args) -> None:
         raise OrthrusError("--sets is empty: name at least one prompt set")
     folder = resolve_model(args.model)
     llm = load(str(folder), drafter=args.drafter, dtype=args.dtype, device=args.device, block_size=args.block_size)
-    runner = Runner(llm, folder, methods, args.max_new_tokens, args.temperature, args.seed, args.block_size)
+    runner = Runner(llm, folder, methods, args.max_new_tokens, args.temperature, args.seed, args.block_size,
+                    args.draft_confidence)
     log = (lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True))
     runs = runner.run(sets, progress=log)
 
     param = next(llm.model.parameters())
     drafter = llm.drafter if llm.drafter_trained else "untrained twin copy"
     config = {"model": str(args.model or llm.name), "drafter": drafter, "dtype": str(param.dtype).removeprefix("torch."),
-              "device": str(param.device), "block_size": args.block_size or llm.block_size, "methods": runner.methods,
+              "device": str(param.device), "block_size": args.block_size or llm.block_size,
+              "draft_confidence": args.draft_confidence, "methods": runner.methods,
               "sets": [s.name for s in sets], "prompts_per_set": args.num_prompts, "max_new_tokens": args.max_new_tokens,
               "temperature": args.temperature, "seed": args.seed, "machine": machine(), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"),

@@ -75,11 +75,12 @@ def check_methods(methods: list[str]) -> list[str]:
 
 class Runner:
     def __init__(self, llm, folder: Path, methods=METHODS, max_new_tokens: int = 64, temperature: float = 0.0,
-                 seed: int = 0, block_size: int | None = None):
+                 seed: int = 0, block_size: int | None = None, draft_confidence: float = 0.0):
         if max_new_tokens < 1:
             raise OrthrusError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.llm, self.methods = llm, check_methods(list(methods))
         self.max_new_tokens, self.temperature, self.seed, self.block_size = max_new_tokens, temperature, seed, block_size
+        self.draft_confidence = draft_confidence
         self.hf = None
         if any(m.startswith("hf") for m in methods):
             param = next(llm.model.parameters())
@@ -91,7 +92,7 @@ class Runner:
             tokens, forwards = self.hf.generate(ids, max_new_tokens, self.temperature, seed, prompt_lookup=method == "hf-pld")
             return tokens, time.perf_counter() - start, forwards, []
         out = self.llm.generate(ids, max_new_tokens=max_new_tokens, temperature=self.temperature, seed=seed,
-                                mode=method, block_size=self.block_size)
+                                mode=method, block_size=self.block_size, draft_confidence=self.draft_confidence)
         seconds = time.perf_counter() - start
         return out.token_ids, seconds, out.stats.forwards, list(out.stats.accepted)
 

@@ -34,7 +34,7 @@ def cmd_serve(args) -> None:
         raise OrthrusError(f"--port must be in [0, 65535], got {args.port}")
     config = ServerConfig(max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len,
                           request_timeout=args.request_timeout, api_key=args.api_key,
-                          model_name=args.served_model_name, mode=args.mode)
+                          model_name=args.served_model_name, mode=args.mode, draft_confidence=args.draft_confidence)
     app = create_app(load_from_args(args), config)
     if args.host not in LOCAL_HOSTS and not args.api_key:
         print(f"orthrus: warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)

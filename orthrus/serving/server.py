@@ -46,6 +46,7 @@ class ServerConfig:
     api_key: str | None = None  # bearer token required on /v1/* when set
     model_name: str | None = None  # the id clients ask for; None: the loaded model's name
     mode: Mode = "orthrus"  # or "ar": plain decoding, the baseline
+    draft_confidence: float = 0.0  # verify drafts only up to the first unsure one (0: all)
 
     def __post_init__(self):
         if self.max_batch < 1 or self.max_queue < 0:
@@ -184,7 +185,8 @@ class Server:
         self.context = config.max_model_len or min(2048, positions)
         self.name = config.model_name or llm.name
         block = 1 if config.mode == "ar" else llm.block_size
-        self.engine = Engine(llm.model, config.max_batch, self.context + block, mode=config.mode)
+        self.engine = Engine(llm.model, config.max_batch, self.context + block, mode=config.mode,
+                             draft_confidence=config.draft_confidence)
         self.metrics = Metrics(self.name)
         self.engine_loop = EngineLoop(self.engine, self.metrics)
         self.active = 0  # admitted requests not yet released: running, waiting, or being answered
