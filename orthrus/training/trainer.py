@@ -516,7 +516,7 @@ def acceptance_trend(records: list[dict], targets=(3.0, 4.0)) -> dict | None:
     slope = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum().clamp(min=1e-12))
     intercept = float(y.mean() - slope * x.mean())
     reach = {t: (2 ** ((t - intercept) / slope) if slope > 0 else None) for t in targets}
-    return {"per_doubling": slope, "intercept": intercept, "evaluations": len(evals),
+    return {"per_doubling": slope, "intercept": intercept, "evaluations": len(evals), "first_tokens": int(2 ** float(x[0])),
             "tokens": int(2 ** float(x[-1])), "acceptance": float(y[-1]), "tokens_to_reach": reach}
 
 
@@ -551,9 +551,11 @@ def plot_curves(run: Path) -> Path:
     trend = acceptance_trend(records)
     if trend is not None:
         ends = [trend["tokens"]] + [n for n in trend["tokens_to_reach"].values() if n]
-        xs = torch.logspace(math.log10(max(1, tokens_at[evals[0]["step"]])), math.log10(min(max(ends), 1e12)), 50)
+        xs = torch.logspace(math.log10(trend["first_tokens"]), math.log10(min(max(ends), 1e12)), 50)
         right.plot(xs, trend["intercept"] + trend["per_doubling"] * torch.log2(xs), "--",
                    label=f"trend {trend['per_doubling']:+.3f} per doubling")
+        for target in trend["tokens_to_reach"]:
+            right.axhline(target, color="grey", lw=0.6, ls=":")
     right.set(xlabel="tokens trained", ylabel="tokens per cycle", xscale="log", title="simulated greedy acceptance")
     right.legend()
     fig.tight_layout()
