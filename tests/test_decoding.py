@@ -135,6 +135,11 @@ def test_the_shipped_drafter_is_the_default_and_exact(smollm2):
     ar = smollm2.generate(prompts, max_new_tokens=24, mode="ar")
     drafted = llm.generate(prompts, max_new_tokens=24)
     assert [g.token_ids for g in drafted] == [g.token_ids for g in ar]
+    untrained = smollm2.generate(prompts, max_new_tokens=24, block_size=llm.block_size)  # the twin copy
+
+    def per_cycle(gens):
+        return sum(len(g.token_ids) for g in gens) / sum(g.stats.cycles for g in gens)
+    assert per_cycle(drafted) > per_cycle(untrained) + 0.1
 
 
 def test_adaptive_verify_stays_exact_and_shortens_the_verify_pass(smollm2):
