@@ -47,7 +47,7 @@ def cmd_bench(args) -> None:
     param = next(llm.model.parameters())
     drafter = llm.drafter if llm.drafter_trained else "untrained twin copy"
     config = {"model": str(args.model or llm.name), "drafter": drafter, "dtype": str(param.dtype).removeprefix("torch."),
-              "device": str(param.device), "block_size": args.block_size or llm.block_size,
+              "device": str(param.device), "block_size": llm.block_size,
               "draft_confidence": args.draft_confidence, "methods": runner.methods,
               "sets": [s.name for s in sets], "prompts_per_set": args.num_prompts, "max_new_tokens": args.max_new_tokens,
               "temperature": args.temperature, "seed": args.seed, "machine": machine(), "torch": torch.__version__,

@@ -84,14 +84,13 @@ def cmd_distill(args) -> None:
 def cmd_train(args) -> None:
     import torch
 
-    from .trainer import TrainConfig, acceptance_trend, describe_trend, export_drafter, plot_curves, read_log, train
+    from .trainer import TrainConfig, export_drafter, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
     run = folder(args.run_dir, "runs")
     if args.plot:
-        print(plot_curves(run))
-        print(describe_trend(acceptance_trend(read_log(run))))
+        show_curves(run)
         return
     if args.export:
         export_drafter(run, Path(args.export), storage=args.export_storage, model=args.model,
@@ -104,5 +103,12 @@ def cmd_train(args) -> None:
                       parallel=args.parallel, checkpoint_minutes=args.checkpoint_minutes, eval_every=args.eval_every,
                       eval_rows=args.eval_rows, log_every=args.log_every, init_from=args.init_from)
     train(cfg, run, device=args.device)
+    show_curves(run)
+
+
+def show_curves(run: Path) -> None:
+    """Draw the run's curves.png and print where it is and the acceptance trend."""
+    from .trainer import acceptance_trend, describe_trend, plot_curves, read_log
+
     print(plot_curves(run))
     print(describe_trend(acceptance_trend(read_log(run))))

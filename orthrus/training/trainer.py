@@ -494,7 +494,6 @@ def train(cfg: TrainConfig, run: Path, device: str = "auto", stop_after: int | N
     return state
 
 
-
 def read_log(run: Path) -> list[dict]:
     path = Path(run) / "log.jsonl"
     if not path.is_file():
