@@ -11,9 +11,11 @@ pass over the same positions, so drafting costs one block of K/V whatever the co
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
+from . import kernels
 from .config import ModelConfig
 
 
@@ -40,15 +42,17 @@ class KVCache:
         end = int(start.max()) + num_tokens
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions needed, {self.max_len} allocated")
-        limit = positions + 1 if not bidirectional else (start + num_tokens)[:, None].expand_as(positions)
+        limits = positions + 1 if not bidirectional else (start + num_tokens)[:, None].expand_as(positions)
+        # Few query rows on CPU: the batch-invariant kernel reads each row's keys [0, limit) in place.
+        fused = kernels.usable(self.k, positions.numel())
         mask = None
-        if not bool((limit == end).all()):
-            mask = (torch.arange(end) < limit[..., None])[:, None].to(self.k.device)  # [N, 1, T, S]
+        if not fused and not bool((limits == end).all()):
+            mask = (torch.arange(end) < limits[..., None])[:, None].to(self.k.device)  # [N, 1, T, S]
         every_row = len(rows) == self.k.shape[1] and bool((rows == torch.arange(len(rows))).all())
         rows, positions = rows.to(self.k.device), positions.to(self.k.device)
         heads = torch.arange(self.k.shape[2], device=self.k.device)
         slots = (rows[:, None, None], heads[None, :, None], positions[:, None, :])  # where [N, H, T] K/V go
-        return CacheWindow(self, rows, positions, end, mask, every_row, slots)
+        return CacheWindow(self, rows, positions, end, mask, every_row or fused, slots, limits if fused else None)
 
 
 @dataclass
@@ -60,14 +64,26 @@ class CacheWindow:
     positions: torch.Tensor  # [N, T] absolute positions
     end: int  # keys read: slots [0, end)
     mask: torch.Tensor | None  # [N, 1, T, end] boolean, None when every key is visible
-    every_row: bool  # all cache rows in order: read the cache through a view, no gather
+    in_place: bool  # attend to the cache through a view, no gather of rows (all rows in order, or the kernel)
     slots: tuple[torch.Tensor, ...]  # index of this pass's K/V in a layer's cache, shared by all layers
+    limits: torch.Tensor | None  # [N, T] query t of row n sees keys [0, limit); set when the kernel attends
+
+    @property
+    def attend(self) -> Callable | None:
+        """The model's attention hook: the few-row kernel over cache rows in place, or None (SDPA + mask)."""
+        if self.limits is None:
+            return None
+        return lambda q, keys, values: kernels.attend(q, keys, values, self.rows, self.limits)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this pass's K/V ([N, kv_heads, T, D]) and return the keys/values to attend to."""
         kc, vc = self.cache.k[layer], self.cache.v[layer]
-        kc.index_put_(self.slots, k)
-        vc.index_put_(self.slots, v)
-        if self.every_row:
+        if self.limits is not None:  # the kernel path: plain copies, no index tensors
+            kernels.write_cache(kc, k, self.rows, self.positions[:, 0])
+            kernels.write_cache(vc, v, self.rows, self.positions[:, 0])
+        else:
+            kc.index_put_(self.slots, k)
+            vc.index_put_(self.slots, v)
+        if self.in_place:
             return kc[:, :, : self.end], vc[:, :, : self.end]
         return kc[self.rows, :, : self.end], vc[self.rows, :, : self.end]

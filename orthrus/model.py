@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import ModelConfig
 
 View = Literal["ar", "diffusion"]
@@ -38,6 +39,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, T, ..., dim]."""
+        if kernels.usable(x, x.shape[0] * x.shape[1]) and x.is_contiguous():
+            return kernels.rmsnorm(x, self.weight, self.eps)
         # Normalise in fp32 and scale in the model dtype, as HF does, so bf16 runs round alike.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -49,36 +53,40 @@ class Rotary(nn.Module):
         super().__init__()
         self.head_dim, self.theta = head_dim, theta
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 cos, sin [N, T, head_dim] at the given positions [N, T]."""
         # Recomputed per call (head_dim/2 numbers): no buffer to rebuild after meta-device loading.
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float, device=positions.device) / self.head_dim
         freqs = positions[..., None].float() * (1.0 / self.theta**exponents)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [N, 1, T, D], broadcast over heads
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [N, T, heads, D]; cos, sin: fp32 [N, T, D]."""
+    if kernels.usable(x, x.shape[0] * x.shape[1]):
+        return kernels.rope_(x, cos, sin)
+    cos, sin = cos[:, :, None].to(x.dtype), sin[:, :, None].to(x.dtype)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
 
 
 class Linear(nn.Linear):
-    """nn.Linear that, in inference, sends a handful of fp32 rows on CPU through W @ x^T. For 2 to
-    6 rows MKL's GEMM runs up to 2x slower than the same product with the operands swapped
-    (measured on AVX2; BENCHMARKS.md, "Small blocks on CPU"), and a small block's draft or verify
-    pass is that. (bf16 showed no gain, so it keeps the plain path, as does training.)"""
-
-    FEW_ROWS = 6
+    """nn.Linear whose few-row CPU inference products run on the batch-invariant kernels
+    (`orthrus.kernels`: each weight read once for all rows, every row rounded as if alone)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if (x.device.type != "cpu" or x.dtype != torch.float32 or rows > self.FEW_ROWS
-                or torch.is_grad_enabled()):
-            return super().forward(x)
-        y = x.new_empty(*x.shape[:-1], self.out_features)
-        torch.mm(self.weight, x.reshape(rows, -1).t(), out=y.view(rows, -1).t())  # writes y row-major, no copy
-        return y if self.bias is None else y.add_(self.bias)
+        if kernels.usable(x, x.numel() // x.shape[-1]):
+            return kernels.linear(x, self)[0]
+        return super().forward(x)
+
+
+def project_all(x: torch.Tensor, *layers: Linear) -> list[torch.Tensor]:
+    """Several projections of one input (q, k, v; gate, up): one kernel call on the CPU path."""
+    if kernels.usable(x, x.numel() // x.shape[-1]):
+        return kernels.linear(x, *layers)
+    return [layer(x) for layer in layers]
 
 
 class Attention(nn.Module):
@@ -96,16 +104,15 @@ class Attention(nn.Module):
                 setattr(self, "k_norm" + suffix, RMSNorm(cfg.head_dim, cfg.rms_norm_eps))
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, view: View):
-        """Queries, keys and values of `x` ([N, T, hidden]) through the view's projections."""
+        """Queries, keys and values of `x` ([N, T, hidden]) through the view's projections: [N, heads, T, D]."""
         sfx = "_diff" if view == "diffusion" else ""
         n, t, _ = x.shape
-        q = getattr(self, "q_proj" + sfx)(x).view(n, t, self.n_heads, self.head_dim)
-        k = getattr(self, "k_proj" + sfx)(x).view(n, t, self.n_kv, self.head_dim)
-        v = getattr(self, "v_proj" + sfx)(x).view(n, t, self.n_kv, self.head_dim)
+        q, k, v = project_all(x, *(getattr(self, name + sfx) for name in ("q_proj", "k_proj", "v_proj")))
+        q, k, v = (y.view(n, t, -1, self.head_dim) for y in (q, k, v))
         if hasattr(self, "q_norm"):
             q, k = getattr(self, "q_norm" + sfx)(q), getattr(self, "k_norm" + sfx)(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x, cos, sin, kv: KVStore, view: View) -> torch.Tensor:
         q, k, v = self.project(x, cos, sin, view)
@@ -126,7 +133,8 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project_all(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -184,7 +192,7 @@ class OrthrusLM(nn.Module):
     ) -> torch.Tensor:
         """tokens, positions: [N, T]. Returns fp32 logits [N, T, vocab] (or final hidden states)."""
         x = self.embed(tokens)
-        cos, sin = self.rotary(positions, x.dtype)
+        cos, sin = self.rotary(positions)
         for layer in self.model.layers:
             x = layer(x, cos, sin, kv, view)
         x = self.model.norm(x)

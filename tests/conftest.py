@@ -51,6 +51,26 @@ def smollm2(smollm2_folder):
     return orthrus.load(str(smollm2_folder), drafter="none", dtype="float32", device="cpu")
 
 
+@pytest.fixture(scope="session")
+def qwen3_bf16(qwen3_folder):
+    return orthrus.load(str(qwen3_folder), drafter="none", dtype="bfloat16", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm2_bf16(smollm2_folder):
+    return orthrus.load(str(smollm2_folder), drafter="none", dtype="bfloat16", device="cpu")
+
+
+@pytest.fixture
+def plain_pytorch():
+    """Run a test on the plain PyTorch path, as on a machine where the kernels cannot be built."""
+    from orthrus import kernels
+
+    kernels.enabled = False
+    yield
+    kernels.enabled = True
+
+
 PROMPTS = [
     "What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
     "Explain recursion in one sentence.", "2 + 2 =", "Translate 'good morning' to Spanish.",

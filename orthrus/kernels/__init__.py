@@ -1,0 +1,108 @@
+"""The CPU hot path: few-row kernels under the model's `Linear` and the cache's attention.
+
+`cpu.cpp` (AVX2 + FMA) is compiled on first use with the machine's C++ compiler and cached
+under `$ORTHRUS_CACHE/kernels` (default `~/.cache/orthrus/kernels`), keyed by the source and the
+torch version, so later runs load it in a fraction of a second. Every output element is computed
+with the same reduction order whatever the number of rows, so a T-token pass computes each token
+bit for bit as a 1-token step does (the batch invariance that makes bf16 decoding exact).
+
+Where it cannot be built (no compiler, no AVX2, not x86) or `ORTHRUS_KERNELS=0` is set, the model
+falls back to plain PyTorch, said once in one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu.cpp")
+# Beyond this many tokens in a pass (a long prefill) MKL's fp32 GEMM beats the few-row tiling; in
+# bf16 the kernels win at any size (aten's bf16 GEMM on AVX2 is several times slower).
+MAX_FP32_TOKENS = 64
+
+_module = None
+_tried = False
+enabled = True  # a switch for side-by-side timing of the plain path in one process
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ORTHRUS_CACHE", Path.home() / ".cache" / "orthrus")) / "kernels"
+
+
+def unavailable_reason() -> str | None:
+    if os.environ.get("ORTHRUS_KERNELS", "1") == "0":
+        return "ORTHRUS_KERNELS=0"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"{platform.machine()} is not x86-64"
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return "this CPU has no AVX2"
+    return None
+
+
+def _build():
+    from torch.utils.cpp_extension import load
+
+    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    build_dir = cache_dir() / digest
+    build_dir.mkdir(parents=True, exist_ok=True)
+    flags = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off"]
+    return load(name=f"orthrus_cpu_{digest}", sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                build_directory=str(build_dir), verbose=False)
+
+
+def module():
+    """The compiled kernels, or None (plain PyTorch). Builds once per machine, then loads."""
+    global _module, _tried
+    if not _tried:
+        _tried = True
+        reason = unavailable_reason()
+        if reason is None:
+            try:
+                _module = _build()
+            except Exception as err:  # no compiler, a failed build: the plain path still works
+                reason = f"the C++ build failed ({str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__})"
+        if reason is not None and reason != "ORTHRUS_KERNELS=0":
+            print(f"orthrus: few-row CPU kernels off ({reason}); using plain PyTorch (slower)", file=sys.stderr)
+    return _module
+
+
+def usable(x: torch.Tensor, tokens: int) -> bool:
+    """Whether `x`, of a pass over `tokens` tokens, takes the kernels (CPU inference). Decided per
+    pass, so every op of a pass takes the same path."""
+    dtype = x.dtype
+    return (enabled and (dtype is torch.bfloat16 or (dtype is torch.float32 and tokens <= MAX_FP32_TOKENS))
+            and not x.is_cuda and not torch.is_grad_enabled()
+            and (_module is not None or (not _tried and module() is not None)))
+
+
+def linear(x: torch.Tensor, *layers: torch.nn.Linear) -> list[torch.Tensor]:
+    """x @ W.T + b for each layer, for a few rows of x ([..., K]), in one call; fp32 accumulation,
+    outputs in x's dtype."""
+    return _module.linear(x, [m.weight for m in layers], [m.bias for m in layers])
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _module.rmsnorm(x, weight, eps)
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding applied in place to x [N, T, heads, D] (returned)."""
+    _module.rope_(x, cos, sin)
+    return x
+
+
+def write_cache(cache: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor) -> None:
+    _module.write_cache(cache, k, rows, starts)
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
+           limits: torch.Tensor) -> torch.Tensor:
+    """Attention of q [N, H, T, D] over one layer of the cache (keys/values [rows, G, S, D]):
+    query (n, t) sees keys [0, limits[n, t]) of cache row rows[n]. Returns [N, H, T, D] in q's dtype."""
+    return _module.attend(q.transpose(1, 2), keys, values, rows, limits, q.shape[-1] ** -0.5).transpose(1, 2)

@@ -1,0 +1,431 @@
+// Few-row CPU kernels (AVX2 + FMA) for decoding: a matrix product that streams each weight once
+// for all rows, and attention of a few query rows over the KV cache.
+//
+// Batch invariance: every output element is computed by the same sequence of floating-point
+// operations whatever the number of rows (or which tile it falls in): one 8-lane FMA chain over
+// the reduction dimension in order, a fixed horizontal sum, then the scalar tail and the bias.
+// So row i of a T-row product is bit-identical to the 1-row product of that row, which makes a
+// T-token verify pass compute each token exactly as a 1-token decode step does.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <c10/util/Optional.h>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+using bf16 = at::BFloat16;
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bf16* p) {  // bf16 -> fp32 is a 16-bit shift, exact
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline float to_float(float v) { return v; }
+inline float to_float(bf16 v) { return static_cast<float>(v); }
+
+inline float hsum(__m256 v) {  // fixed order: (lo + hi), then pairs, then the last two
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Weights the next tile block will read, fetched into L2 a few lines per step while this block
+// computes, spread over all of its row tiles so the memory bus never idles.
+template <typename W>
+struct Prefetch {
+  const W* rows = nullptr;  // the next block's first weight row (null: nothing to fetch)
+  int64_t ld = 0, lines_per_row = 0, begin = 0, count = 0;  // this tile's share: lines [begin, begin + count)
+  inline void step(int64_t s, int64_t steps) const {
+    for (int64_t j = begin + s * count / steps; j < begin + (s + 1) * count / steps; ++j)
+      _mm_prefetch(reinterpret_cast<const char*>(rows + (j / lines_per_row) * ld) + (j % lines_per_row) * 64,
+                   _MM_HINT_T1);
+  }
+};
+
+// y[r, c] = x[r] . w[c] (+ bias[c]) for R rows of x and C rows of w.
+template <typename W, int R, int C>
+inline void linear_tile(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t K, const float* bias,
+                        float* y, int64_t ldy, const Prefetch<W>& fetch) {
+  __m256 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+  const int64_t steps = K / 8;
+  int64_t k = 0;
+  for (int64_t s = 0; s < steps; ++s, k += 8) {
+    if (fetch.rows) fetch.step(s, steps);
+    __m256 wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = load8(w + c * ldw + k);
+    for (int r = 0; r < R; ++r) {
+      __m256 xv = _mm256_loadu_ps(x + r * ldx + k);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) {
+      float s = hsum(acc[r][c]);
+      for (int64_t t = k; t < K; ++t) s = std::fma(x[r * ldx + t], to_float(w[c * ldw + t]), s);
+      if (bias) s += bias[c];
+      y[r * ldy + c] = s;
+    }
+}
+
+
+// Output features [n0, n0 + C) of one weight for all M rows, in tiles of up to R rows. `next`: the
+// weight rows the thread reads after these (null if none), fetched while these compute.
+template <typename W, int C, int R>
+void linear_rows(const float* x, int64_t M, int64_t K, const W* w, const float* bias, float* y, int64_t N,
+                 int64_t n0, const W* next) {
+  const float* b = bias ? bias + n0 : nullptr;
+  const int64_t tiles = (M + R - 1) / R;
+  Prefetch<W> fetch;
+  fetch.rows = next;
+  fetch.ld = K;
+  fetch.lines_per_row = (K * static_cast<int64_t>(sizeof(W)) + 63) / 64;
+  const int64_t lines = next ? C * fetch.lines_per_row : 0;
+  auto share = [&](int64_t tile) {
+    fetch.begin = tile * lines / tiles;
+    fetch.count = (tile + 1) * lines / tiles - fetch.begin;
+    return fetch;
+  };
+  int64_t m = 0, tile = 0;
+  for (; m + R <= M; m += R, ++tile)
+    linear_tile<W, R, C>(x + m * K, K, w + n0 * K, K, K, b, y + m * N + n0, N, share(tile));
+  switch (M - m) {
+#define ORTHRUS_TAIL(r) \
+  case r:                \
+    if constexpr (r < R) linear_tile<W, r, C>(x + m * K, K, w + n0 * K, K, K, b, y + m * N + n0, N, share(tile)); \
+    break;
+    ORTHRUS_TAIL(1) ORTHRUS_TAIL(2) ORTHRUS_TAIL(3) ORTHRUS_TAIL(4) ORTHRUS_TAIL(5)
+#undef ORTHRUS_TAIL
+  }
+}
+
+// Several weights that read the same x (q, k, v; gate, up) in one call: their blocks of C output
+// features form one range that the threads split, so each weight is read by one thread, once.
+template <typename W>
+struct Products {
+  const float* x;
+  int64_t M, K;
+  std::vector<const W*> w;
+  std::vector<int64_t> N;
+  std::vector<const float*> bias;
+  std::vector<float*> y;
+};
+
+// Threads take chunks of blocks from a shared counter rather than fixed halves: a thread that
+// starts late (woken late, or its core briefly taken) does less, and no thread waits on it long.
+template <typename F>
+void parallel_chunks(int64_t total, int64_t chunk, const F& body) {
+  const int64_t chunks = (total + chunk - 1) / chunk;
+  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), chunks));
+  if (threads <= 1 || at::in_parallel_region()) {
+    body(0, total);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+#pragma omp parallel num_threads(threads)
+  for (int64_t c = next++; c < chunks; c = next++) body(c * chunk, std::min(total, (c + 1) * chunk));
+}
+
+template <typename W, int C, int R>
+void linear_blocks(const Products<W>& p) {
+  const int64_t count = static_cast<int64_t>(p.w.size());
+  std::vector<int64_t> first(count + 1, 0);  // first global block of each weight
+  for (int64_t j = 0; j < count; ++j) first[j + 1] = first[j] + p.N[j] / C;
+  parallel_chunks(first[count], 8, [&](int64_t begin, int64_t end) {
+    int64_t j = std::upper_bound(first.begin(), first.end(), begin) - first.begin() - 1;
+    for (int64_t blk = begin; blk < end; ++blk) {
+      while (blk >= first[j + 1]) ++j;
+      const int64_t n0 = (blk - first[j]) * C;
+      const W* next = nullptr;
+      if (blk + 1 < end) next = blk + 1 < first[j + 1] ? p.w[j] + (n0 + C) * p.K : p.w[j + 1];
+      linear_rows<W, C, R>(p.x, p.M, p.K, p.w[j], p.bias[j], p.y[j], p.N[j], n0, next);
+    }
+  });
+  for (int64_t j = 0; j < count; ++j)  // features past the last whole block
+    for (int64_t n = p.N[j] / C * C; n < p.N[j]; ++n)
+      linear_rows<W, 1, R>(p.x, p.M, p.K, p.w[j], p.bias[j], p.y[j], p.N[j], n, nullptr);
+}
+
+// The tile shape by the number of rows (measured on Zen 3, benchmarks/cpu_hot_path.py): one row
+// takes 4 weight rows at once (4 independent FMA chains); up to 6 rows share one weight row in a
+// single pass; more rows go in tiles of 3 rows x 4 weight rows (12 accumulators in 16 registers).
+// The shape never changes what an output element is computed from, or in which order.
+template <typename W>
+void linear_impl(const Products<W>& p) {
+  if (p.M == 1)
+    linear_blocks<W, 4, 1>(p);
+  else if (p.M <= 6)
+    linear_blocks<W, 1, 6>(p);
+  else
+    linear_blocks<W, 4, 3>(p);
+}
+
+template <typename W>
+void run_products(const float* x, int64_t M, int64_t K, const std::vector<torch::Tensor>& ws,
+                  const std::vector<torch::Tensor>& biases, std::vector<torch::Tensor>& ys) {
+  Products<W> p{x, M, K, {}, {}, {}, {}};
+  for (size_t j = 0; j < ws.size(); ++j) {
+    p.w.push_back(ws[j].data_ptr<W>());
+    p.N.push_back(ws[j].size(0));
+    p.bias.push_back(biases[j].defined() ? biases[j].data_ptr<float>() : nullptr);
+    p.y.push_back(ys[j].data_ptr<float>());
+  }
+  linear_impl(p);
+}
+
+// x [..., K] fp32 or bf16; weights [N_j, K], all fp32 or all bf16; biases [N_j] or
+// None -> [..., N_j] each, in x's dtype (accumulated in fp32, rounded once).
+std::vector<torch::Tensor> linear(const torch::Tensor& x, const std::vector<torch::Tensor>& ws,
+                                  const std::vector<c10::optional<torch::Tensor>>& biases) {
+  TORCH_CHECK(x.dim() >= 1 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16), "x: fp32 or bf16 [..., K]");
+  TORCH_CHECK(!ws.empty() && biases.size() == ws.size(), "one bias (or None) per weight");
+  const int64_t K = x.size(-1), M = x.numel() / K;
+  const auto xf = x.to(at::kFloat).contiguous();  // no copy when x is contiguous fp32
+  std::vector<torch::Tensor> ys, bs;
+  for (size_t j = 0; j < ws.size(); ++j) {
+    const auto& w = ws[j];
+    TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == K, "weights: contiguous [N, K]");
+    TORCH_CHECK(w.scalar_type() == ws[0].scalar_type(), "weights: one dtype");
+    torch::Tensor b;
+    if (biases[j] && biases[j]->defined()) {
+      TORCH_CHECK(biases[j]->numel() == w.size(0), "bias: [N]");
+      b = biases[j]->to(at::kFloat).contiguous();
+    }
+    bs.push_back(b);
+    ys.push_back(torch::empty({M, w.size(0)}, xf.options()));
+  }
+  if (ws[0].scalar_type() == at::kFloat)
+    run_products<float>(xf.data_ptr<float>(), M, K, ws, bs, ys);
+  else if (ws[0].scalar_type() == at::kBFloat16)
+    run_products<bf16>(xf.data_ptr<float>(), M, K, ws, bs, ys);
+  else
+    TORCH_CHECK(false, "weights must be fp32 or bf16");
+  auto shape = x.sizes().vec();
+  for (size_t j = 0; j < ys.size(); ++j) {
+    shape.back() = ws[j].size(0);
+    ys[j] = ys[j].view(shape).to(x.scalar_type());
+  }
+  return ys;
+}
+
+inline float dot(const float* q, const float* k, int64_t D) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(load8(q + d), load8(k + d), acc);
+  float s = hsum(acc);
+  for (; d < D; ++d) s = std::fma(q[d], k[d], s);
+  return s;
+}
+inline float dot(const float* q, const bf16* k, int64_t D) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(load8(q + d), load8(k + d), acc);
+  float s = hsum(acc);
+  for (; d < D; ++d) s = std::fma(q[d], to_float(k[d]), s);
+  return s;
+}
+
+// One (sequence, kv head, query token): the query heads of that kv group attend to keys [0, limit).
+// Each query's scores, softmax and weighted sum run over the keys in order, so a query's result
+// does not depend on how many other queries or rows the call holds.
+template <typename KV>
+void attend_group(const float* q, int64_t heads, int64_t D, const KV* keys, const KV* values, int64_t kv_stride,
+                  int64_t limit, float scale, float* out, std::vector<float>& scores) {
+  scores.resize(heads * limit);
+  for (int64_t s = 0; s < limit; ++s)
+    for (int64_t h = 0; h < heads; ++h) scores[h * limit + s] = dot(q + h * D, keys + s * kv_stride, D) * scale;
+  std::vector<float> total(heads);
+  for (int64_t h = 0; h < heads; ++h) {
+    float* sc = scores.data() + h * limit;
+    float top = -INFINITY;
+    for (int64_t s = 0; s < limit; ++s) top = std::max(top, sc[s]);
+    float sum = 0.f;
+    for (int64_t s = 0; s < limit; ++s) {
+      sc[s] = std::exp(sc[s] - top);
+      sum += sc[s];
+    }
+    total[h] = sum;
+    std::fill(out + h * D, out + (h + 1) * D, 0.f);
+  }
+  for (int64_t s = 0; s < limit; ++s) {
+    const KV* v = values + s * kv_stride;
+    for (int64_t h = 0; h < heads; ++h) {
+      const float p = scores[h * limit + s];
+      float* o = out + h * D;
+      int64_t d = 0;
+      for (; d + 8 <= D; d += 8)
+        _mm256_storeu_ps(o + d, _mm256_fmadd_ps(_mm256_set1_ps(p), load8(v + d), _mm256_loadu_ps(o + d)));
+      for (; d < D; ++d) o[d] = std::fma(p, to_float(v[d]), o[d]);
+    }
+  }
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t d = 0; d < D; ++d) out[h * D + d] /= total[h];
+}
+
+template <typename KV>
+void attend_impl(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc, const int64_t* rows,
+                 const int64_t* limits, float scale, torch::Tensor& out) {
+  const int64_t N = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3), G = kc.size(1);
+  const int64_t group = H / G;
+  const KV* k = kc.data_ptr<KV>();
+  const KV* v = vc.data_ptr<KV>();
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t kr = kc.stride(0), kg = kc.stride(1), ks = kc.stride(2);
+  at::parallel_for(0, N * G * T, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, query(group * D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / (G * T), g = (task / T) % G, t = task % T;
+      for (int64_t h = 0; h < group; ++h)  // this group's query heads, packed
+        std::copy_n(qp + n * q.stride(0) + t * q.stride(1) + (g * group + h) * q.stride(2), D, query.data() + h * D);
+      const int64_t off = rows[n] * kr + g * kg;
+      attend_group<KV>(query.data(), group, D, k + off, v + off, ks, limits[n * T + t], scale,
+                       op + ((n * T + t) * H + g * group) * D, scores);
+    }
+  });
+}
+
+// q [N, T, H, D] fp32 or bf16 (any strides, last dim contiguous) -> out [N, T, H, D] in q's dtype,
+// contiguous; kc, vc [rows, G, S, D] (one layer of the cache, fp32 or bf16, last dim
+// contiguous); rows [N] cache row of each sequence; limits [N, T]: query (n, t) sees keys [0, limit).
+torch::Tensor attend(const torch::Tensor& q_in, const torch::Tensor& kc, const torch::Tensor& vc,
+                     const torch::Tensor& rows, const torch::Tensor& limits, double scale) {
+  TORCH_CHECK(q_in.dim() == 4 && q_in.stride(3) == 1, "q: [N, T, H, D], last dim contiguous");
+  const auto q = q_in.to(at::kFloat);
+  TORCH_CHECK(kc.dim() == 4 && kc.sizes() == vc.sizes() && kc.strides() == vc.strides() && kc.stride(3) == 1,
+              "kc, vc: [rows, G, S, D] with the same layout");
+  TORCH_CHECK(kc.scalar_type() == vc.scalar_type(), "kc, vc: one dtype");
+  TORCH_CHECK(q.size(3) == kc.size(3) && q.size(2) % kc.size(1) == 0, "head shapes");
+  auto r = rows.to(at::kLong).contiguous();
+  auto l = limits.to(at::kLong).contiguous();
+  TORCH_CHECK(r.numel() == q.size(0) && l.numel() == q.size(0) * q.size(1), "rows [N], limits [N, T]");
+  const int64_t* lp = l.data_ptr<int64_t>();
+  TORCH_CHECK(std::all_of(lp, lp + l.numel(), [&](int64_t x) { return x >= 1 && x <= kc.size(2); }), "limits in [1, S]");
+  auto out = torch::empty(q.sizes(), q.options());
+  if (kc.scalar_type() == at::kFloat)
+    attend_impl<float>(q, kc, vc, r.data_ptr<int64_t>(), l.data_ptr<int64_t>(), scale, out);
+  else if (kc.scalar_type() == at::kBFloat16)
+    attend_impl<bf16>(q, kc, vc, r.data_ptr<int64_t>(), l.data_ptr<int64_t>(), scale, out);
+  else
+    TORCH_CHECK(false, "the cache must be fp32 or bf16");
+  return out.to(q_in.scalar_type());
+}
+
+// ---- the small per-token ops around the products: one call each instead of several aten ops ----
+
+inline float store_round(float v, float*) { return v; }
+inline float store_round(float v, bf16*) { return static_cast<float>(static_cast<bf16>(v)); }
+inline void store(float v, float* p) { *p = v; }
+inline void store(float v, bf16* p) { *p = static_cast<bf16>(v); }
+
+// RMSNorm of each row of x [M, C] as HF computes it: normalise in fp32, round to x's dtype, then
+// scale by the weight in x's dtype. The sum of squares runs in one fixed order per row.
+template <typename T>
+void rmsnorm_impl(const T* x, const T* w, T* y, int64_t M, int64_t C, float eps) {
+  at::parallel_for(0, M, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const T* row = x + m * C;
+      __m256 acc = _mm256_setzero_ps();
+      int64_t c = 0;
+      for (; c + 8 <= C; c += 8) {
+        __m256 v = load8(row + c);
+        acc = _mm256_fmadd_ps(v, v, acc);
+      }
+      float ss = hsum(acc);
+      for (; c < C; ++c) ss = std::fma(to_float(row[c]), to_float(row[c]), ss);
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(C) + eps);
+      for (c = 0; c < C; ++c) store(to_float(w[c]) * store_round(to_float(row[c]) * inv, y), y + m * C + c);
+    }
+  });
+}
+
+torch::Tensor rmsnorm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && x.size(-1) == w.numel() && x.scalar_type() == w.scalar_type(),
+              "rmsnorm: contiguous x [..., C] and weight [C] of one dtype");
+  auto y = torch::empty_like(x);
+  const int64_t C = w.numel(), M = x.numel() / C;
+  if (x.scalar_type() == at::kFloat)
+    rmsnorm_impl(x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), M, C, static_cast<float>(eps));
+  else if (x.scalar_type() == at::kBFloat16)
+    rmsnorm_impl(x.data_ptr<bf16>(), w.data_ptr<bf16>(), y.data_ptr<bf16>(), M, C, static_cast<float>(eps));
+  else
+    TORCH_CHECK(false, "rmsnorm: fp32 or bf16");
+  return y;
+}
+
+// Rotary embedding in place on x [N, T, H, D] (D contiguous): x * cos + rotate_half(x) * sin with
+// cos, sin [N, T, D] fp32, computed in fp32 (two products and a sum, as aten does in fp32).
+template <typename T>
+void rope_impl(T* x, const float* cos, const float* sin, int64_t NT, int64_t T_, int64_t H, int64_t D, int64_t sn,
+               int64_t st) {
+  const int64_t half = D / 2;
+  at::parallel_for(0, NT, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(D);
+    for (int64_t i = begin; i < end; ++i)
+      for (int64_t h = 0; h < H; ++h) {
+        T* p = x + (i / T_) * sn + (i % T_) * st + h * D;
+        const float* c = cos + i * D;
+        const float* s = sin + i * D;
+        for (int64_t d = 0; d < D; ++d) row[d] = to_float(p[d]);
+        for (int64_t d = 0; d < D; ++d) {
+          const float rotated = d < half ? -row[d + half] : row[d - half];
+          const float a = row[d] * c[d], b = rotated * s[d];
+          store(a + b, p + d);
+        }
+      }
+  });
+}
+
+void rope_(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1 && x.stride(2) == x.size(3), "rope: x [N, T, H, D] with heads packed");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.is_contiguous() && sin.is_contiguous() &&
+              cos.numel() == x.size(0) * x.size(1) * x.size(3) && sin.sizes() == cos.sizes(), "rope: cos, sin fp32 [N, T, D]");
+  const int64_t NT = x.size(0) * x.size(1), H = x.size(2), D = x.size(3);
+  if (x.scalar_type() == at::kFloat)
+    rope_impl(x.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), NT, x.size(1), H, D, x.stride(0), x.stride(1));
+  else if (x.scalar_type() == at::kBFloat16)
+    rope_impl(x.data_ptr<bf16>(), cos.data_ptr<float>(), sin.data_ptr<float>(), NT, x.size(1), H, D, x.stride(0), x.stride(1));
+  else
+    TORCH_CHECK(false, "rope: fp32 or bf16");
+}
+
+// Write a pass's keys or values k [N, G, T, D] (any strides, D contiguous) into one layer of the
+// cache [rows, G, S, D] at cache row rows[n], positions starts[n] .. starts[n] + T - 1.
+void write_cache(torch::Tensor& cache, const torch::Tensor& k, const torch::Tensor& rows, const torch::Tensor& starts) {
+  TORCH_CHECK(cache.scalar_type() == k.scalar_type() && cache.stride(3) == 1 && k.stride(3) == 1 &&
+              cache.size(1) == k.size(1) && cache.size(3) == k.size(3), "write_cache: shapes and dtype");
+  auto r = rows.to(at::kLong).contiguous();
+  auto s = starts.to(at::kLong).contiguous();
+  const int64_t N = k.size(0), G = k.size(1), T = k.size(2), D = k.size(3);
+  const int64_t* rp = r.data_ptr<int64_t>();
+  const int64_t* sp = s.data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n)
+    TORCH_CHECK(rp[n] >= 0 && rp[n] < cache.size(0) && sp[n] >= 0 && sp[n] + T <= cache.size(2), "write_cache: out of range");
+  const int64_t bytes = D * k.element_size();
+  char* dst = static_cast<char*>(cache.data_ptr());
+  const char* src = static_cast<const char*>(k.data_ptr());
+  const int64_t es = k.element_size();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t t = 0; t < T; ++t)
+        std::memcpy(dst + (rp[n] * cache.stride(0) + g * cache.stride(1) + (sp[n] + t) * cache.stride(2)) * es,
+                    src + (n * k.stride(0) + g * k.stride(1) + t * k.stride(2)) * es, bytes);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear", &linear, "few-row, batch-invariant x @ w.T (+ bias) for one or more weights");
+  m.def("attend", &attend, "few-query, batch-invariant attention over the KV cache");
+  m.def("rmsnorm", &rmsnorm, "RMSNorm over the last dimension");
+  m.def("rope_", &rope_, "rotary embedding in place");
+  m.def("write_cache", &write_cache, "write a pass's keys or values into one layer of the cache");
+}

@@ -1,0 +1,148 @@
+"""The few-row CPU kernels: right answers, and batch invariance bit for bit.
+
+Batch invariance is what makes a T-token verify pass compute each token exactly as a 1-token
+decode step does, so greedy Orthrus equals greedy AR in bf16 too (tests/test_decoding.py)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import orthrus
+from orthrus import kernels
+from orthrus.cache import KVCache
+
+# Only a machine that cannot run them (not x86, no AVX2) skips; where they should build, a failed build fails.
+pytestmark = pytest.mark.skipif(kernels.unavailable_reason() is not None, reason=str(kernels.unavailable_reason()))
+
+
+def test_the_kernels_build_on_this_machine():
+    assert kernels.module() is not None
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def rows_alone(f, x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([f(x[i : i + 1]) for i in range(x.shape[0])])
+
+
+@pytest.mark.parametrize("wdtype", DTYPES)
+@pytest.mark.parametrize("xdtype", DTYPES)
+@pytest.mark.parametrize("shape", [(576, 1536), (1536, 576), (64, 130), (20, 13)])  # (K, N): model shapes, odd tails
+def test_linear_rows_are_bit_identical_to_each_row_alone(wdtype, xdtype, shape):
+    K, N = shape
+    g = torch.Generator().manual_seed(K * N)
+    w = torch.randn(N, K, generator=g).to(wdtype)
+    bias = torch.randn(N, generator=g).to(wdtype)
+    layer = torch.nn.Linear(K, N)
+    layer.weight.data, layer.bias.data = w, bias
+    x = torch.randn(32, K, generator=g).to(xdtype)
+    with torch.inference_mode():
+        alone = rows_alone(lambda r: kernels.linear(r, layer)[0], x)
+        for T in range(1, 33):
+            assert torch.equal(kernels.linear(x[:T], layer)[0], alone[:T]), f"T={T}"
+        ref = x.double() @ w.double().T + bias.double()
+        tol = 2e-4 if xdtype == torch.float32 else 2e-2
+        torch.testing.assert_close(alone.double(), ref.to(xdtype).double(), rtol=tol, atol=tol * K**0.5)
+        assert alone.dtype == xdtype
+
+
+def test_several_weights_in_one_call_equal_one_call_each():
+    g = torch.Generator().manual_seed(1)
+    layers = [torch.nn.Linear(96, n, bias=b) for n, b in ((64, False), (32, True), (8, False))]
+    for m in layers:
+        m.weight.data.normal_(generator=g)
+    x = torch.randn(2, 5, 96, generator=g)
+    with torch.inference_mode():
+        together = kernels.linear(x, *layers)
+        for m, y in zip(layers, together):
+            assert y.shape == (2, 5, m.out_features)
+            assert torch.equal(y, kernels.linear(x, m)[0])
+
+
+def reference_attention(q, kc, vc, rows, limits):
+    """SDPA with an explicit mask, one query row at a time, in float64."""
+    N, H, T, D = q.shape
+    G = kc.shape[1]
+    out = torch.empty(N, H, T, D, dtype=torch.float64)
+    for n in range(N):
+        for t in range(T):
+            L = int(limits[n, t])
+            k = kc[rows[n], :, :L].double().repeat_interleave(H // G, 0)
+            v = vc[rows[n], :, :L].double().repeat_interleave(H // G, 0)
+            out[n, :, t] = F.scaled_dot_product_attention(q[n, :, t : t + 1].double(), k, v)[:, 0]
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_is_right_and_each_query_is_computed_as_if_alone(dtype):
+    g = torch.Generator().manual_seed(2)
+    rows_total, G, S, D, H = 3, 2, 40, 16, 6
+    kc = torch.randn(rows_total, G, S, D, generator=g).to(dtype)
+    vc = torch.randn(rows_total, G, S, D, generator=g).to(dtype)
+    rows = torch.tensor([2, 0])
+    T = 5
+    q = torch.randn(2, H, T, D, generator=g).to(dtype)
+    starts = torch.tensor([30, 7])
+    limits = starts[:, None] + torch.arange(1, T + 1)  # causal over a ragged batch
+    with torch.inference_mode():
+        out = kernels.attend(q, kc, vc, rows, limits)
+        assert out.shape == q.shape and out.dtype == dtype
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out.double(), reference_attention(q, kc, vc, rows, limits), rtol=tol, atol=tol)
+        for n in range(2):
+            for t in range(T):
+                one = kernels.attend(q[n : n + 1, :, t : t + 1], kc, vc, rows[n : n + 1], limits[n : n + 1, t : t + 1])
+                assert torch.equal(one[0, :, 0], out[n, :, t])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rmsnorm_and_rotary_match_the_plain_path_and_are_row_invariant(dtype):
+    from orthrus.model import RMSNorm, Rotary, apply_rotary
+
+    g = torch.Generator().manual_seed(3)
+    norm = RMSNorm(64, 1e-6).to(dtype)
+    norm.weight.data = torch.randn(64, generator=g).to(dtype)
+    x = torch.randn(1, 12, 64, generator=g).to(dtype)
+    pos = torch.arange(100, 112)[None]
+    cos, sin = Rotary(16, 10000.0)(pos)
+    heads = torch.randn(1, 12, 4, 16, generator=g).to(dtype)
+    with torch.inference_mode():
+        fast_norm, fast_rope = norm(x), apply_rotary(heads.clone(), cos, sin)
+        for t in range(12):
+            assert torch.equal(norm(x[:, t : t + 1]), fast_norm[:, t : t + 1])
+            assert torch.equal(apply_rotary(heads[:, t : t + 1].clone(), cos[:, t : t + 1], sin[:, t : t + 1]),
+                               fast_rope[:, t : t + 1])
+        kernels.enabled = False
+        try:
+            plain_norm, plain_rope = norm(x), apply_rotary(heads.clone(), cos, sin)
+        finally:
+            kernels.enabled = True
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(fast_norm, plain_norm, rtol=tol, atol=tol)
+    torch.testing.assert_close(fast_rope, plain_rope, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", ["qwen3_folder", "smollm2_folder"])
+def test_a_verify_pass_computes_each_token_as_a_decode_step_does(request, name, dtype):
+    """Logits of one T-token AR pass == logits of T one-token steps, bit for bit, for T up to 32."""
+    llm = orthrus.load(str(request.getfixturevalue(name)), drafter="none", dtype=dtype, device="cpu")
+    model, cfg = llm.model, llm.model.config
+    prompt = torch.tensor([llm.encode("The quick brown fox jumps over the lazy dog. " * 3)])
+    tokens = torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(4))
+    cache = KVCache(cfg, 1, prompt.shape[1] + 64, next(model.parameters()).dtype, "cpu")
+    rows = torch.tensor([0])
+    with torch.inference_mode():
+        window = cache.window(rows, prompt.shape[1], bidirectional=False)
+        model(prompt, window.positions, window, "ar", logits=False)
+        cache.lengths[0] = prompt.shape[1]
+        steps = []
+        for t in range(32):  # one token at a time, committing each
+            window = cache.window(rows, 1, bidirectional=False)
+            steps.append(model(tokens[:, t : t + 1], window.positions, window, "ar"))
+            cache.lengths[0] += 1
+        steps = torch.cat(steps, 1)
+        for T in (2, 3, 4, 7, 16, 32):
+            cache.lengths[0] = prompt.shape[1]
+            window = cache.window(rows, T, bidirectional=False)
+            assert torch.equal(model(tokens[:, :T], window.positions, window, "ar"), steps[:, :T]), f"T={T}"
