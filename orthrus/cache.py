@@ -79,8 +79,7 @@ class CacheWindow:
         """Write this pass's K/V ([N, kv_heads, T, D]) and return the keys/values to attend to."""
         kc, vc = self.cache.k[layer], self.cache.v[layer]
         if self.limits is not None:  # the kernel path: plain copies, no index tensors
-            kernels.write_cache(kc, k, self.rows, self.positions[:, 0])
-            kernels.write_cache(vc, v, self.rows, self.positions[:, 0])
+            kernels.write_cache(kc, vc, k, v, self.rows, self.positions[:, 0])
         else:
             kc.index_put_(self.slots, k)
             vc.index_put_(self.slots, v)

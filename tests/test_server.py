@@ -211,6 +211,16 @@ BAD_REQUESTS = [  # (name, endpoint, body, status, param, code)
     ("several prompts", "/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt", None),
     ("n > 1", "/v1/completions", {"prompt": "hi", "n": 2}, 400, "n", None),
     ("no prompt", "/v1/completions", {"max_tokens": 3}, 400, "prompt", None),
+    # a seed the generator cannot take once killed the engine thread; now it is refused at the edge
+    ("seed past 2**64", "/v1/completions", {"prompt": "hi", "temperature": 1, "seed": 2**64}, 400, "seed", None),
+    ("top_k below -1", "/v1/completions", {"prompt": "hi", "top_k": -2}, 400, "top_k", None),
+    ("tools", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                       "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", None),
+    ("response_format json", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                      "response_format": {"type": "json_object"}}, 400, "response_format", None),
+    ("logprobs", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "logprobs", None),
+    ("presence penalty", "/v1/completions", {"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty", None),
+    ("too many stop strings", "/v1/completions", {"prompt": "hi", "stop": ["x"] * 17}, 400, "stop", None),
 ]
 
 
@@ -221,6 +231,62 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_healthy(server, nam
     assert (error["param"], error["code"]) == (param, code)
     assert server.metric("orthrus:requests_total", outcome="rejected") == rejected + 1
     server.assert_healthy()
+
+
+def test_extreme_but_valid_values_and_nulls_are_served(server, qwen3):
+    server.wait_idle()
+    greedy = qwen3.generate(chat(PROMPTS[1]), max_new_tokens=8, mode="ar").text
+    body = {"model": server.state.name, "messages": chat(PROMPTS[1]), "max_tokens": 8}
+    # a positive temperature too small to divide by is greedy (it once underflowed into garbage)
+    tiny = server.http.post("/v1/chat/completions", json={**body, "temperature": 1e-300})
+    assert tiny.status_code == 200 and tiny.json()["choices"][0]["message"]["content"] == greedy
+    # top_k past int64 once aborted the whole batch; any k beyond the vocabulary means no limit, like -1
+    with ThreadPoolExecutor(2) as pool:
+        other = pool.submit(server.client.chat.completions.create, model=server.state.name, messages=chat(PROMPTS[1]),
+                            max_tokens=8, temperature=0)
+        for top_k in (2**70, -1):
+            huge = server.http.post("/v1/chat/completions", json={**body, "temperature": 0.8, "seed": 3, "top_k": top_k})
+            assert huge.status_code == 200, huge.text
+        assert other.result().choices[0].message.content == greedy
+    # null wherever the OpenAI API allows it means the default
+    nulls = {k: None for k in ("temperature", "top_p", "top_k", "seed", "stop", "n", "logprobs", "presence_penalty",
+                               "frequency_penalty", "logit_bias", "stream_options", "user", "tools", "response_format")}
+    reply = server.http.post("/v1/chat/completions", json={**body, **nulls, "temperature": 0})
+    assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == greedy
+    assert server.http.post("/v1/chat/completions", json={**body, **nulls, "max_tokens": 2}).status_code == 200
+    server.assert_healthy()
+
+
+def test_request_bodies_over_the_limit_get_413(server):
+    limit = server.state.config.max_request_bytes
+    big = {"prompt": "word " * (limit // 5 + 10), "max_tokens": 2}
+    assert error_of(server.http.post("/v1/completions", json=big), 413)["code"] == "request_too_large"
+    chunks = (b'{"prompt": "' + b"x" * 4096 for _ in range(limit // 4096 + 2))  # no Content-Length: counted as it arrives
+    streamed = server.http.post("/v1/completions", content=chunks, headers={"Content-Type": "application/json"})
+    assert error_of(streamed, 413)["code"] == "request_too_large"
+    server.assert_healthy()
+
+
+def test_engine_loop_death_fails_fast(qwen3):
+    """If the engine loop itself dies, every request gets 503 at once and /health fails: no live server that hangs."""
+    app = create_app(qwen3, ServerConfig(max_model_len=256))
+    loop = app.state.server.engine_loop
+    died = threading.Event()
+    loop.on_death = died.set
+
+    def broken(*_):
+        raise RuntimeError("injected failure in the engine loop")
+
+    loop._apply_inbox = broken
+    live = LiveServer(app)
+    try:
+        assert died.wait(10) and loop.dead
+        assert live.http.get("/health").status_code == 503
+        started = time.monotonic()
+        error = error_of(live.http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}), 503)
+        assert error["code"] == "engine_dead" and time.monotonic() - started < 5
+    finally:
+        live.close()
 
 
 def test_malformed_json_and_auth_errors(server):

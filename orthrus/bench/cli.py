@@ -15,7 +15,7 @@ from ..cli import add_model_args
 from ..errors import OrthrusError
 from .prompts import PROMPT_SETS, load_prompt_set
 from .report import markdown_table, plot, summarize
-from .runner import METHODS, Runner, check_methods, runs_as_dicts
+from .runner import DEFAULT_METHODS, METHODS, Runner, check_methods, runs_as_dicts
 
 
 def machine() -> str:
@@ -31,16 +31,19 @@ def cmd_bench(args) -> None:
     import torch
 
     from ..api import load
-    from ..hub import resolve_model
+    from ..hub import DEFAULT_MODEL, default_gguf, resolve_model
 
     methods = check_methods(args.methods.split(","))  # user mistakes first, before the slow loads
     sets = [load_prompt_set(spec, args.num_prompts) for spec in args.sets.split(",") if spec]
     if not sets:
         raise OrthrusError("--sets is empty: name at least one prompt set")
     folder = resolve_model(args.model)
+    gguf = Path(args.gguf) if args.gguf else (default_gguf() if args.model in (None, DEFAULT_MODEL) else None)
+    if "llama.cpp" in methods and gguf is None:
+        raise OrthrusError("the llama.cpp method needs the model as a GGUF file: give --gguf PATH")
     llm = load(str(folder), drafter=args.drafter, dtype=args.dtype, device=args.device, block_size=args.block_size)
     runner = Runner(llm, folder, methods, args.max_new_tokens, args.temperature, args.seed, args.block_size,
-                    args.draft_confidence)
+                    args.draft_confidence, gguf)
     log = (lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True))
     runs = runner.run(sets, progress=log)
 
@@ -50,7 +53,7 @@ def cmd_bench(args) -> None:
               "device": str(param.device), "block_size": llm.block_size,
               "draft_confidence": args.draft_confidence, "methods": runner.methods,
               "sets": [s.name for s in sets], "prompts_per_set": args.num_prompts, "max_new_tokens": args.max_new_tokens,
-              "temperature": args.temperature, "seed": args.seed, "machine": machine(), "torch": torch.__version__,
+              "temperature": args.temperature, "seed": args.seed, "machine": machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "date": time.strftime("%Y-%m-%d"),
               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     summary = summarize(runs, config["block_size"])
@@ -69,7 +72,10 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="benchmark orthrus, AR, HF generate and HF prompt lookup side by side")
     p.add_argument("--sets", default=",".join(PROMPT_SETS),
                    help=f"comma-separated prompt sets: {', '.join(PROMPT_SETS)} or .jsonl files (default: all three)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)} (default: all)")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated, from {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS)}; "
+                        "llama.cpp needs llama-cpp-python)")
+    p.add_argument("--gguf", default=None, help="the model as a GGUF, for the llama.cpp method (default model: its shipped GGUF)")
     p.add_argument("--num-prompts", type=int, default=10, help="prompts per set (default 10)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

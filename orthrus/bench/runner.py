@@ -2,9 +2,11 @@
 order that rotates from prompt to prompt, so drift of a shared machine lands on all of them alike.
 
 Methods: `orthrus` (draft + verify), `ar` (our engine, plain decoding), `hf` (transformers
-`generate` on the same weights and dtype) and `hf-pld` (transformers prompt-lookup decoding, a
-drafter-free speculative peer). All stop at the same stop tokens and count them the same way
-(the stop token is included), and all are timed around the whole call, prefill included.
+`generate` on the same weights and dtype), `hf-pld` (transformers prompt-lookup decoding, a
+drafter-free speculative peer) and `llama.cpp` (llama-cpp-python, an optional extra, on the GGUF
+the model came from: its own quantized weights, so its tokens are not expected to match). All
+stop at the same stop tokens and count them the same way (the stop token is included), and all
+are timed around the whole call, prefill included.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import torch
 from ..errors import OrthrusError
 from .prompts import PromptSet
 
-METHODS = ("orthrus", "ar", "hf", "hf-pld")
+METHODS = ("orthrus", "ar", "hf", "hf-pld", "llama.cpp")
+DEFAULT_METHODS = ("orthrus", "ar", "hf", "hf-pld")  # llama.cpp needs an optional extra and a GGUF
 PROMPT_LOOKUP_TOKENS = 10
 
 
@@ -66,6 +69,33 @@ class HFGenerate:
         return tokens, self.calls
 
 
+class LlamaCpp:
+    """llama.cpp (through llama-cpp-python) decoding a GGUF on the CPU with the same thread count."""
+
+    def __init__(self, gguf: Path, stop_token_ids, context: int = 4096):
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            raise OrthrusError("the llama.cpp method needs llama-cpp-python (pip install llama-cpp-python; "
+                               "it builds llama.cpp, ~10 minutes on 2 cores)") from None
+        if not gguf.is_file():
+            raise OrthrusError(f"{gguf}: no such GGUF file for the llama.cpp method (give --gguf)")
+        threads = torch.get_num_threads()
+        self.model = Llama(str(gguf), n_ctx=context, n_threads=threads, n_threads_batch=threads, verbose=False)
+        self.stop = set(stop_token_ids)
+
+    def generate(self, ids: list[int], max_new_tokens: int, temperature: float, seed: int) -> tuple[list[int], int]:
+        self.model.reset()
+        self.model.set_seed(seed)
+        sampling = dict(temp=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(temp=0.0, top_k=1)
+        tokens = []
+        for token in self.model.generate(ids, repeat_penalty=1.0, min_p=0.0, **sampling):
+            tokens.append(int(token))
+            if token in self.stop or len(tokens) >= max_new_tokens:
+                break
+        return tokens, len(tokens)
+
+
 def check_methods(methods: list[str]) -> list[str]:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -74,8 +104,8 @@ def check_methods(methods: list[str]) -> list[str]:
 
 
 class Runner:
-    def __init__(self, llm, folder: Path, methods=METHODS, max_new_tokens: int = 64, temperature: float = 0.0,
-                 seed: int = 0, block_size: int | None = None, draft_confidence: float = 0.0):
+    def __init__(self, llm, folder: Path, methods=DEFAULT_METHODS, max_new_tokens: int = 64, temperature: float = 0.0,
+                 seed: int = 0, block_size: int | None = None, draft_confidence: float = 0.0, gguf: Path | None = None):
         if max_new_tokens < 1:
             raise OrthrusError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.llm, self.methods = llm, check_methods(list(methods))
@@ -85,11 +115,15 @@ class Runner:
         if any(m.startswith("hf") for m in methods):
             param = next(llm.model.parameters())
             self.hf = HFGenerate(folder, param.dtype, param.device, llm.stop_token_ids)
+        self.llama_cpp = LlamaCpp(gguf or Path(), llm.stop_token_ids) if "llama.cpp" in methods else None
 
     def run_one(self, method: str, ids: list[int], max_new_tokens: int, seed: int) -> tuple[list[int], float, int, list[int]]:
         start = time.perf_counter()
         if method.startswith("hf"):
             tokens, forwards = self.hf.generate(ids, max_new_tokens, self.temperature, seed, prompt_lookup=method == "hf-pld")
+            return tokens, time.perf_counter() - start, forwards, []
+        if method == "llama.cpp":
+            tokens, forwards = self.llama_cpp.generate(ids, max_new_tokens, self.temperature, seed)
             return tokens, time.perf_counter() - start, forwards, []
         out = self.llm.generate(ids, max_new_tokens=max_new_tokens, temperature=self.temperature, seed=seed,
                                 mode=method, block_size=self.block_size, draft_confidence=self.draft_confidence)

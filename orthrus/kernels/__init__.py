@@ -2,7 +2,7 @@
 
 `cpu.cpp` (AVX2 + FMA) is compiled on first use with the machine's C++ compiler and cached
 under `$ORTHRUS_CACHE/kernels` (default `~/.cache/orthrus/kernels`), keyed by the source and the
-torch version, so later runs load it in a fraction of a second. Every output element is computed
+torch version, so later runs load it in a fraction of a second; `make install` builds it. Every output element is computed
 with the same reduction order whatever the number of rows, so a T-token pass computes each token
 bit for bit as a 1-token step does (the batch invariance that makes bf16 decoding exact).
 
@@ -46,14 +46,37 @@ def unavailable_reason() -> str | None:
 
 
 def _build():
+    """Load the cached build for this source and torch, or compile one. Each build runs in a
+    private temp folder and is published by an atomic rename, so a build killed midway leaves no
+    lock or half-written library behind, and concurrent first runs do not wait on each other."""
+    import importlib.util
+    import shutil
+    import tempfile
+
     from torch.utils.cpp_extension import load
 
     digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
-    build_dir = cache_dir() / digest
-    build_dir.mkdir(parents=True, exist_ok=True)
-    flags = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off"]
-    return load(name=f"orthrus_cpu_{digest}", sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                build_directory=str(build_dir), verbose=False)
+    name = f"orthrus_cpu_{digest}"
+    library = cache_dir() / f"{name}.so"
+    if not library.is_file():
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        print("orthrus: compiling the CPU kernels (once per machine, about a minute)...", file=sys.stderr, flush=True)
+        with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".build-") as tmp:
+            flags = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off"]
+            load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=tmp,
+                 verbose=False)
+            staged = Path(tmp) / f"{name}.so"
+            shutil.copyfile(staged, Path(tmp) / "publish.so")
+            (Path(tmp) / "publish.so").rename(library)
+        for old in cache_dir().glob("orthrus_cpu_*.so"):  # builds of older sources or torch versions
+            if old != library:
+                old.unlink(missing_ok=True)
+        if name in sys.modules:
+            return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, library)
+    built = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(built)
+    return built
 
 
 def module():
@@ -97,8 +120,10 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x
 
 
-def write_cache(cache: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor) -> None:
-    _module.write_cache(cache, k, rows, starts)
+def write_cache(kc: torch.Tensor, vc: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
+                starts: torch.Tensor) -> None:
+    """Write k, v [N, G, T, D] into one layer's cache [rows, G, S, D] at rows[n], from position starts[n]."""
+    _module.write_cache(kc, vc, k, v, rows, starts)
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,

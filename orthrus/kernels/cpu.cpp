@@ -43,9 +43,10 @@ struct Prefetch {
   const W* rows = nullptr;  // the next block's first weight row (null: nothing to fetch)
   int64_t ld = 0, lines_per_row = 0, begin = 0, count = 0;  // this tile's share: lines [begin, begin + count)
   inline void step(int64_t s, int64_t steps) const {
-    for (int64_t j = begin + s * count / steps; j < begin + (s + 1) * count / steps; ++j)
-      _mm_prefetch(reinterpret_cast<const char*>(rows + (j / lines_per_row) * ld) + (j % lines_per_row) * 64,
-                   _MM_HINT_T1);
+    for (int64_t j = begin + s * count / steps; j < begin + (s + 1) * count / steps; ++j) {
+      const char* line = reinterpret_cast<const char*>(rows + (j / lines_per_row) * ld) + (j % lines_per_row) * 64;
+      asm volatile("prefetcht1 %0" : : "m"(*line));  // GCC drops _mm_prefetch from this loop nest
+    }
   }
 };
 
@@ -397,27 +398,31 @@ void rope_(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin)
     TORCH_CHECK(false, "rope: fp32 or bf16");
 }
 
-// Write a pass's keys or values k [N, G, T, D] (any strides, D contiguous) into one layer of the
-// cache [rows, G, S, D] at cache row rows[n], positions starts[n] .. starts[n] + T - 1.
-void write_cache(torch::Tensor& cache, const torch::Tensor& k, const torch::Tensor& rows, const torch::Tensor& starts) {
-  TORCH_CHECK(cache.scalar_type() == k.scalar_type() && cache.stride(3) == 1 && k.stride(3) == 1 &&
-              cache.size(1) == k.size(1) && cache.size(3) == k.size(3), "write_cache: shapes and dtype");
+// Write a pass's keys and values k, v [N, G, T, D] (any strides, D contiguous) into one layer of
+// the cache kc, vc [rows, G, S, D] at cache row rows[n], positions starts[n] .. starts[n] + T - 1.
+void write_cache(torch::Tensor& kc, torch::Tensor& vc, const torch::Tensor& k, const torch::Tensor& v,
+                 const torch::Tensor& rows, const torch::Tensor& starts) {
+  TORCH_CHECK(kc.sizes() == vc.sizes() && kc.strides() == vc.strides() && k.sizes() == v.sizes(), "write_cache: k/v shapes");
+  TORCH_CHECK(kc.scalar_type() == k.scalar_type() && vc.scalar_type() == v.scalar_type() && kc.stride(3) == 1 &&
+              k.stride(3) == 1 && v.stride(3) == 1 && kc.size(1) == k.size(1) && kc.size(3) == k.size(3),
+              "write_cache: layouts and dtype");
   auto r = rows.to(at::kLong).contiguous();
   auto s = starts.to(at::kLong).contiguous();
-  const int64_t N = k.size(0), G = k.size(1), T = k.size(2), D = k.size(3);
+  const int64_t N = k.size(0), G = k.size(1), T = k.size(2);
   const int64_t* rp = r.data_ptr<int64_t>();
   const int64_t* sp = s.data_ptr<int64_t>();
   for (int64_t n = 0; n < N; ++n)
-    TORCH_CHECK(rp[n] >= 0 && rp[n] < cache.size(0) && sp[n] >= 0 && sp[n] + T <= cache.size(2), "write_cache: out of range");
-  const int64_t bytes = D * k.element_size();
-  char* dst = static_cast<char*>(cache.data_ptr());
-  const char* src = static_cast<const char*>(k.data_ptr());
-  const int64_t es = k.element_size();
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t g = 0; g < G; ++g)
-      for (int64_t t = 0; t < T; ++t)
-        std::memcpy(dst + (rp[n] * cache.stride(0) + g * cache.stride(1) + (sp[n] + t) * cache.stride(2)) * es,
-                    src + (n * k.stride(0) + g * k.stride(1) + t * k.stride(2)) * es, bytes);
+    TORCH_CHECK(rp[n] >= 0 && rp[n] < kc.size(0) && sp[n] >= 0 && sp[n] + T <= kc.size(2), "write_cache: out of range");
+  const int64_t es = k.element_size(), bytes = k.size(3) * es;
+  for (const auto& [cache, src] : {std::pair{&kc, &k}, std::pair{&vc, &v}}) {
+    char* dst = static_cast<char*>(cache->data_ptr());
+    const char* from = static_cast<const char*>(src->data_ptr());
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t t = 0; t < T; ++t)
+          std::memcpy(dst + (rp[n] * cache->stride(0) + g * cache->stride(1) + (sp[n] + t) * cache->stride(2)) * es,
+                      from + (n * src->stride(0) + g * src->stride(1) + t * src->stride(2)) * es, bytes);
+  }
 }
 
 }  // namespace
@@ -427,5 +432,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend", &attend, "few-query, batch-invariant attention over the KV cache");
   m.def("rmsnorm", &rmsnorm, "RMSNorm over the last dimension");
   m.def("rope_", &rope_, "rotary embedding in place");
-  m.def("write_cache", &write_cache, "write a pass's keys or values into one layer of the cache");
+  m.def("write_cache", &write_cache, "write a pass's keys and values into one layer of the cache");
 }

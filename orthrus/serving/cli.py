@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 from ..cli import add_model_args, load_from_args
@@ -22,6 +24,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row before new ones get 503 (default 64)")
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + completion tokens (default: min(2048, the model's))")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take in all (default 600)")
+    p.add_argument("--max-request-bytes", type=int, default=4 * 2**20, help="larger request bodies get 413 (default 4 MiB)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -34,8 +37,14 @@ def cmd_serve(args) -> None:
         raise OrthrusError(f"--port must be in [0, 65535], got {args.port}")
     config = ServerConfig(max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len,
                           request_timeout=args.request_timeout, api_key=args.api_key,
-                          model_name=args.served_model_name, mode=args.mode, draft_confidence=args.draft_confidence)
+                          model_name=args.served_model_name, mode=args.mode, draft_confidence=args.draft_confidence,
+                          max_request_bytes=args.max_request_bytes)
     app = create_app(load_from_args(args), config)
+    engine_loop = app.state.server.engine_loop
+    # the engine loop dying ends the process (exit 1 below), so a supervisor restarts it
+    engine_loop.on_death = lambda: os.kill(os.getpid(), signal.SIGTERM)
     if args.host not in LOCAL_HOSTS and not args.api_key:
         print(f"orthrus: warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    if engine_loop.dead:
+        raise SystemExit("orthrus: error: the engine loop died (see the log above); exiting with status 1")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -35,37 +35,55 @@ class StreamOptions(BaseModel):
 
 
 class SamplingRequest(BaseModel):
-    """Fields shared by chat and text completions. Unknown fields are ignored (clients send many
-    optional ones); known fields that would change the answer and are not implemented are refused."""
+    """Fields shared by chat and text completions. `null` is accepted wherever the OpenAI API allows
+    it and means the default. Unknown fields are ignored (clients send many optional ones); known
+    fields that would change the answer and are not implemented are refused, naming the field."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None  # None: the served model
     max_tokens: int | None = None  # None: the rest of the context
-    temperature: float = 1.0  # OpenAI's default; 0 is greedy
-    top_p: float = 1.0
-    top_k: int = 0  # extension (as in vLLM): 0 = no limit
+    temperature: float | None = None  # None: OpenAI's default 1; 0 is greedy
+    top_p: float | None = None
+    top_k: int | None = None  # extension (as in vLLM): 0 or -1 = no limit
     seed: int | None = None
     stop: Union[str, list[str], None] = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    user: str | None = None
+    # refused unless absent, null or a no-op value
+    n: int | None = None
     logprobs: Union[bool, int, None] = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    top_logprobs: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    best_of: int | None = None
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
 
     def unsupported(self) -> str | None:
         """The first field asking for something this server does not do, or None."""
-        if self.n != 1:
-            return "n"
-        for name in ("logprobs", "logit_bias"):
-            if getattr(self, name):
+        no_ops = {"n": (None, 1), "best_of": (None, 1), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+                  "repetition_penalty": (None, 1), "tool_choice": (None, "none", "auto")}
+        for name in ("n", "best_of", "logprobs", "top_logprobs", "logit_bias", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty", "tools", "functions", "function_call", "tool_choice"):
+            value = getattr(self, name)
+            if value not in no_ops.get(name, (None, False, 0, {}, [])):
                 return name
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) != 0:
-                return name
+        if self.response_format not in (None, {"type": "text"}):
+            return "response_format"
         return None
+
+    def sampling(self) -> dict:
+        """Sampling settings with nulls replaced by the defaults."""
+        return {"temperature": 1.0 if self.temperature is None else self.temperature,
+                "top_p": 1.0 if self.top_p is None else self.top_p,
+                "top_k": 0 if self.top_k is None else self.top_k, "seed": self.seed}
 
     @property
     def stop_strings(self) -> list[str]:
@@ -95,7 +113,7 @@ class ChatCompletionRequest(SamplingRequest):
 
 class CompletionRequest(SamplingRequest):
     prompt: Union[str, list[int], list[str], list[list[int]]]
-    echo: bool = False
+    echo: bool | None = False
     suffix: str | None = None
 
     def unsupported(self) -> str | None:

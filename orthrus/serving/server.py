@@ -47,6 +47,7 @@ class ServerConfig:
     model_name: str | None = None  # the id clients ask for; None: the loaded model's name
     mode: Mode = "orthrus"  # or "ar": plain decoding, the baseline
     draft_confidence: float = 0.0  # verify drafts only up to the first unsure one (0: all)
+    max_request_bytes: int = 4 * 2**20  # a larger body gets 413 before it is read
 
     def __post_init__(self):
         if self.max_batch < 1 or self.max_queue < 0:
@@ -55,6 +56,11 @@ class ServerConfig:
             raise OrthrusError(f"max model length must be >= 2 tokens, got {self.max_model_len}")
         if not self.request_timeout > 0:
             raise OrthrusError(f"request timeout must be > 0 seconds, got {self.request_timeout}")
+        if self.max_request_bytes < 1024:
+            raise OrthrusError(f"max request size must be >= 1024 bytes, got {self.max_request_bytes}")
+
+
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256
 
 
 @dataclass
@@ -92,6 +98,8 @@ class EngineLoop:
         self.inbox: queue.SimpleQueue[tuple[str, Job | None]] = queue.SimpleQueue()
         self.jobs: dict[int, Job] = {}  # sequence id -> job, while the engine holds it
         self.thread = threading.Thread(target=self._run, name="orthrus-engine", daemon=True)
+        self.dead = False
+        self.on_death = lambda: None  # the app sets it: end the process non-zero for a supervisor to restart
 
     def start(self) -> None:
         self.thread.start()
@@ -107,11 +115,18 @@ class EngineLoop:
         self.inbox.put(("abort", job))
 
     def _run(self) -> None:
-        while self._apply_inbox():
-            if self.engine.has_work():
-                self._step()
-            self.metrics.set("orthrus:num_requests_running", len(self.engine.running))
-            self.metrics.set("orthrus:num_requests_waiting", len(self.engine.waiting))
+        try:
+            while self._apply_inbox():
+                if self.engine.has_work():
+                    self._step()
+                self.metrics.set("orthrus:num_requests_running", len(self.engine.running))
+                self.metrics.set("orthrus:num_requests_waiting", len(self.engine.waiting))
+        except BaseException:  # the loop itself broke: say so at once, fail every request, and let the process exit
+            log.critical("the engine loop died; failing every request and shutting down", exc_info=True)
+            self.dead = True
+            for job in self.jobs.values():
+                job.send(Event(finish_reason="error", error=APIError(503, "the engine stopped", "server_error")))
+            self.on_death()
 
     def _apply_inbox(self) -> bool:
         """Apply every posted add and abort, waiting for one when there is nothing to decode.
@@ -126,7 +141,14 @@ class EngineLoop:
             if kind == "stop":
                 return False
             if kind == "add":
-                self.engine.add(job.seq)  # the handler validated it: this does not raise
+                try:
+                    self.engine.add(job.seq)  # the handler validated it; a miss fails this request alone
+                except Exception as e:
+                    log.exception("engine refused a request")
+                    status = 400 if isinstance(e, OrthrusError) else 500
+                    job.send(Event(finish_reason="error", error=APIError(status, f"cannot decode this request: {e}",
+                                                                         "invalid_request_error" if status == 400 else "server_error")))
+                    continue
                 self.jobs[job.seq.id] = job
             elif self.jobs.pop(job.seq.id, None) is not None:
                 self.engine.abort(job.seq)
@@ -197,10 +219,16 @@ class Server:
         if req.model not in (None, self.name):
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves {self.name!r}",
                            "not_found_error", "model", "model_not_found")
+        if self.engine_loop.dead:
+            raise APIError(503, "the engine stopped; the server is shutting down", "server_error", code="engine_dead")
         if field := req.unsupported():
             raise APIError(400, f"{field} is not supported by this server", param=field)
+        stops = req.stop_strings
+        if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS or not s for s in stops):
+            raise APIError(400, f"stop: at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} "
+                                "characters each", param="stop")
         try:
-            params = SamplingParams(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed)
+            params = SamplingParams(**req.sampling())
         except OrthrusError as e:  # its messages start with the offending field's name
             raise APIError(400, str(e), param=str(e).split()[0]) from None
         vocab = self.llm.model.config.vocab_size
@@ -309,9 +337,10 @@ class Server:
         return StreamingResponse(self.stream(job, builder, include_usage), media_type="text/event-stream",
                                  background=BackgroundTask(self.release, job))
 
-    def encode(self, prompt, param: str) -> list[int]:
+    async def encode(self, prompt, param: str) -> list[int]:
+        """Tokenise off the event loop: a long prompt must not stall every other stream."""
         try:
-            return self.llm.encode(prompt)
+            return await asyncio.to_thread(self.llm.encode, prompt)
         except Exception as e:  # OrthrusError, or the chat template refusing the messages
             raise APIError(400, f"cannot encode the {param}: {e}", param=param) from None
 
@@ -333,6 +362,47 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets 413, whether it says its length or not."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        too_large = APIError(413, f"the request body is over {self.limit} bytes", code="request_too_large")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await JSONResponse(too_large.body(), 413)(scope, receive, send)
+        seen, exceeded, started = 0, False, False
+
+        async def counted():  # past the limit, the app is told the client left; its answer is dropped
+            nonlocal seen, exceeded
+            if exceeded:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                exceeded = True
+                return {"type": "http.disconnect"}
+            return message
+
+        async def tracked(message):
+            nonlocal started
+            if not exceeded:
+                started = True
+                await send(message)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except Exception:
+            if not exceeded:
+                raise
+        if exceeded and not started:
+            await JSONResponse(too_large.body(), 413)(scope, receive, send)
+
+
 def create_app(llm: Orthrus, config: ServerConfig | None = None) -> FastAPI:
     server = Server(llm, config or ServerConfig())
 
@@ -346,6 +416,7 @@ def create_app(llm: Orthrus, config: ServerConfig | None = None) -> FastAPI:
     app.state.server = server
     if server.config.api_key:
         app.add_middleware(BearerAuth, api_key=server.config.api_key, server=server)
+    app.add_middleware(BodyLimit, limit=server.config.max_request_bytes)
 
     def reject(error: APIError) -> JSONResponse:
         server.metrics.inc("orthrus:requests_total", outcome="rejected")
@@ -370,7 +441,7 @@ def create_app(llm: Orthrus, config: ServerConfig | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
-        prompt = server.encode([m.as_dict() for m in req.messages], "messages")
+        prompt = await server.encode([m.as_dict() for m in req.messages], "messages")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         return await server.respond(request, req, prompt, max_tokens, "messages", chat=True)
 
@@ -381,7 +452,7 @@ def create_app(llm: Orthrus, config: ServerConfig | None = None) -> FastAPI:
             if len(prompt) != 1:
                 raise APIError(400, "send one prompt per request (concurrent requests are batched together)", param="prompt")
             prompt = prompt[0]
-        ids = server.encode(prompt, "prompt") if isinstance(prompt, str) else list(prompt)
+        ids = await server.encode(prompt, "prompt") if isinstance(prompt, str) else list(prompt)
         return await server.respond(request, req, ids, req.max_tokens, "prompt", chat=False)
 
     @app.get("/v1/models")
@@ -391,7 +462,7 @@ def create_app(llm: Orthrus, config: ServerConfig | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if not server.engine_loop.thread.is_alive():
+        if server.engine_loop.dead or not server.engine_loop.thread.is_alive():
             return JSONResponse({"status": "engine stopped"}, 503)
         return {"status": "ok"}
 
