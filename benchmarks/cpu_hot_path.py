@@ -5,7 +5,10 @@ Measures, in one run and interleaved (so machine noise hits every number alike):
     bytes one decoding step must stream (every weight once) divided by that bandwidth;
   - the AR step (one token) against the floor, and a T-token pass against the AR step, for the
     model's forward over a warm KV cache, in each dtype given;
-  - with --compare-plain, the same passes with the kernels off (plain PyTorch), side by side.
+  - with --compare-plain, the same passes with the kernels off (plain PyTorch), side by side;
+  - with --overhead, the same passes with every kernel swapped for a stub that only allocates
+    its output: what is left is the Python and small-op cost of a pass, the part that is not
+    weight streaming.
 
     python benchmarks/cpu_hot_path.py --dtypes float32,bfloat16 --threads 2 --out benchmarks/results/cpu-hot-path
 
@@ -71,6 +74,25 @@ def pass_timer(model, context: int):
     return run
 
 
+class StubKernels:
+    """The kernels' interface, computing nothing: a pass through it costs only its dispatch."""
+
+    def linear(self, x, weights, biases):
+        return [x.new_empty(*x.shape[:-1], w.shape[0]) for w in weights]
+
+    def attend(self, q, keys, values, rows, limits, scale):
+        return q.new_empty(q.shape)
+
+    def rmsnorm(self, x, weight, eps):
+        return torch.empty_like(x)
+
+    def rope_(self, x, cos, sin):
+        pass
+
+    def write_cache(self, kc, vc, k, v, rows, starts):
+        pass
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="HF folder (default: SmolLM2-135M-Instruct)")
@@ -80,6 +102,7 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compare-plain", action="store_true", help="also time every pass with the kernels off")
+    ap.add_argument("--overhead", action="store_true", help="also time every pass with stub kernels (dispatch cost only)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -92,18 +115,21 @@ def main(argv=None) -> None:
         llm = orthrus.load(args.model, drafter="none", dtype=dtype, device="cpu")
         timers[dtype] = pass_timer(llm.model, args.context)
         floors[dtype] = weight_bytes(llm.model)
-    samples = {(d, k, T): [] for d in timers for k in ("kernels", "plain") for T in Ts}
+    paths = ["kernels"] + ["plain"] * args.compare_plain + ["overhead"] * args.overhead
+    samples = {(d, k, T): [] for d in timers for k in paths for T in Ts}
+    compiled, stub = kernels.module(), StubKernels()
     bandwidth = []
     for rep in range(args.repeats + 1):  # the first round warms up and is dropped
         bandwidth.append(read_bandwidth(2 * max(floors.values()), 1))
         for d, run in timers.items():
             for T in Ts:
-                for path in ("kernels", "plain") if args.compare_plain else ("kernels",):
-                    kernels.enabled = path == "kernels"
+                for path in paths:
+                    kernels.enabled = path != "plain"
+                    kernels._module = stub if path == "overhead" else compiled
                     elapsed = run(T)
                     if rep:
                         samples[d, path, T].append(elapsed)
-    kernels.enabled = True
+    kernels.enabled, kernels._module = True, compiled
     bw = statistics.median(bandwidth[1:])
     result = {"threads": args.threads, "context": args.context, "repeats": args.repeats,
               "read_bandwidth_GBps": bw / 1e9, "dtypes": {}}
@@ -114,7 +140,7 @@ def main(argv=None) -> None:
     for d in timers:
         floor_ms = floors[d] / bw * 1e3
         result["dtypes"][d] = {"weight_bytes": floors[d], "floor_ms": floor_ms}
-        for path in ("kernels", "plain") if args.compare_plain else ("kernels",):
+        for path in paths:
             ms = {T: statistics.median(samples[d, path, T]) * 1e3 for T in Ts}
             result["dtypes"][d][path] = {"pass_ms": ms, "ar_over_floor": ms[Ts[0]] / floor_ms,
                                          "pass_over_ar": {T: ms[T] / ms[Ts[0]] for T in Ts}}

@@ -36,31 +36,15 @@ inline float hsum(__m256 v) {  // fixed order: (lo + hi), then pairs, then the l
   return _mm_cvtss_f32(s);
 }
 
-// Weights the next tile block will read, fetched into L2 a few lines per step while this block
-// computes, spread over all of its row tiles so the memory bus never idles.
-template <typename W>
-struct Prefetch {
-  const W* rows = nullptr;  // the next block's first weight row (null: nothing to fetch)
-  int64_t ld = 0, lines_per_row = 0, begin = 0, count = 0;  // this tile's share: lines [begin, begin + count)
-  inline void step(int64_t s, int64_t steps) const {
-    for (int64_t j = begin + s * count / steps; j < begin + (s + 1) * count / steps; ++j) {
-      const char* line = reinterpret_cast<const char*>(rows + (j / lines_per_row) * ld) + (j % lines_per_row) * 64;
-      asm volatile("prefetcht1 %0" : : "m"(*line));  // GCC drops _mm_prefetch from this loop nest
-    }
-  }
-};
-
 // y[r, c] = x[r] . w[c] (+ bias[c]) for R rows of x and C rows of w.
 template <typename W, int R, int C>
 inline void linear_tile(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t K, const float* bias,
-                        float* y, int64_t ldy, const Prefetch<W>& fetch) {
+                        float* y, int64_t ldy) {
   __m256 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
-  const int64_t steps = K / 8;
   int64_t k = 0;
-  for (int64_t s = 0; s < steps; ++s, k += 8) {
-    if (fetch.rows) fetch.step(s, steps);
+  for (; k + 8 <= K; k += 8) {
     __m256 wv[C];
     for (int c = 0; c < C; ++c) wv[c] = load8(w + c * ldw + k);
     for (int r = 0; r < R; ++r) {
@@ -78,30 +62,17 @@ inline void linear_tile(const float* x, int64_t ldx, const W* w, int64_t ldw, in
 }
 
 
-// Output features [n0, n0 + C) of one weight for all M rows, in tiles of up to R rows. `next`: the
-// weight rows the thread reads after these (null if none), fetched while these compute.
+// Output features [n0, n0 + C) of one weight for all M rows, in tiles of up to R rows (the
+// weight rows stay in cache while the row tiles pass over them).
 template <typename W, int C, int R>
-void linear_rows(const float* x, int64_t M, int64_t K, const W* w, const float* bias, float* y, int64_t N,
-                 int64_t n0, const W* next) {
+void linear_rows(const float* x, int64_t M, int64_t K, const W* w, const float* bias, float* y, int64_t N, int64_t n0) {
   const float* b = bias ? bias + n0 : nullptr;
-  const int64_t tiles = (M + R - 1) / R;
-  Prefetch<W> fetch;
-  fetch.rows = next;
-  fetch.ld = K;
-  fetch.lines_per_row = (K * static_cast<int64_t>(sizeof(W)) + 63) / 64;
-  const int64_t lines = next ? C * fetch.lines_per_row : 0;
-  auto share = [&](int64_t tile) {
-    fetch.begin = tile * lines / tiles;
-    fetch.count = (tile + 1) * lines / tiles - fetch.begin;
-    return fetch;
-  };
-  int64_t m = 0, tile = 0;
-  for (; m + R <= M; m += R, ++tile)
-    linear_tile<W, R, C>(x + m * K, K, w + n0 * K, K, K, b, y + m * N + n0, N, share(tile));
+  int64_t m = 0;
+  for (; m + R <= M; m += R) linear_tile<W, R, C>(x + m * K, K, w + n0 * K, K, K, b, y + m * N + n0, N);
   switch (M - m) {
-#define ORTHRUS_TAIL(r) \
-  case r:                \
-    if constexpr (r < R) linear_tile<W, r, C>(x + m * K, K, w + n0 * K, K, K, b, y + m * N + n0, N, share(tile)); \
+#define ORTHRUS_TAIL(r)                                                                      \
+  case r:                                                                                     \
+    if constexpr (r < R) linear_tile<W, r, C>(x + m * K, K, w + n0 * K, K, K, b, y + m * N + n0, N); \
     break;
     ORTHRUS_TAIL(1) ORTHRUS_TAIL(2) ORTHRUS_TAIL(3) ORTHRUS_TAIL(4) ORTHRUS_TAIL(5)
 #undef ORTHRUS_TAIL
@@ -144,15 +115,12 @@ void linear_blocks(const Products<W>& p) {
     int64_t j = std::upper_bound(first.begin(), first.end(), begin) - first.begin() - 1;
     for (int64_t blk = begin; blk < end; ++blk) {
       while (blk >= first[j + 1]) ++j;
-      const int64_t n0 = (blk - first[j]) * C;
-      const W* next = nullptr;
-      if (blk + 1 < end) next = blk + 1 < first[j + 1] ? p.w[j] + (n0 + C) * p.K : p.w[j + 1];
-      linear_rows<W, C, R>(p.x, p.M, p.K, p.w[j], p.bias[j], p.y[j], p.N[j], n0, next);
+      linear_rows<W, C, R>(p.x, p.M, p.K, p.w[j], p.bias[j], p.y[j], p.N[j], (blk - first[j]) * C);
     }
   });
   for (int64_t j = 0; j < count; ++j)  // features past the last whole block
     for (int64_t n = p.N[j] / C * C; n < p.N[j]; ++n)
-      linear_rows<W, 1, R>(p.x, p.M, p.K, p.w[j], p.bias[j], p.y[j], p.N[j], n, nullptr);
+      linear_rows<W, 1, R>(p.x, p.M, p.K, p.w[j], p.bias[j], p.y[j], p.N[j], n);
 }
 
 // The tile shape by the number of rows (measured on Zen 3, benchmarks/cpu_hot_path.py): one row
