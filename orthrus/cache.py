@@ -52,7 +52,7 @@ class KVCache:
         rows, positions = rows.to(self.k.device), positions.to(self.k.device)
         heads = torch.arange(self.k.shape[2], device=self.k.device)
         slots = (rows[:, None, None], heads[None, :, None], positions[:, None, :])  # where [N, H, T] K/V go
-        return CacheWindow(self, rows, positions, end, mask, every_row or fused, slots, limits if fused else None)
+        return CacheWindow(self, rows, positions, end, mask, every_row, slots, limits if fused else None)
 
 
 @dataclass
@@ -64,7 +64,7 @@ class CacheWindow:
     positions: torch.Tensor  # [N, T] absolute positions
     end: int  # keys read: slots [0, end)
     mask: torch.Tensor | None  # [N, 1, T, end] boolean, None when every key is visible
-    in_place: bool  # attend to the cache through a view, no gather of rows (all rows in order, or the kernel)
+    in_place: bool  # all cache rows in order: attend through a view, no gather of rows
     slots: tuple[torch.Tensor, ...]  # index of this pass's K/V in a layer's cache, shared by all layers
     limits: torch.Tensor | None  # [N, T] query t of row n sees keys [0, limit); set when the kernel attends
 
@@ -78,11 +78,11 @@ class CacheWindow:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this pass's K/V ([N, kv_heads, T, D]) and return the keys/values to attend to."""
         kc, vc = self.cache.k[layer], self.cache.v[layer]
-        if self.limits is not None:  # the kernel path: plain copies, no index tensors
+        if self.limits is not None:  # the kernel path: plain copies, and the kernel reads the rows in place
             kernels.write_cache(kc, vc, k, v, self.rows, self.positions[:, 0])
-        else:
-            kc.index_put_(self.slots, k)
-            vc.index_put_(self.slots, v)
+            return kc, vc
+        kc.index_put_(self.slots, k)
+        vc.index_put_(self.slots, v)
         if self.in_place:
             return kc[:, :, : self.end], vc[:, :, : self.end]
         return kc[self.rows, :, : self.end], vc[self.rows, :, : self.end]

@@ -93,6 +93,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer, self.n_heads, self.n_kv, self.head_dim = layer, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.qk_norm = cfg.qk_norm
         q_out, kv_out = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
         for suffix in ("", "_diff"):  # the AR projections, then their diffusion twins
             setattr(self, "q_proj" + suffix, Linear(cfg.hidden_size, q_out, bias=cfg.attention_bias))
@@ -109,7 +110,7 @@ class Attention(nn.Module):
         n, t, _ = x.shape
         q, k, v = project_all(x, *(getattr(self, name + sfx) for name in ("q_proj", "k_proj", "v_proj")))
         q, k, v = (y.view(n, t, -1, self.head_dim) for y in (q, k, v))
-        if hasattr(self, "q_norm"):
+        if self.qk_norm:
             q, k = getattr(self, "q_norm" + sfx)(q), getattr(self, "k_norm" + sfx)(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

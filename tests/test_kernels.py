@@ -146,3 +146,23 @@ def test_a_verify_pass_computes_each_token_as_a_decode_step_does(request, name, 
             cache.lengths[0] = prompt.shape[1]
             window = cache.window(rows, T, bidirectional=False)
             assert torch.equal(model(tokens[:, :T], window.positions, window, "ar"), steps[:, :T]), f"T={T}"
+
+
+def test_a_failed_build_falls_back_to_plain_pytorch_with_one_line(tmp_path, monkeypatch, capsys):
+    broken = tmp_path / "cpu.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(kernels, "SOURCE", broken)
+    monkeypatch.setattr(kernels, "_module", None)
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setenv("ORTHRUS_CACHE", str(tmp_path / "cache"))
+    assert kernels.module() is None and not kernels.usable(torch.zeros(1, 1, 4), 1)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("orthrus: few-row")]
+    assert len(lines) == 1 and "plain PyTorch" in lines[0]
+    layer = torch.nn.Linear(4, 3)
+    from orthrus.model import Linear
+
+    plain = Linear(4, 3)
+    plain.load_state_dict(layer.state_dict())
+    with torch.inference_mode():
+        x = torch.randn(2, 1, 4)
+        torch.testing.assert_close(plain(x), layer(x))

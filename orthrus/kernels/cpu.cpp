@@ -111,7 +111,9 @@ void linear_blocks(const Products<W>& p) {
   const int64_t count = static_cast<int64_t>(p.w.size());
   std::vector<int64_t> first(count + 1, 0);  // first global block of each weight
   for (int64_t j = 0; j < count; ++j) first[j + 1] = first[j] + p.N[j] / C;
-  parallel_chunks(first[count], 8, [&](int64_t begin, int64_t end) {
+  // 8 chunks a thread: long contiguous runs for the prefetchers, yet a late thread still does less
+  const int64_t chunk = std::max<int64_t>(8, first[count] / (8 * at::get_num_threads()));
+  parallel_chunks(first[count], chunk, [&](int64_t begin, int64_t end) {
     int64_t j = std::upper_bound(first.begin(), first.end(), begin) - first.begin() - 1;
     for (int64_t blk = begin; blk < end; ++blk) {
       while (blk >= first[j + 1]) ++j;
