@@ -55,6 +55,13 @@ def test_bench_rejects_unknown_method_and_set(qwen3_folder, tmp_path, capsys):
     assert "unknown method" in capsys.readouterr().err
     assert main(base + ["--sets", "mmlu"]) == 2
     assert "unknown prompt set 'mmlu'" in capsys.readouterr().err
+    # llama.cpp needs the model as a GGUF: a folder model without --gguf is refused up front, in one line
+    assert main(base + ["--methods", "ar,llama.cpp", "--sets", "gsm", "--num-prompts", "1"]) == 2
+    assert "give --gguf PATH" in capsys.readouterr().err
+    assert main(base + ["--methods", "llama.cpp", "--gguf", str(tmp_path / "missing.gguf"), "--sets", "gsm",
+                        "--num-prompts", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "missing.gguf: no such GGUF file" in err or "needs llama-cpp-python" in err
 
 
 def test_named_prompt_sets_load_and_gsm_eval_split_is_fixed():
