@@ -187,15 +187,8 @@ std::vector<torch::Tensor> linear(const torch::Tensor& x, const std::vector<torc
   return ys;
 }
 
-inline float dot(const float* q, const float* k, int64_t D) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t d = 0;
-  for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(load8(q + d), load8(k + d), acc);
-  float s = hsum(acc);
-  for (; d < D; ++d) s = std::fma(q[d], k[d], s);
-  return s;
-}
-inline float dot(const float* q, const bf16* k, int64_t D) {
+template <typename KV>
+inline float dot(const float* q, const KV* k, int64_t D) {
   __m256 acc = _mm256_setzero_ps();
   int64_t d = 0;
   for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(load8(q + d), load8(k + d), acc);
