@@ -2,9 +2,10 @@
 
 `cpu.cpp` (AVX2 + FMA) is compiled on first use with the machine's C++ compiler and cached
 under `$ORTHRUS_CACHE/kernels` (default `~/.cache/orthrus/kernels`), keyed by the source and the
-torch version, so later runs load it in a fraction of a second; `make install` builds it. Every output element is computed
-with the same reduction order whatever the number of rows, so a T-token pass computes each token
-bit for bit as a 1-token step does (the batch invariance that makes bf16 decoding exact).
+torch version, so later runs load it in a fraction of a second; `make install` builds it.
+Every output element is computed with the same reduction order whatever the number of rows, so
+a T-token pass computes each token bit for bit as a 1-token step does (the batch invariance that
+makes bf16 decoding exact).
 
 Where it cannot be built (no compiler, no AVX2, not x86) or `ORTHRUS_KERNELS=0` is set, the model
 falls back to plain PyTorch, said once in one line.
@@ -16,7 +17,6 @@ import hashlib
 import os
 import platform
 import sys
-import warnings
 from pathlib import Path
 
 import torch
