@@ -78,13 +78,18 @@ class TextStream:
         self.text = ""
         self.sent = 0
         self.stopped = False
+        self.tokens = 0  # tokens the text came from: all pushed, or up to the one completing a stop string
 
     def push(self, ids: list[int], final: bool = False) -> str:
+        before = len(self.ids)
         self.ids.extend(ids)
+        self.tokens = len(self.ids)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
         if hits:
             text, self.stopped, final = text[: min(hits)], True, True
+            self.tokens = next(n for n in range(before + 1, len(self.ids) + 1)  # the stop string completed in this push
+                               if self._has_stop(self.tokenizer.decode(self.ids[:n], skip_special_tokens=True)))
         self.text = text
         safe = len(text)
         if not final:
@@ -97,6 +102,9 @@ class TextStream:
         delta = text[self.sent : safe] if safe > self.sent else ""
         self.sent = max(self.sent, safe)
         return delta
+
+    def _has_stop(self, text: str) -> bool:
+        return any(s in text for s in self.stop)
 
 
 class Orthrus:

@@ -19,6 +19,7 @@ import uvicorn
 
 import orthrus
 from orthrus import cli
+from orthrus.api import TextStream
 from orthrus.serving.server import ServerConfig, create_app
 
 from .conftest import PROMPTS
@@ -163,6 +164,14 @@ def test_stop_strings_and_seeded_sampling_per_request(server, qwen3):
                              temperature=0.9, top_p=0.95, seed=11, extra_body={"top_k": 40})
     assert stopped.result().choices[0].message.content == expected.text
     assert stopped.result().choices[0].finish_reason == "stop"
+    # usage counts tokens up to the one that completed the stop string, not those decoded past it
+    ids = qwen3.generate(chat(PROMPTS[1]), max_new_tokens=32, mode="ar").token_ids
+    through_stop = next(n for n in range(1, len(ids) + 1)
+                        if stop in qwen3.tokenizer.decode(ids[:n], skip_special_tokens=True))
+    assert stopped.result().usage.completion_tokens == through_stop
+    text = TextStream(qwen3.tokenizer, [stop])  # a whole accepted block past the stop, pushed at once
+    text.push(ids, final=True)
+    assert text.stopped and text.tokens == through_stop < len(ids)
     assert seeded.result().choices[0].message.content == sampled.text
 
 

@@ -186,7 +186,8 @@ class EngineLoop:
         usage = None
         if seq.finished:
             del self.jobs[seq.id]
-            usage = Usage(len(seq.prompt), len(seq.generated), list(seq.stats.accepted),
+            # a stop string ends the completion at the token that completed it, whatever came after in the block
+            usage = Usage(len(seq.prompt), job.text.tokens if job.text.stopped else len(seq.generated), list(seq.stats.accepted),
                           engine.block_size - 1 if engine.mode == "orthrus" else 0)
         job.send(Event(text, seq.finish_reason, usage))
 
