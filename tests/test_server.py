@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import socket
 import threading
 import time
@@ -362,13 +363,19 @@ def test_queue_limit_and_timeout(qwen3):
 
 
 def test_orthrus_serve_command(qwen3_folder, qwen3, monkeypatch):
-    """`orthrus serve` builds the app from its options and hands it to uvicorn on localhost."""
+    """`orthrus serve` builds the app from its options and hands it to uvicorn on localhost; the
+    first SIGTERM starts the drain."""
     launched = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: launched.update(app=app, **kwargs))
-    assert cli.main(["serve", "--model", str(qwen3_folder), "--drafter", "none", "--dtype", "float32", "--device", "cpu",
-                     "--block-size", str(BLOCK), "--port", "8123", "--api-key", API_KEY, "--served-model-name", "tiny",
-                     "--max-batch", "2", "--max-queue", "3", "--max-model-len", "256", "--request-timeout", "9",
-                     "--draft-confidence", "0.5"]) == 0
+
+    def run(self, sockets=None):
+        launched.update(app=self.config.app, host=self.config.host, port=self.config.port, uvicorn=self)
+
+    with monkeypatch.context() as patch:  # only `orthrus serve`'s own uvicorn: the live server below runs for real
+        patch.setattr(uvicorn.Server, "run", run)
+        assert cli.main(["serve", "--model", str(qwen3_folder), "--drafter", "none", "--dtype", "float32", "--device",
+                         "cpu", "--block-size", str(BLOCK), "--port", "8123", "--api-key", API_KEY, "--served-model-name",
+                         "tiny", "--max-batch", "2", "--max-queue", "3", "--max-model-len", "256", "--request-timeout",
+                         "9", "--draft-confidence", "0.5"]) == 0
     assert (launched["host"], launched["port"]) == ("127.0.0.1", 8123)
     state = launched["app"].state.server
     assert (state.name, state.context, state.config.max_batch, state.config.max_queue) == ("tiny", 256, 2, 3)
@@ -377,6 +384,8 @@ def test_orthrus_serve_command(qwen3_folder, qwen3, monkeypatch):
     try:
         reply = live.client.chat.completions.create(model="tiny", messages=chat(PROMPTS[5]), max_tokens=12, temperature=0)
         assert reply.choices[0].message.content == qwen3.generate(chat(PROMPTS[5]), max_new_tokens=12).text
+        launched["uvicorn"].handle_exit(signal.SIGTERM, None)
+        assert state.draining and launched["uvicorn"].should_exit
     finally:
         live.close()
 
@@ -389,3 +398,23 @@ def test_orthrus_serve_refuses_bad_options(qwen3_folder, capsys):
                            (["--draft-confidence", "1.5"], "draft confidence must be in [0, 1]")):
         assert cli.main(base + extra) == 2
         assert message in capsys.readouterr().err
+
+
+def test_shutdown_drains_then_ends_open_streams_cleanly(qwen3):
+    """On shutdown: new requests get 503; running ones may finish during the grace period; then each
+    open stream gets a final chunk with a finish_reason and [DONE] (not a cut connection)."""
+    live = LiveServer(create_app(qwen3, ServerConfig(max_model_len=512)))
+    try:
+        body = {"prompt": PROMPTS[3], "max_tokens": 480, "temperature": 0, "stream": True}
+        with live.http.stream("POST", "/v1/completions", json=body) as response:
+            lines = response.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            assert json.loads(first[6:])["object"] == "text_completion"
+            live.state.drain(grace=0.5)
+            assert error_of(live.http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}), 503)["code"] == "shutting_down"
+            events = [line[6:] for line in lines if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        final = json.loads(events[-2])
+        assert final["choices"][0]["finish_reason"] == "abort" and final["speculative_decoding"]["drafts"] >= 1
+    finally:
+        live.close()

@@ -25,6 +25,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + completion tokens (default: min(2048, the model's))")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take in all (default 600)")
     p.add_argument("--max-request-bytes", type=int, default=4 * 2**20, help="larger request bodies get 413 (default 4 MiB)")
+    p.add_argument("--shutdown-grace", type=float, default=10.0,
+                   help="on SIGTERM/SIGINT, seconds running requests may finish before their streams are ended (default 10)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -45,6 +47,17 @@ def cmd_serve(args) -> None:
     engine_loop.on_death = lambda: os.kill(os.getpid(), signal.SIGTERM)
     if args.host not in LOCAL_HOSTS and not args.api_key:
         print(f"orthrus: warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    server = app.state.server
+
+    class Draining(uvicorn.Server):
+        """On the first SIGTERM/SIGINT, stop admitting and give running requests the grace period."""
+
+        def handle_exit(self, sig, frame):
+            if not server.draining:
+                server.drain(args.shutdown_grace)
+            super().handle_exit(sig, frame)
+
+    Draining(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                            timeout_graceful_shutdown=args.shutdown_grace + 5)).run()
     if engine_loop.dead:
         raise SystemExit("orthrus: error: the engine loop died (see the log above); exiting with status 1")

@@ -140,6 +140,10 @@ class EngineLoop:
             block = False
             if kind == "stop":
                 return False
+            if kind == "end_all":  # shutdown after the grace period: every open response ends cleanly
+                for held in list(self.jobs.values()):
+                    self._finish_early(held)
+                continue
             if kind == "add":
                 try:
                     self.engine.add(job.seq)  # the handler validated it; a miss fails this request alone
@@ -166,6 +170,18 @@ class EngineLoop:
         now = time.perf_counter()
         for out in outputs:
             self._deliver(self.jobs[out.sequence.id], out.new_tokens, now)
+
+    def end_all(self) -> None:
+        """End every running request now, each with a final event ("abort") and its usage."""
+        self.inbox.put(("end_all", None))
+
+    def _finish_early(self, job: Job) -> None:
+        seq = job.seq
+        self.engine.abort(seq)
+        del self.jobs[seq.id]
+        usage = Usage(len(seq.prompt), len(seq.generated), list(seq.stats.accepted),
+                      self.engine.block_size - 1 if self.engine.mode == "orthrus" else 0)
+        job.send(Event("", "abort", usage))
 
     def _deliver(self, job: Job, new_tokens: list[int], now: float) -> None:
         seq, engine, m = job.seq, self.engine, self.metrics
@@ -213,6 +229,7 @@ class Server:
         self.metrics = Metrics(self.name)
         self.engine_loop = EngineLoop(self.engine, self.metrics)
         self.active = 0  # admitted requests not yet released: running, waiting, or being answered
+        self.draining = False  # set on shutdown: new requests get 503
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -222,6 +239,8 @@ class Server:
                            "not_found_error", "model", "model_not_found")
         if self.engine_loop.dead:
             raise APIError(503, "the engine stopped; the server is shutting down", "server_error", code="engine_dead")
+        if self.draining:
+            raise APIError(503, "the server is shutting down", "server_error", code="shutting_down")
         if field := req.unsupported():
             raise APIError(400, f"{field} is not supported by this server", param=field)
         stops = req.stop_strings
@@ -252,6 +271,14 @@ class Server:
         arrived = time.perf_counter()
         seq = Sequence(prompt, params, max_tokens, self.llm.stop_token_ids)
         return Job(seq, TextStream(self.llm.tokenizer, req.stop_strings), arrived, arrived + self.config.request_timeout)
+
+    def drain(self, grace: float) -> None:
+        """Shutdown, first step: admit nothing more; running requests may finish for `grace`
+        seconds, then each open response ends with a final chunk (finish_reason "abort") and [DONE]."""
+        self.draining = True
+        timer = threading.Timer(grace, self.engine_loop.end_all)
+        timer.daemon = True
+        timer.start()
 
     def release(self, job: Job) -> None:
         """Called once the response is over, however it ended (idempotent): frees the job's
