@@ -99,7 +99,7 @@ class EngineLoop:
         self.jobs: dict[int, Job] = {}  # sequence id -> job, while the engine holds it
         self.thread = threading.Thread(target=self._run, name="orthrus-engine", daemon=True)
         self.dead = False
-        self.on_death = lambda: None  # the app sets it: end the process non-zero for a supervisor to restart
+        self.on_death = lambda: None  # `orthrus serve` sets it: end the process, non-zero, for a supervisor to restart
 
     def start(self) -> None:
         self.thread.start()
