@@ -43,16 +43,18 @@ class KVCache:
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions needed, {self.max_len} allocated")
         limits = positions + 1 if not bidirectional else (start + num_tokens)[:, None].expand_as(positions)
-        # Few query rows on CPU: the batch-invariant kernel reads each row's keys [0, limit) in place.
-        fused = kernels.usable(self.k, positions.numel())
+        if kernels.usable(self.k, positions.numel()):
+            # Few query rows on CPU: the batch-invariant kernels copy K/V by row and start and read
+            # each row's keys [0, limit) in place: no mask, no index tensors, no gather.
+            return CacheWindow(self, rows.to(self.k.device), positions.to(self.k.device), end, None, False, (), limits)
         mask = None
-        if not fused and not bool((limits == end).all()):
+        if not bool((limits == end).all()):
             mask = (torch.arange(end) < limits[..., None])[:, None].to(self.k.device)  # [N, 1, T, S]
         every_row = len(rows) == self.k.shape[1] and bool((rows == torch.arange(len(rows))).all())
         rows, positions = rows.to(self.k.device), positions.to(self.k.device)
         heads = torch.arange(self.k.shape[2], device=self.k.device)
         slots = (rows[:, None, None], heads[None, :, None], positions[:, None, :])  # where [N, H, T] K/V go
-        return CacheWindow(self, rows, positions, end, mask, every_row, slots, limits if fused else None)
+        return CacheWindow(self, rows, positions, end, mask, every_row, slots, None)
 
 
 @dataclass

@@ -38,9 +38,11 @@ def cmd_bench(args) -> None:
     if not sets:
         raise OrthrusError("--sets is empty: name at least one prompt set")
     folder = resolve_model(args.model)
-    gguf = Path(args.gguf) if args.gguf else (default_gguf() if args.model in (None, DEFAULT_MODEL) else None)
-    if "llama.cpp" in methods and gguf is None:
-        raise OrthrusError("the llama.cpp method needs the model as a GGUF file: give --gguf PATH")
+    gguf = None
+    if "llama.cpp" in methods:
+        gguf = Path(args.gguf) if args.gguf else (default_gguf() if args.model in (None, DEFAULT_MODEL) else None)
+        if gguf is None:
+            raise OrthrusError("the llama.cpp method needs the model as a GGUF file: give --gguf PATH")
     llm = load(str(folder), drafter=args.drafter, dtype=args.dtype, device=args.device, block_size=args.block_size)
     runner = Runner(llm, folder, methods, args.max_new_tokens, args.temperature, args.seed, args.block_size,
                     args.draft_confidence, gguf)

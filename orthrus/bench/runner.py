@@ -72,13 +72,13 @@ class HFGenerate:
 class LlamaCpp:
     """llama.cpp (through llama-cpp-python) decoding a GGUF on the CPU with the same thread count."""
 
-    def __init__(self, gguf: Path, stop_token_ids, context: int = 4096):
+    def __init__(self, gguf: Path | None, stop_token_ids, context: int = 4096):
         try:
             from llama_cpp import Llama
         except ImportError:
             raise OrthrusError("the llama.cpp method needs llama-cpp-python (pip install llama-cpp-python; "
                                "it builds llama.cpp, ~10 minutes on 2 cores)") from None
-        if not gguf.is_file():
+        if gguf is None or not gguf.is_file():
             raise OrthrusError(f"{gguf}: no such GGUF file for the llama.cpp method (give --gguf)")
         threads = torch.get_num_threads()
         self.model = Llama(str(gguf), n_ctx=context, n_threads=threads, n_threads_batch=threads, verbose=False)
@@ -115,7 +115,7 @@ class Runner:
         if any(m.startswith("hf") for m in methods):
             param = next(llm.model.parameters())
             self.hf = HFGenerate(folder, param.dtype, param.device, llm.stop_token_ids)
-        self.llama_cpp = LlamaCpp(gguf or Path(), llm.stop_token_ids) if "llama.cpp" in methods else None
+        self.llama_cpp = LlamaCpp(gguf, llm.stop_token_ids) if "llama.cpp" in methods else None
 
     def run_one(self, method: str, ids: list[int], max_new_tokens: int, seed: int) -> tuple[list[int], float, int, list[int]]:
         start = time.perf_counter()

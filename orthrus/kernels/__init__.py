@@ -50,7 +50,6 @@ def _build():
     private temp folder and is published by an atomic rename, so a build killed midway leaves no
     lock or half-written library behind, and concurrent first runs do not wait on each other."""
     import importlib.util
-    import shutil
     import tempfile
 
     from torch.utils.cpp_extension import load
@@ -65,9 +64,7 @@ def _build():
             flags = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off"]
             load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=tmp,
                  verbose=False)
-            staged = Path(tmp) / f"{name}.so"
-            shutil.copyfile(staged, Path(tmp) / "publish.so")
-            (Path(tmp) / "publish.so").rename(library)
+            (Path(tmp) / f"{name}.so").rename(library)  # same file system: atomic
         for old in cache_dir().glob("orthrus_cpu_*.so"):  # builds of older sources or torch versions
             if old != library:
                 old.unlink(missing_ok=True)

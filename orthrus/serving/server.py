@@ -124,9 +124,10 @@ class EngineLoop:
         except BaseException:  # the loop itself broke: say so at once, fail every request, and let the process exit
             log.critical("the engine loop died; failing every request and shutting down", exc_info=True)
             self.dead = True
-            for job in self.jobs.values():
-                job.send(Event(finish_reason="error", error=APIError(503, "the engine stopped", "server_error")))
-            self.on_death()
+            try:
+                self._fail_all(APIError(503, "the engine stopped", "server_error"))
+            finally:
+                self.on_death()
 
     def _apply_inbox(self) -> bool:
         """Apply every posted add and abort, waiting for one when there is nothing to decode.
@@ -162,10 +163,7 @@ class EngineLoop:
             outputs = self.engine.step()
         except Exception:  # an engine bug: fail the requests it held, keep serving the next ones
             log.exception("engine step failed")
-            for job in self.jobs.values():
-                self.engine.abort(job.seq)
-                job.send(Event(finish_reason="error", error=APIError(500, "internal error while decoding", "server_error")))
-            self.jobs.clear()
+            self._fail_all(APIError(500, "internal error while decoding", "server_error"))
             return
         now = time.perf_counter()
         for out in outputs:
@@ -175,13 +173,21 @@ class EngineLoop:
         """End every running request now, each with a final event ("abort") and its usage."""
         self.inbox.put(("end_all", None))
 
+    def _fail_all(self, error: APIError) -> None:
+        """Fail every request the engine holds with `error`, freeing their rows."""
+        for job in self.jobs.values():
+            self.engine.abort(job.seq)
+            job.send(Event(finish_reason="error", error=error))
+        self.jobs.clear()
+
     def _finish_early(self, job: Job) -> None:
-        seq = job.seq
-        self.engine.abort(seq)
-        del self.jobs[seq.id]
-        usage = Usage(len(seq.prompt), len(seq.generated), list(seq.stats.accepted),
-                      self.engine.block_size - 1 if self.engine.mode == "orthrus" else 0)
-        job.send(Event("", "abort", usage))
+        self.engine.abort(job.seq)
+        del self.jobs[job.seq.id]
+        job.send(Event("", "abort", self._usage(job.seq, len(job.seq.generated))))
+
+    def _usage(self, seq: Sequence, completion_tokens: int) -> Usage:
+        return Usage(len(seq.prompt), completion_tokens, list(seq.stats.accepted),
+                     self.engine.block_size - 1 if self.engine.mode == "orthrus" else 0)
 
     def _deliver(self, job: Job, new_tokens: list[int], now: float) -> None:
         seq, engine, m = job.seq, self.engine, self.metrics
@@ -203,8 +209,7 @@ class EngineLoop:
         if seq.finished:
             del self.jobs[seq.id]
             # a stop string ends the completion at the token that completed it, whatever came after in the block
-            usage = Usage(len(seq.prompt), job.text.tokens if job.text.stopped else len(seq.generated), list(seq.stats.accepted),
-                          engine.block_size - 1 if engine.mode == "orthrus" else 0)
+            usage = self._usage(seq, job.text.tokens if job.text.stopped else len(seq.generated))
         job.send(Event(text, seq.finish_reason, usage))
 
 
