@@ -23,6 +23,8 @@ def register(sub) -> None:
     d.add_argument("--dtype", default="auto")
     d.add_argument("--device", default="auto")
     d.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    d.add_argument("--from-text", action="store_true",
+                   help="take the replies from ShareGPT's own text instead of generating them (seconds, no model pass)")
     d.set_defaults(func=cmd_distill)
 
     t = sub.add_parser("train", help="train the drafter twins on distilled data (resumes the run if it exists)")
@@ -68,13 +70,18 @@ def cmd_distill(args) -> None:
 
     from ..api import load
     from .data import parse_mix
-    from .distill import distill
+    from .distill import distill, write_text_data
 
     if args.threads:
         torch.set_num_threads(args.threads)
     mix = parse_mix(args.mix)
     llm = load(args.model, drafter="none", dtype=args.dtype, device=args.device)
     out = Path(args.out) if args.out else folder(args.name, "distill")
+    if args.from_text:
+        n = write_text_data(llm, out, args.count, seed=args.seed, max_prompt_tokens=args.max_prompt_tokens,
+                            max_new_tokens=args.max_new_tokens)
+        print(f"orthrus distill: {n} new rows of ShareGPT text in {out}")
+        return
     n = distill(llm, out, args.count, mix, seed=args.seed, rows=args.rows,
                 max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
                 temperature=args.temperature, top_p=args.top_p)

