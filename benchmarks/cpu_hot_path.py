@@ -77,6 +77,9 @@ def pass_timer(model, context: int):
 class StubKernels:
     """The kernels' interface, computing nothing: a pass through it costs only its dispatch."""
 
+    def pack(self, w):
+        return w
+
     def linear(self, x, weights, biases):
         return [x.new_empty(*x.shape[:-1], w.shape[0]) for w in weights]
 

@@ -59,6 +59,20 @@ def test_several_weights_in_one_call_equal_one_call_each():
             assert torch.equal(y, kernels.linear(x, m)[0])
 
 
+def test_the_packed_weight_follows_changes_to_the_weight():
+    """The kernel streams a packed copy of each weight; a changed or replaced weight is repacked."""
+    kernels.module()
+    layer = torch.nn.Linear(40, 12, bias=False)
+    x = torch.randn(3, 40)
+    with torch.no_grad():
+        before = kernels.linear(x, layer)[0]
+        layer.weight.mul_(2)  # in place, as an optimizer step or a drafter load does
+        torch.testing.assert_close(kernels.linear(x, layer)[0], 2 * before)
+        layer.weight = torch.nn.Parameter(torch.zeros(12, 40))  # replaced
+        assert torch.equal(kernels.linear(x, layer)[0], torch.zeros(3, 12))
+    assert "_packed_weight" not in layer.state_dict() and len(layer.state_dict()) == 1
+
+
 def reference_attention(q, kc, vc, rows, limits):
     """SDPA with an explicit mask, one query row at a time, in float64."""
     N, H, T, D = q.shape

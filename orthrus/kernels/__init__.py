@@ -104,7 +104,20 @@ def usable(x: torch.Tensor, tokens: int) -> bool:
 def linear(x: torch.Tensor, *layers: torch.nn.Linear) -> list[torch.Tensor]:
     """x @ W.T + b for each layer, for a few rows of x ([..., K]), in one call; fp32 accumulation,
     outputs in x's dtype."""
-    return _module.linear(x, [m.weight for m in layers], [m.bias for m in layers])
+    return _module.linear(x, [packed(m) for m in layers], [m.bias for m in layers])
+
+
+def packed(layer: torch.nn.Linear) -> torch.Tensor:
+    """The layer's weight in the layout the kernel streams, made on first use and kept beside the
+    weight (outside the parameters, so state dicts, training and the plain path never see it);
+    remade when the weight is replaced or changed in place (its version counter moves)."""
+    w = layer.weight
+    key = (w.data_ptr(), w._version, w.dtype)
+    kept = layer.__dict__.get("_packed_weight")
+    if kept is None or kept[0] != key:
+        kept = (key, _module.pack(w.detach()))
+        layer.__dict__["_packed_weight"] = kept
+    return kept[1]
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
