@@ -7,13 +7,13 @@ or a batch, and decodes them together through the engine in orthrus or AR mode.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence as Seq, Union
 
 import torch
 
 from .checkpoint import drafter_fits, load_drafter, load_model
-from .engine import Engine, Mode, Sequence, acceptance_length, position_acceptance
+from .engine import SOURCES, Engine, Mode, Sequence, acceptance_length, position_acceptance
 from .errors import OrthrusError
 from .hub import DEFAULT_DRAFTER, DEFAULT_MODEL, resolve_model
 from .sampling import SamplingParams
@@ -29,15 +29,12 @@ class GenerationStats:
     accepted: list[int]  # accepted drafts in each cycle
     block_size: int  # 1 in AR mode
     seconds: float
+    forwards: int  # decoding passes: draft + verify in a diffusion cycle, one otherwise
+    sources: list[str] = field(default_factory=list)  # each cycle's draft source (engine.SOURCES)
 
     @property
     def cycles(self) -> int:
         return len(self.accepted)
-
-    @property
-    def forwards(self) -> int:
-        """Decoding forwards of this sequence: draft + verify per cycle (one in AR mode)."""
-        return self.cycles * (1 if self.block_size == 1 else 2)
 
     @property
     def tokens_per_cycle(self) -> float:
@@ -56,7 +53,10 @@ class GenerationStats:
     def as_dict(self) -> dict:
         return {"cycles": self.cycles, "tokens": self.tokens, "forwards": self.forwards,
                 "tokens_per_cycle": round(self.tokens_per_cycle, 3), "tokens_per_second": round(self.tokens_per_second, 2),
-                "seconds": round(self.seconds, 3), "position_acceptance": [round(x, 3) for x in self.position_acceptance]}
+                "seconds": round(self.seconds, 3), "position_acceptance": [round(x, 3) for x in self.position_acceptance],
+                "cycles_by_source": {src: self.sources.count(src) for src in SOURCES if src in self.sources},
+                "accepted_by_source": {src: sum(a for a, s in zip(self.accepted, self.sources) if s == src)
+                                       for src in SOURCES if src in self.sources}}
 
 
 @dataclass
@@ -149,13 +149,14 @@ class Orthrus:
 
     def _run(self, prompts: list[Prompt], streaming: bool, max_new_tokens: int = 256, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop: Seq[str] | str | None = None,
-             mode: Mode = "orthrus", block_size: int | None = None, draft_confidence: float = 0.0):
+             mode: Mode = "orthrus", block_size: int | None = None, draft_confidence: float = 0.0, lookup: bool = True):
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         stop = [stop] if isinstance(stop, str) else list(stop or [])
         encoded = [self.encode(p) for p in prompts]
         block = 1 if mode == "ar" else (block_size or self.block_size)
         max_len = max(map(len, encoded)) + max_new_tokens + block
-        engine = Engine(self.model, len(encoded), max_len, mode=mode, block_size=block_size, draft_confidence=draft_confidence)
+        engine = Engine(self.model, len(encoded), max_len, mode=mode, block_size=block_size, draft_confidence=draft_confidence,
+                        lookup=lookup)
         seqs = [Sequence(ids, params, max_new_tokens, self.stop_token_ids) for ids in encoded]
         for s in seqs:
             engine.add(s)
@@ -174,7 +175,8 @@ class Orthrus:
         return [
             Generation(text=t.text, token_ids=s.generated, finish_reason=s.finish_reason, prompt_tokens=len(s.prompt),
                        stats=GenerationStats(tokens=len(s.generated), accepted=s.stats.accepted,
-                                             block_size=engine.block_size, seconds=seconds))
+                                             block_size=engine.block_size, seconds=seconds, forwards=s.stats.forwards,
+                                             sources=s.stats.sources))
             for s, t in texts.items()
         ]
 

@@ -29,6 +29,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--no-lookup", dest="lookup", action="store_false",
+                   help="draft only with the diffusion view (no prompt-lookup drafts)")
     p.add_argument("--stats", action="store_true", help="print decoding statistics to stderr")
 
 
@@ -44,7 +46,8 @@ def load_from_args(args):
 
 def sampling_kwargs(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, seed=args.seed, stop=args.stop, mode=args.mode, draft_confidence=args.draft_confidence)
+                top_p=args.top_p, seed=args.seed, stop=args.stop, mode=args.mode, draft_confidence=args.draft_confidence,
+                lookup=args.lookup)
 
 
 def stream_to_stdout(llm, prompt, kwargs):

@@ -79,23 +79,29 @@ def sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 
 
 def speculative_accept(
-    p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u_accept: torch.Tensor, u_next: torch.Tensor
+    p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u_accept: torch.Tensor, u_next: torch.Tensor,
+    lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Standard speculative sampling over a block, vectorised over rows.
 
     p [N, K+1, V]: verify distributions (row i is the target for draft i, row K the bonus).
-    q [N, K, V]: draft distributions; drafts [N, K] were sampled from q.
+    q [N, K, V]: draft distributions; drafts [N, K] were sampled from q (a one-hot q for a
+    deterministic proposal such as a prompt lookup). lengths [N] (default K): row n has only its
+    first lengths[n] drafts; the rest is padding and never accepted.
     Draft i is accepted with probability min(1, p_i(d_i) / q_i(d_i)); at the first rejection the
-    next token is drawn from normalize(max(p_i - q_i, 0)), and after K acceptances from p_K.
-    Returns (accepted count [N], next token [N]).
+    next token is drawn from normalize(max(p_i - q_i, 0)), and after all of a row's drafts from p
+    at that position (the bonus). Returns (accepted count [N], next token [N]).
     """
-    k = drafts.shape[1]
+    n, k = drafts.shape
+    lengths = torch.full((n,), k, device=p.device) if lengths is None else lengths.to(p.device)
     p_d = p[:, :k].gather(-1, drafts[..., None]).squeeze(-1)
     q_d = q.gather(-1, drafts[..., None]).squeeze(-1)
-    accepted = (u_accept * q_d < p_d).long().cumprod(-1).sum(-1)
-    rows = torch.arange(p.shape[0], device=p.device)
+    real = torch.arange(k, device=p.device) < lengths[:, None]
+    accepted = ((u_accept * q_d < p_d) & real).long().cumprod(-1).sum(-1)
+    rows = torch.arange(n, device=p.device)
     p_a = p[rows, accepted]
-    q_a = torch.cat([q, torch.zeros_like(q[:, :1])], 1)[rows, accepted]  # q = 0 at the bonus row
+    q_a = torch.cat([q, torch.zeros_like(q[:, :1])], 1)[rows, accepted]
+    q_a = torch.where((accepted < lengths)[:, None], q_a, 0.0)  # past a row's drafts: the bonus, from p alone
     residual = (p_a - q_a).clamp_(min=0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_a)  # p == q: nothing to correct
     return accepted, sample(residual, u_next)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from orthrus.checkpoint import init_untrained_twins
+from orthrus.engine import lookup_drafts
 
 from .conftest import PROMPTS
 
@@ -56,10 +57,11 @@ def test_greedy_orthrus_equals_ar_with_three_drafters(request, name, block, path
 
     restore = make_oracle(llm, [llm.encode(p) + e for p, e in zip(prompts, expected)])
     try:
-        oracle = llm.generate(prompts, max_new_tokens=max_new, block_size=block)
+        oracle = llm.generate(prompts, max_new_tokens=max_new, block_size=block, lookup=False)
+        oracle_and_lookup = llm.generate(prompts, max_new_tokens=max_new, block_size=block)
     finally:
         restore()
-    assert [g.token_ids for g in oracle] == expected
+    assert [g.token_ids for g in oracle] == expected and [g.token_ids for g in oracle_and_lookup] == expected
     for g in oracle:  # every draft accepted: full blocks until the budget or EOS cuts the last one
         assert g.stats.cycles <= -(-len(g.token_ids) // block) + 1
     assert sum(sum(g.stats.accepted) for g in oracle) >= sum(len(e) for e in expected) // 2
@@ -70,8 +72,8 @@ def test_greedy_orthrus_equals_ar_with_three_drafters(request, name, block, path
     finally:
         init_untrained_twins(llm.model)
     assert [g.token_ids for g in rand] == expected
-    mean_accept = sum(sum(g.stats.accepted) for g in rand) / sum(g.stats.cycles for g in rand)
-    assert mean_accept < 0.5
+    diffusion = [a for g in rand for a, s in zip(g.stats.accepted, g.stats.sources) if s == "diffusion"]
+    assert diffusion and sum(diffusion) / len(diffusion) < 0.5
 
 
 def test_batch_equals_each_prompt_alone(qwen3):
@@ -81,6 +83,27 @@ def test_batch_equals_each_prompt_alone(qwen3):
         alone = [qwen3.generate(p, max_new_tokens=20, mode=mode, block_size=4) for p in prompts]
         assert [b.token_ids for b in batch] == [a.token_ids for a in alone]
         assert [b.stats.accepted for b in batch] == [a.stats.accepted for a in alone]
+        assert [b.stats.sources for b in batch] == [a.stats.sources for a in alone]
+
+
+def test_lookup_drafts_find_the_latest_earlier_occurrence():
+    assert lookup_drafts([1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3], 3) == [7, 8, 1]  # latest match of the 3-gram
+    assert lookup_drafts([5, 2, 3, 6, 4, 2, 3], 2) == [6, 4]  # no earlier 3-gram: the 2-gram
+    assert lookup_drafts([1, 2, 3, 4], 4) == []  # nothing repeats
+    assert lookup_drafts([1, 2, 1, 2], 5) == [1, 2]  # the continuation runs up to the end
+
+
+def test_greedy_orthrus_with_lookup_equals_ar_on_repetitive_text(smollm2):
+    """Prompts that ask to repeat text: lookup drafts are taken and accepted, and the output is AR's."""
+    text = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
+            "How vexingly quick daft zebras jump. ")
+    prompts = [[{"role": "user", "content": f"Repeat this text exactly, twice:\n{text}"}],
+               [{"role": "user", "content": f"Copy the next line:\n{text * 2}"}]]
+    ar = smollm2.generate(prompts, max_new_tokens=40, mode="ar")
+    out = smollm2.generate(prompts, max_new_tokens=40, block_size=4)  # the untrained drafter: lookup must carry it
+    assert [g.token_ids for g in out] == [g.token_ids for g in ar]
+    lookup = [a for g in out for a, s in zip(g.stats.accepted, g.stats.sources) if s == "lookup"]
+    assert lookup and sum(lookup) >= len(lookup), "lookup drafts should be taken and mostly accepted here"
 
 
 def test_seeded_sampling_repeats_exactly_alone_or_batched(qwen3):

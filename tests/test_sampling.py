@@ -41,6 +41,27 @@ def test_speculative_sampling_reproduces_the_target_distribution():
     assert chi_square_p_value(torch.bincount(drafts[:, 0], minlength=vocab).float(), p[0]) < 1e-6
 
 
+def test_lookup_drafts_padded_to_the_block_keep_the_target_distribution():
+    """A lookup draft is a fixed proposal (one-hot q) and rows of one verify pass carry different
+    numbers of drafts: each row's tokens still follow p, and a row never accepts past its drafts."""
+    g = torch.Generator().manual_seed(1)
+    n, vocab, k = 200_000, 6, 3
+    p = torch.softmax(torch.randn(k + 1, vocab, generator=g) * 1.5, -1)
+    lengths = torch.tensor([0, 1, 3]).repeat(n // 3 + 1)[:n]  # no draft, one, a full block
+    drafts = torch.tensor([3, 1, 4]).expand(n, -1).clone()  # the looked-up continuation
+    q = torch.zeros(n, k, vocab).scatter_(-1, drafts[..., None], 1.0)
+    accepted, nxt = speculative_accept(p.expand(n, -1, -1), q, drafts, torch.rand(n, k, generator=g),
+                                       torch.rand(n, generator=g), lengths)
+    assert bool((accepted <= lengths).all())
+    first = torch.where(accepted > 0, drafts[:, 0], nxt)
+    assert chi_square_p_value(torch.bincount(first, minlength=vocab).float(), p[0]) > 1e-3
+    one = (lengths == 1) & (accepted == 1)  # past its only draft a row draws the bonus from p_1
+    assert chi_square_p_value(torch.bincount(nxt[one], minlength=vocab).float(), p[1]) > 1e-3
+    full = lengths == 3
+    second = torch.where(accepted[full & (accepted > 0)] > 1, drafts[full & (accepted > 0), 1], nxt[full & (accepted > 0)])
+    assert chi_square_p_value(torch.bincount(second, minlength=vocab).float(), p[1]) > 1e-3
+
+
 def test_greedy_is_the_one_hot_special_case():
     logits = torch.randn(3, 5, 20)
     probs = sampling_probs(logits, [SamplingParams()] * 3)

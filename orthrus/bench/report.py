@@ -28,8 +28,12 @@ def summarize(runs: list[Run], block_size: int) -> dict:
                  "tokens_per_forward": round(tokens / forwards, 3) if forwards else None}
             if ar_tokens:
                 m["exact_match_vs_ar"] = round(sum(r.token_ids == ar_tokens[r.prompt] for r in mine) / len(mine), 3)
-            if method == "orthrus":
+            if method.startswith("orthrus"):
                 cycles = [a for r in mine for a in r.accepted]
+                by_source = [(src, a) for r in mine for src, a in zip(r.sources, r.accepted)]
+                m["acceptance_length_by_source"] = {  # tokens per cycle, and the cycles, of each draft source
+                    src: {"cycles": n, "acceptance_length": round(acceptance_length([a for s, a in by_source if s == src]), 3)}
+                    for src in dict.fromkeys(s for s, _ in by_source) if (n := sum(s == src for s, _ in by_source))}
                 m["cycles"] = len(cycles)
                 m["acceptance_length"] = round(acceptance_length(cycles), 3)
                 m["position_acceptance"] = [round(x, 3) for x in position_acceptance(cycles, block_size)]

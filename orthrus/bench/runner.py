@@ -20,7 +20,7 @@ import torch
 from ..errors import OrthrusError
 from .prompts import PromptSet
 
-METHODS = ("orthrus", "ar", "hf", "hf-pld", "llama.cpp")
+METHODS = ("orthrus", "orthrus-diffusion", "ar", "hf", "hf-pld", "llama.cpp")  # orthrus-diffusion: lookup drafts off
 DEFAULT_METHODS = ("orthrus", "ar", "hf", "hf-pld")  # llama.cpp needs an optional extra and a GGUF
 PROMPT_LOOKUP_TOKENS = 10
 
@@ -34,8 +34,9 @@ class Run:
     method: str
     token_ids: list[int]
     seconds: float
-    forwards: int  # decoding forwards of this sequence (orthrus: 2 per cycle; HF: model calls)
+    forwards: int  # decoding forwards of this sequence (orthrus: 2 per diffusion cycle, 1 per lookup cycle; HF: model calls)
     accepted: list[int] = field(default_factory=list)  # orthrus: accepted drafts per cycle
+    sources: list[str] = field(default_factory=list)  # orthrus: each cycle's draft source
 
 
 class HFGenerate:
@@ -117,18 +118,19 @@ class Runner:
             self.hf = HFGenerate(folder, param.dtype, param.device, llm.stop_token_ids)
         self.llama_cpp = LlamaCpp(gguf, llm.stop_token_ids) if "llama.cpp" in methods else None
 
-    def run_one(self, method: str, ids: list[int], max_new_tokens: int, seed: int) -> tuple[list[int], float, int, list[int]]:
+    def run_one(self, method: str, ids: list[int], max_new_tokens: int, seed: int) -> tuple[list[int], float, int, list[int], list[str]]:
         start = time.perf_counter()
         if method.startswith("hf"):
             tokens, forwards = self.hf.generate(ids, max_new_tokens, self.temperature, seed, prompt_lookup=method == "hf-pld")
-            return tokens, time.perf_counter() - start, forwards, []
+            return tokens, time.perf_counter() - start, forwards, [], []
         if method == "llama.cpp":
             tokens, forwards = self.llama_cpp.generate(ids, max_new_tokens, self.temperature, seed)
-            return tokens, time.perf_counter() - start, forwards, []
+            return tokens, time.perf_counter() - start, forwards, [], []
         out = self.llm.generate(ids, max_new_tokens=max_new_tokens, temperature=self.temperature, seed=seed,
-                                mode=method, block_size=self.block_size, draft_confidence=self.draft_confidence)
+                                mode="ar" if method == "ar" else "orthrus", lookup=method != "orthrus-diffusion",
+                                block_size=self.block_size, draft_confidence=self.draft_confidence)
         seconds = time.perf_counter() - start
-        return out.token_ids, seconds, out.stats.forwards, list(out.stats.accepted)
+        return out.token_ids, seconds, out.stats.forwards, list(out.stats.accepted), list(out.stats.sources)
 
     def warm_up(self, ids: list[int]) -> None:
         for method in self.methods:
@@ -143,8 +145,7 @@ class Runner:
                 order = self.methods[turn % len(self.methods):] + self.methods[: turn % len(self.methods)]
                 turn += 1
                 for method in order:
-                    tokens, seconds, forwards, accepted = self.run_one(method, ids, self.max_new_tokens, self.seed + i)
-                    runs.append(Run(name, i, method, tokens, seconds, forwards, accepted))
+                    runs.append(Run(name, i, method, *self.run_one(method, ids, self.max_new_tokens, self.seed + i)))
                 if progress:
                     progress(f"{name} {i + 1}/{len(prompts)}")
         return runs
