@@ -272,6 +272,28 @@ def test_distill_writes_the_models_own_replies_and_resumes(qwen3, tmp_path):
         distill(qwen3, tmp_path, 6, mix, rows=2, max_new_tokens=7, progress=False)
 
 
+def test_text_data_is_sharegpt_replies_made_the_same_on_every_machine(qwen3, tmp_path):
+    """`distill --from-text`: no generation, so a lost folder is remade bit for bit by the same command."""
+    from orthrus.training.data import sharegpt_exchanges
+    from orthrus.training.distill import write_text_data
+
+    assert write_text_data(qwen3, tmp_path / "a", 12, max_new_tokens=40, shard_rows=5) == 12
+    assert write_text_data(qwen3, tmp_path / "a", 15, max_new_tokens=40, shard_rows=5) == 3  # grows, keeps what exists
+    assert write_text_data(qwen3, tmp_path / "b", 15, max_new_tokens=40) == 15
+    rows = read_shards(tmp_path / "a")
+    assert rows == read_shards(tmp_path / "b") and len({r["index"] for r in rows}) == 15
+    exchanges = sharegpt_exchanges(0)
+    eos = qwen3.tokenizer.eos_token_id
+    for r in rows:
+        prompt, reply = exchanges[r["index"]]
+        assert r["source"] == "chat-text" and r["tokens"][: r["prompt_len"]] == qwen3.encode([{"role": "user", "content": prompt}])
+        answer = qwen3.tokenizer.encode(reply, add_special_tokens=False) + [eos]
+        assert r["tokens"][r["prompt_len"] :] == answer[:40] and r["finish"] == ("stop" if len(answer) <= 40 else "length")
+    assert len(pack(rows, 128)) > 0
+    with pytest.raises(OrthrusError, match="other settings"):
+        write_text_data(qwen3, tmp_path / "a", 15, max_new_tokens=41)
+
+
 def test_flex_attention_pass_agrees_with_the_sdpa_pass(llama_folder, data_folder):
     """The block-sparse FlexAttention path (used on CUDA) gives the dense-mask path's drafts."""
     model = trained_model(llama_folder)
