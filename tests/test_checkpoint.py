@@ -144,7 +144,8 @@ def test_drafting_memory_is_independent_of_context_length(qwen3):
             w = cache.window(torch.arange(1), block, bidirectional=True)
             model(tokens, w.positions, w, "diffusion")
 
-        run()  # first use packs the twins' weights for the kernels: not part of a pass's working memory
+        with torch.inference_mode():
+            run()  # first use packs the twins' weights for the kernels: not part of a pass's working memory
         peak = peak_bytes(run)
         assert cache.nbytes == before and cache.lengths.tolist() == [context]
         return peak
