@@ -6,16 +6,22 @@ or a batch, and decodes them together through the engine in orthrus or AR mode.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import platform
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence as Seq, Union
 
 import torch
 
+from . import kernels
 from .checkpoint import drafter_fits, load_drafter, load_model
-from .engine import SOURCES, Engine, Mode, Sequence, acceptance_length, position_acceptance
+from .engine import (MAX_LOOKUP_DRAFTS, SOURCES, Engine, Mode, PassCosts, Sequence, acceptance_length, measure_pass_costs,
+                     position_acceptance)
 from .errors import OrthrusError
-from .hub import DEFAULT_DRAFTER, DEFAULT_MODEL, resolve_model
+from .hub import DEFAULT_DRAFTER, DEFAULT_MODEL, cache_dir, resolve_model
 from .sampling import SamplingParams
 
 Prompt = Union[str, list[dict], list[int]]
@@ -111,12 +117,43 @@ class Orthrus:
     def __init__(self, model, tokenizer, name: str, drafter: str | None, drafter_trained: bool):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.drafter, self.drafter_trained = drafter, drafter_trained
+        self._pass_costs: dict = {}
         self.stop_token_ids = frozenset(model.config.eos_token_id) | (
             frozenset([tokenizer.eos_token_id]) if tokenizer.eos_token_id is not None else frozenset())
 
     @property
     def block_size(self) -> int:
         return self.model.config.block_size
+
+    def pass_costs(self, block_size: int | None = None, refresh: bool = False) -> PassCosts:
+        """This machine's pass times for the planner: measured once (a second or two) and kept in
+        the cache folder per model, dtype, device, thread count and kernel build; `refresh`
+        measures again."""
+        block = block_size or self.block_size
+        param = next(self.model.parameters())
+        identity = json.dumps({"model": self.name, "config": repr(self.model.config), "dtype": str(param.dtype),
+                               "device": str(param.device), "threads": torch.get_num_threads(), "block": block,
+                               "kernels": kernels.module() is not None and kernels.enabled, "torch": torch.__version__,
+                               "cpu": platform.processor() or platform.machine()}, sort_keys=True)
+        path = cache_dir() / "calibration" / f"{hashlib.sha256(identity.encode()).hexdigest()[:16]}.json"
+        if not refresh and (costs := self._pass_costs.get(path)) is not None:
+            return costs
+        if not refresh and path.is_file():
+            try:
+                saved = json.loads(path.read_text())
+                costs = PassCosts(tuple(saved["verify"]), float(saved["draft"]))
+            except (ValueError, KeyError, TypeError):
+                costs = None  # a damaged file: measure again
+        else:
+            costs = None
+        if costs is None or len(costs.verify) < MAX_LOOKUP_DRAFTS + 2:
+            costs = measure_pass_costs(self.model, block, max(block, MAX_LOOKUP_DRAFTS + 1))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({**costs.as_dict(), "identity": json.loads(identity)}, indent=1))
+            tmp.replace(path)
+        self._pass_costs[path] = costs
+        return costs
 
     def encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -149,14 +186,16 @@ class Orthrus:
 
     def _run(self, prompts: list[Prompt], streaming: bool, max_new_tokens: int = 256, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop: Seq[str] | str | None = None,
-             mode: Mode = "orthrus", block_size: int | None = None, draft_confidence: float = 0.0, lookup: bool = True):
+             mode: Mode = "orthrus", block_size: int | None = None, draft_confidence: float = 0.0,
+             sources: Seq[str] = SOURCES):
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         stop = [stop] if isinstance(stop, str) else list(stop or [])
         encoded = [self.encode(p) for p in prompts]
         block = 1 if mode == "ar" else (block_size or self.block_size)
         max_len = max(map(len, encoded)) + max_new_tokens + block
+        costs = self.pass_costs(block) if mode == "orthrus" else None
         engine = Engine(self.model, len(encoded), max_len, mode=mode, block_size=block_size, draft_confidence=draft_confidence,
-                        lookup=lookup)
+                        sources=tuple(sources), pass_costs=costs)
         seqs = [Sequence(ids, params, max_new_tokens, self.stop_token_ids) for ids in encoded]
         for s in seqs:
             engine.add(s)

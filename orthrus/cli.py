@@ -21,6 +21,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="verify drafts only up to the first one whose draft probability is below this (0 = all)")
 
 
+def parse_sources(text: str) -> tuple[str, ...]:
+    from .engine import SOURCES
+
+    sources = tuple(s.strip() for s in text.split(",") if s.strip())
+    if not sources or set(sources) - set(SOURCES):
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(SOURCES)}, comma-separated; got {text!r}")
+    return sources
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=["orthrus", "ar"], default="orthrus", help="orthrus (draft + verify) or plain AR decoding")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -29,8 +38,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    p.add_argument("--no-lookup", dest="lookup", action="store_false",
-                   help="draft only with the diffusion view (no prompt-lookup drafts)")
+    p.add_argument("--sources", default="diffusion,lookup,ar", type=parse_sources,
+                   help="what the cycle planner may choose from each cycle: the drafter (diffusion), prompt lookup, "
+                        "a plain AR step (comma-separated; default all)")
     p.add_argument("--stats", action="store_true", help="print decoding statistics to stderr")
 
 
@@ -47,7 +57,7 @@ def load_from_args(args):
 def sampling_kwargs(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, seed=args.seed, stop=args.stop, mode=args.mode, draft_confidence=args.draft_confidence,
-                lookup=args.lookup)
+                sources=args.sources)
 
 
 def stream_to_stdout(llm, prompt, kwargs):

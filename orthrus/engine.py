@@ -7,11 +7,14 @@ Orthrus mode, per cycle (ORTHRUS.md section 2), for every running row at once:
   commit  each row's length advances by its own 1 + accepted; the rest is cropped by not counting it
 AR mode runs the same loop with no draft and a block of one token: the baseline.
 
-Draft sources, chosen per row each cycle by `plan_drafts`: prompt lookup (the tokens that followed
-the latest earlier occurrence of the row's last few tokens in its prompt and output, as HF prompt
-lookup and llama.cpp lookup do) when it finds one, since it needs no draft pass; the diffusion
-view otherwise. A lookup draft is a deterministic proposal (one-hot q), so the accept rule stays
-exact; rows of one cycle may mix sources, and the draft pass runs only over the rows that need it.
+The cycle planner (`plan_cycle`) picks, per row and cycle, what to verify: the diffusion draft
+(a draft pass, then a verify pass), a prompt lookup (the tokens that followed the latest earlier
+occurrence of the row's last few tokens in its prompt and output, as HF prompt lookup and
+llama.cpp lookup do: a verify pass only), or nothing (a plain AR step), whichever gives the most
+expected tokens per second: expected tokens from the row's own recent acceptance of each source,
+seconds from `PassCosts`, the pass times measured on this machine. A lookup draft is a
+deterministic proposal (one-hot q), so the accept rule stays exact; rows of one cycle may mix
+sources, and the draft pass runs only over the rows that need it.
 
 Adaptive verify (`draft_confidence` > 0): drafts after the first one the drafter itself is unsure
 of (top probability below the threshold) are not verified, which shortens the verify pass where
@@ -25,6 +28,8 @@ Requests join between cycles (their prompt is prefilled into a free row) and lea
 from __future__ import annotations
 
 import itertools
+import math
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
@@ -51,6 +56,8 @@ def position_acceptance(accepted: list[int], block_size: int) -> list[float]:
 
 
 LOOKUP_NGRAMS = (3, 2)  # suffix lengths prompt lookup matches, longest first
+MAX_LOOKUP_DRAFTS = 7  # the planner verifies fewer when the pass costs say so
+EXPLORE_EVERY = 8  # a row that has not drafted with the drafter for this many cycles tries it again
 SOURCES = ("diffusion", "lookup", "ar")
 
 
@@ -67,19 +74,88 @@ def lookup_drafts(tokens: list[int], max_drafts: int, ngrams: tuple[int, ...] = 
     return []
 
 
-def plan_drafts(seqs: list["Sequence"], max_drafts: int, lookup: bool) -> list[list[int]]:
-    """The cycle planner: per row, the lookup drafts to verify, or [] to draft with the diffusion
-    view. A lookup cycle takes one pass, a diffusion cycle two, so a row takes its lookup drafts
-    when their expected tokens per pass beat the diffusion draft's, each estimated from the row's
-    own recent cycles of that source (a function of the row's history alone: batch == alone)."""
-    if not lookup:
-        return [[] for _ in seqs]
+@dataclass(frozen=True)
+class PassCosts:
+    """Seconds of one forward pass over a warm cache: `verify[t]` for an AR pass of t tokens
+    (index 0 unused), `draft` for the diffusion pass over a block."""
+
+    verify: tuple[float, ...]
+    draft: float
+
+    def verify_pass(self, tokens: int) -> float:
+        return self.verify[min(tokens, len(self.verify) - 1)]
+
+    @classmethod
+    def counting_passes(cls, max_tokens: int) -> "PassCosts":
+        """Every pass costs the same: the planner then maximises tokens per pass."""
+        return cls((0.0,) + (1.0,) * max_tokens, 1.0)
+
+    def as_dict(self) -> dict:
+        return {"verify": list(self.verify), "draft": self.draft}
+
+
+@torch.inference_mode()
+def measure_pass_costs(model: OrthrusLM, block_size: int, max_tokens: int, context: int = 128, repeats: int = 3) -> PassCosts:
+    """Time AR passes of 1..max_tokens tokens and the block's draft pass after `context` cached
+    tokens (the fastest of `repeats` each). A pass over more tokens is never taken as cheaper."""
+    param = next(model.parameters())
+    cache = KVCache(model.config, 1, context + max(max_tokens, block_size) + 1, param.dtype, param.device)
+    rows = torch.tensor([0])
+    window = cache.window(rows, context, bidirectional=False)
+    model(torch.zeros(1, context, dtype=torch.long, device=param.device), window.positions, window, "ar", logits=False)
+    cache.lengths[0] = context
+
+    def seconds(view: str, tokens: int) -> float:
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            window = cache.window(rows, tokens, bidirectional=view == "diffusion")
+            model(torch.zeros(1, tokens, dtype=torch.long, device=param.device), window.positions, window, view)
+            if param.device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    seconds("ar", max_tokens), seconds("diffusion", block_size)  # warm up (the first use packs weights)
+    verify = [0.0]
+    for t in range(1, max_tokens + 1):
+        verify.append(max(seconds("ar", t), verify[-1]))
+    return PassCosts(tuple(verify), seconds("diffusion", block_size))
+
+
+@dataclass
+class Plan:
+    source: str  # one of SOURCES
+    drafts: list[int] = field(default_factory=list)  # the lookup drafts (source "lookup")
+
+
+def plan_cycle(seqs: list["Sequence"], block_size: int, costs: PassCosts, sources: tuple[str, ...],
+               room: list[int]) -> list[Plan]:
+    """The cycle planner: per row, the plan with the most expected tokens per second.
+
+    Expected tokens come from the row's own recent cycles (a function of its history alone, so a
+    row plans the same in a batch as alone): 1 + the mean accepted diffusion drafts for the
+    drafter; 1 + a + ... + a^n for n lookup drafts each accepted at the row's lookup rate a; 1 for
+    an AR step. Seconds come from `costs`. A row that has not tried the drafter for
+    EXPLORE_EVERY cycles tries it instead of an AR step, so its estimate follows the text. `room`:
+    the most lookup drafts each row can use (its cache slots and token budget)."""
     plans = []
-    for s in seqs:
-        drafts = lookup_drafts(s.prompt + s.generated, max_drafts)
-        if drafts and 1 + s.stats.recent_accepted("lookup") < (1 + s.stats.recent_accepted("diffusion")) / 2:
-            drafts = []
-        plans.append(drafts)
+    for s, space in zip(seqs, room):
+        options = [(1 / costs.verify_pass(1), Plan("ar"))] if "ar" in sources else []
+        if "diffusion" in sources:
+            tokens = 1 + s.stats.recent_accepted("diffusion")
+            options.append((tokens / (costs.draft + costs.verify_pass(block_size)), Plan("diffusion")))
+        found = lookup_drafts(s.prompt + s.generated, min(MAX_LOOKUP_DRAFTS, space)) if "lookup" in sources and space > 0 else []
+        rate = s.stats.lookup_rate()
+        for n in range(1, len(found) + 1):
+            tokens = sum(rate**i for i in range(n + 1))
+            options.append((tokens / costs.verify_pass(n + 1), Plan("lookup", found[:n])))
+        if not options:
+            options.append((0.0, Plan("ar")))  # only lookup allowed and none found
+        plan = max(options, key=lambda option: option[0])[1]
+        if plan.source == "ar" and "diffusion" in sources and "diffusion" not in s.stats.sources[-EXPLORE_EVERY:]:
+            plan = Plan("diffusion")
+        plans.append(plan)
     return plans
 
 
@@ -87,6 +163,7 @@ def plan_drafts(seqs: list["Sequence"], max_drafts: int, lookup: bool) -> list[l
 class SequenceStats:
     accepted: list[int] = field(default_factory=list)  # accepted drafts per cycle
     sources: list[str] = field(default_factory=list)  # where each cycle's drafts came from (SOURCES)
+    drafted: list[int] = field(default_factory=list)  # drafts verified per cycle
 
     @property
     def cycles(self) -> int:
@@ -96,6 +173,12 @@ class SequenceStats:
         """Mean accepted drafts over the last `window` cycles of `source`, with one pseudo-cycle of `prior`."""
         recent = [a for a, s in zip(reversed(self.accepted), reversed(self.sources)) if s == source][:window]
         return (sum(recent) + prior) / (len(recent) + 1)
+
+    def lookup_rate(self, window: int = 16) -> float:
+        """The chance a lookup draft is accepted, over the last `window` lookup cycles (Laplace: 1/2 with none)."""
+        recent = [(a, d) for a, d, s in zip(reversed(self.accepted), reversed(self.drafted), reversed(self.sources))
+                  if s == "lookup"][:window]
+        return (sum(a for a, _ in recent) + 1) / (sum(d for _, d in recent) + 2)
 
     @property
     def forwards(self) -> int:
@@ -130,17 +213,20 @@ class StepOutput:
 
 class Engine:
     def __init__(self, model: OrthrusLM, max_rows: int, max_len: int, mode: Mode = "orthrus", block_size: int | None = None,
-                 draft_confidence: float = 0.0, lookup: bool = True):
+                 draft_confidence: float = 0.0, sources: tuple[str, ...] = SOURCES, pass_costs: PassCosts | None = None):
         if mode not in ("orthrus", "ar"):
             raise OrthrusError(f"mode must be 'orthrus' or 'ar', got {mode!r}")
         if not 0 <= draft_confidence <= 1:
             raise OrthrusError(f"draft confidence must be in [0, 1] (0 verifies every draft), got {draft_confidence!r}")
-        self.model, self.mode, self.draft_confidence, self.lookup = model, mode, draft_confidence, lookup
+        if not sources or set(sources) - set(SOURCES):
+            raise OrthrusError(f"draft sources are some of {', '.join(SOURCES)}, got {sources!r}")
+        self.model, self.mode, self.draft_confidence, self.sources = model, mode, draft_confidence, tuple(sources)
         self.block_size = 1 if mode == "ar" else (block_size or model.config.block_size)
         if self.block_size < 1 or (mode == "orthrus" and self.block_size < 2):
             raise OrthrusError(f"block size must be >= 2 in orthrus mode, got {self.block_size}")
         param = next(model.parameters())
         self.device = param.device
+        self.pass_costs = pass_costs or PassCosts.counting_passes(max(self.block_size, MAX_LOOKUP_DRAFTS + 1))
         self.cache = KVCache(model.config, max_rows, max_len, param.dtype, param.device)
         self.free_rows = list(range(max_rows))
         self.running: dict[int, Sequence] = {}
@@ -198,11 +284,12 @@ class Engine:
         if not self.running:
             return []
         seqs = [self.running[r] for r in sorted(self.running)]
-        accepted, new_tokens, sources = self._cycle(seqs)
+        accepted, new_tokens, sources, drafted = self._cycle(seqs)
         outputs = []
-        for seq, n_acc, tokens, source in zip(seqs, accepted, new_tokens, sources):
+        for seq, n_acc, tokens, source, n_drafted in zip(seqs, accepted, new_tokens, sources, drafted):
             seq.stats.accepted.append(n_acc)
             seq.stats.sources.append(source)
+            seq.stats.drafted.append(n_drafted)
             kept = []
             for tok in tokens:
                 kept.append(tok)
@@ -252,39 +339,42 @@ class Engine:
                 u[i] = torch.rand(count, generator=s.generator)
         return u.to(self.device)
 
-    def _cycle(self, seqs: list[Sequence]) -> tuple[list[int], list[list[int]], list[str]]:
-        """One cycle over every running row: (accepted drafts, new tokens, draft source) per row."""
+    def _cycle(self, seqs: list[Sequence]) -> tuple[list[int], list[list[int]], list[str], list[int]]:
+        """One cycle over every running row: (accepted drafts, new tokens, draft source, drafts verified) per row."""
         rows = torch.tensor([s.row for s in seqs])
         params = [s.params for s in seqs]
         anchors = torch.tensor([s.anchor for s in seqs], device=self.device)
         b = self.block_size
-        u = self._uniforms(seqs, 2 * b - 1)
+        most = max(b - 1, MAX_LOOKUP_DRAFTS)  # uniforms per row: drafts, accepts, the next token
+        u = self._uniforms(seqs, 2 * most + 1)
+        u_accept, u_next = u[:, most : 2 * most], u[:, 2 * most]
         if self.mode == "ar":
             window = self.cache.window(rows, 1, bidirectional=False)
             p = sampling_probs(self.model(anchors[:, None], window.positions, window, "ar"), params)
             self.forwards += 1
             self.cache.lengths[rows] += 1
-            return [0] * len(seqs), [[t] for t in sample(p[:, 0], u[:, 0]).tolist()], ["ar"] * len(seqs)
-        looked_up = plan_drafts(seqs, b - 1, self.lookup)
-        diffuse = [i for i, d in enumerate(looked_up) if not d]
-        vocab = self.model.config.vocab_size
-        drafts = torch.zeros(len(seqs), b - 1, dtype=torch.long, device=self.device)
-        q = torch.zeros(len(seqs), b - 1, vocab, device=self.device)
-        lengths = torch.tensor([len(d) for d in looked_up], device=self.device)
-        for i, d in enumerate(looked_up):
-            if d:
-                drafts[i, : len(d)] = torch.tensor(d, device=self.device)
-                q[i, range(len(d)), d] = 1.0  # a deterministic proposal
+            return [0] * len(seqs), [[t] for t in sample(p[:, 0], u[:, 0]).tolist()], ["ar"] * len(seqs), [0] * len(seqs)
+        room = [min(self.max_len - 1 - int(self.cache.lengths[s.row]), s.max_new_tokens - len(s.generated)) - 1 for s in seqs]
+        plans = plan_cycle(seqs, b, self.pass_costs, self.sources, room)
+        diffuse = [i for i, plan in enumerate(plans) if plan.source == "diffusion"]
+        width = max([len(plan.drafts) for plan in plans] + [b - 1] * bool(diffuse))  # drafts any row may verify
+        drafts = torch.zeros(len(seqs), width, dtype=torch.long, device=self.device)
+        q = torch.zeros(len(seqs), width, self.model.config.vocab_size, device=self.device)
+        lengths = torch.tensor([len(plan.drafts) for plan in plans], device=self.device)
+        for i, plan in enumerate(plans):
+            if plan.drafts:
+                drafts[i, : len(plan.drafts)] = torch.tensor(plan.drafts, device=self.device)
+                q[i, range(len(plan.drafts)), plan.drafts] = 1.0  # a deterministic proposal
         if diffuse:
-            # draft: one diffusion pass over [anchor, MASK...] for the rows without a lookup;
-            # row j predicts position anchor + j + 1
+            # draft: one diffusion pass over [anchor, MASK...] for the rows the planner gave the
+            # drafter; row j predicts position anchor + j + 1
             picked = torch.tensor(diffuse, device=self.device)
             block = torch.full((len(diffuse), b), self.model.mask_token_id, device=self.device)
             block[:, 0] = anchors[picked]
             window = self.cache.window(rows[picked.cpu()], b, bidirectional=True)
             draft_logits = self.model(block, window.positions, window, "diffusion")[:, :-1]
-            q[picked] = sampling_probs(draft_logits, [params[i] for i in diffuse])
-            drafts[picked] = sample(q[picked], u[picked, : b - 1])
+            q[picked, : b - 1] = sampling_probs(draft_logits, [params[i] for i in diffuse])
+            drafts[picked, : b - 1] = sample(q[picked, : b - 1], u[picked, : b - 1])
             kept = torch.full((len(diffuse),), b - 1, device=self.device)
             if self.draft_confidence > 0:  # verify through the first unsure draft
                 sure = draft_logits.softmax(-1).amax(-1) >= self.draft_confidence
@@ -298,8 +388,8 @@ class Engine:
         verify_tokens = torch.cat([anchors[:, None], drafts], 1)
         p = sampling_probs(self.model(verify_tokens, window.positions, window, "ar"), params)
         self.forwards += 1
-        accepted, next_tokens = speculative_accept(p, q, drafts, u[:, b - 1 : b - 1 + k], u[:, 2 * b - 2], lengths)
+        accepted, next_tokens = speculative_accept(p, q, drafts, u_accept[:, :k], u_next, lengths)
         self.cache.lengths[rows] += accepted.cpu() + 1  # commit the anchor and the accepted drafts
         drafts, accepted, next_tokens = drafts.tolist(), accepted.tolist(), next_tokens.tolist()
-        sources = ["lookup" if d else "diffusion" for d in looked_up]
-        return accepted, [d[:a] + [t] for d, a, t in zip(drafts, accepted, next_tokens)], sources
+        new_tokens = [d[:a] + [t] for d, a, t in zip(drafts, accepted, next_tokens)]
+        return accepted, new_tokens, [plan.source for plan in plans], lengths.tolist()

@@ -100,7 +100,7 @@ def speculative_accept(
     accepted = ((u_accept * q_d < p_d) & real).long().cumprod(-1).sum(-1)
     rows = torch.arange(n, device=p.device)
     p_a = p[rows, accepted]
-    q_a = torch.cat([q, torch.zeros_like(q[:, :1])], 1)[rows, accepted]
+    q_a = torch.cat([q, q.new_zeros(n, 1, q.shape[-1])], 1)[rows, accepted]
     q_a = torch.where((accepted < lengths)[:, None], q_a, 0.0)  # past a row's drafts: the bonus, from p alone
     residual = (p_a - q_a).clamp_(min=0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_a)  # p == q: nothing to correct

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from orthrus.checkpoint import init_untrained_twins
-from orthrus.engine import lookup_drafts
+from orthrus.engine import SOURCES, PassCosts, Sequence, SequenceStats, lookup_drafts, plan_cycle
 
 from .conftest import PROMPTS
 
@@ -57,11 +57,11 @@ def test_greedy_orthrus_equals_ar_with_three_drafters(request, name, block, path
 
     restore = make_oracle(llm, [llm.encode(p) + e for p, e in zip(prompts, expected)])
     try:
-        oracle = llm.generate(prompts, max_new_tokens=max_new, block_size=block, lookup=False)
-        oracle_and_lookup = llm.generate(prompts, max_new_tokens=max_new, block_size=block)
+        oracle = llm.generate(prompts, max_new_tokens=max_new, block_size=block, sources=("diffusion",))
+        planned = llm.generate(prompts, max_new_tokens=max_new, block_size=block)  # every source, by the planner
     finally:
         restore()
-    assert [g.token_ids for g in oracle] == expected and [g.token_ids for g in oracle_and_lookup] == expected
+    assert [g.token_ids for g in oracle] == expected and [g.token_ids for g in planned] == expected
     for g in oracle:  # every draft accepted: full blocks until the budget or EOS cuts the last one
         assert g.stats.cycles <= -(-len(g.token_ids) // block) + 1
     assert sum(sum(g.stats.accepted) for g in oracle) >= sum(len(e) for e in expected) // 2
@@ -91,6 +91,34 @@ def test_lookup_drafts_find_the_latest_earlier_occurrence():
     assert lookup_drafts([5, 2, 3, 6, 4, 2, 3], 2) == [6, 4]  # no earlier 3-gram: the 2-gram
     assert lookup_drafts([1, 2, 3, 4], 4) == []  # nothing repeats
     assert lookup_drafts([1, 2, 1, 2], 5) == [1, 2]  # the continuation runs up to the end
+
+
+def test_the_planner_picks_the_source_with_the_most_tokens_per_second():
+    seq = Sequence([1, 2, 3, 9, 1, 2, 3])  # a lookup finds [9, 1, 2, 3]
+    flat = PassCosts((0.0,) + (1.0,) * 8, 1.0)  # every pass costs the same
+    assert plan_cycle([seq], 4, flat, ("diffusion", "ar"), [7])[0].source == "diffusion"  # a new row tries the drafter
+    seq.stats = SequenceStats(accepted=[0] * 8, sources=["diffusion"] * 8, drafted=[3] * 8)  # which accepts nothing
+    assert plan_cycle([seq], 4, flat, ("diffusion", "ar"), [7])[0].source == "ar"  # two passes for ~1 token: an AR step
+    plan = plan_cycle([seq], 4, flat, SOURCES, [7])[0]
+    assert plan.source == "lookup" and plan.drafts == [9, 1, 2, 3]  # free extra rows: every lookup draft
+    assert plan_cycle([seq], 4, flat, SOURCES, [2])[0].drafts == [9, 1]  # no more than the row has room for
+    linear = PassCosts((0.0,) + tuple(float(t) for t in range(1, 9)), 4.0)  # a pass costs its token count
+    assert plan_cycle([seq], 4, linear, SOURCES, [7])[0].source == "ar"  # an unproven lookup does not pay for its rows
+    seq.stats = SequenceStats(accepted=[2] * 4, sources=["lookup"] * 4, drafted=[2] * 4)  # lookups accepted whole
+    assert plan_cycle([seq], 4, linear, ("lookup", "ar"), [7])[0].source == "ar"  # still, no row is free here
+    gentle = PassCosts((0.0,) + tuple(1 + 0.25 * t for t in range(8)), 1.75)  # each extra row costs a quarter step
+    assert plan_cycle([seq], 4, gentle, ("lookup", "ar"), [7])[0].drafts == [9, 1, 2, 3]
+    seq.stats = SequenceStats(accepted=[0] * 8, sources=["ar"] * 8, drafted=[0] * 8)
+    assert plan_cycle([seq], 4, linear, ("diffusion", "ar"), [7])[0].source == "diffusion"  # tries the drafter again
+
+
+def test_pass_costs_are_measured_once_and_kept(qwen3):
+    costs = qwen3.pass_costs(4)
+    assert len(costs.verify) >= 9 and costs.draft > 0 and all(t > 0 for t in costs.verify[1:])
+    assert list(costs.verify[1:]) == sorted(costs.verify[1:])  # more tokens never cost less
+    assert qwen3.pass_costs(4) is costs
+    saved = list((qwen3.pass_costs.__self__._pass_costs))[0]
+    assert saved.is_file()
 
 
 def test_greedy_orthrus_with_lookup_equals_ar_on_repetitive_text(smollm2):

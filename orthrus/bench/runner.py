@@ -17,10 +17,12 @@ from pathlib import Path
 
 import torch
 
+from ..engine import SOURCES
 from ..errors import OrthrusError
 from .prompts import PromptSet
 
-METHODS = ("orthrus", "orthrus-diffusion", "ar", "hf", "hf-pld", "llama.cpp")  # orthrus-diffusion: lookup drafts off
+# orthrus: the planner's choice of drafter, prompt lookup or AR step each cycle; orthrus-diffusion: the drafter every cycle
+METHODS = ("orthrus", "orthrus-diffusion", "ar", "hf", "hf-pld", "llama.cpp")
 DEFAULT_METHODS = ("orthrus", "ar", "hf", "hf-pld")  # llama.cpp needs an optional extra and a GGUF
 PROMPT_LOOKUP_TOKENS = 10
 
@@ -127,7 +129,8 @@ class Runner:
             tokens, forwards = self.llama_cpp.generate(ids, max_new_tokens, self.temperature, seed)
             return tokens, time.perf_counter() - start, forwards, [], []
         out = self.llm.generate(ids, max_new_tokens=max_new_tokens, temperature=self.temperature, seed=seed,
-                                mode="ar" if method == "ar" else "orthrus", lookup=method != "orthrus-diffusion",
+                                mode="ar" if method == "ar" else "orthrus",
+                                sources=("diffusion",) if method == "orthrus-diffusion" else SOURCES,
                                 block_size=self.block_size, draft_confidence=self.draft_confidence)
         seconds = time.perf_counter() - start
         return out.token_ids, seconds, out.stats.forwards, list(out.stats.accepted), list(out.stats.sources)

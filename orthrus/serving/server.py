@@ -230,7 +230,8 @@ class Server:
         self.name = config.model_name or llm.name
         block = 1 if config.mode == "ar" else llm.block_size
         self.engine = Engine(llm.model, config.max_batch, self.context + block, mode=config.mode,
-                             draft_confidence=config.draft_confidence)
+                             draft_confidence=config.draft_confidence,
+                             pass_costs=llm.pass_costs(block) if config.mode == "orthrus" else None)
         self.metrics = Metrics(self.name)
         self.engine_loop = EngineLoop(self.engine, self.metrics)
         self.active = 0  # admitted requests not yet released: running, waiting, or being answered
