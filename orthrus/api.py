@@ -37,6 +37,7 @@ class GenerationStats:
     seconds: float
     forwards: int  # decoding passes: draft + verify in a diffusion cycle, one otherwise
     sources: list[str] = field(default_factory=list)  # each cycle's draft source (engine.SOURCES)
+    drafted: list[int] = field(default_factory=list)  # drafts verified in each cycle
 
     @property
     def cycles(self) -> int:
@@ -215,7 +216,7 @@ class Orthrus:
             Generation(text=t.text, token_ids=s.generated, finish_reason=s.finish_reason, prompt_tokens=len(s.prompt),
                        stats=GenerationStats(tokens=len(s.generated), accepted=s.stats.accepted,
                                              block_size=engine.block_size, seconds=seconds, forwards=s.stats.forwards,
-                                             sources=s.stats.sources))
+                                             sources=s.stats.sources, drafted=s.stats.drafted))
             for s, t in texts.items()
         ]
 

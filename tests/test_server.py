@@ -115,8 +115,7 @@ def test_chat_and_completions_equal_generate(server, qwen3):
     assert reply.usage.prompt_tokens == expected.prompt_tokens
     assert reply.usage.completion_tokens == len(expected.token_ids)
     spec = reply.model_extra["speculative_decoding"]
-    block = qwen3.block_size
-    assert spec["drafts"] == expected.stats.cycles and spec["draft_tokens"] == expected.stats.cycles * (block - 1)
+    assert spec["drafts"] == sum(d > 0 for d in expected.stats.drafted) and spec["draft_tokens"] == sum(expected.stats.drafted)
     assert spec["accepted_tokens"] == sum(expected.stats.accepted)
     assert spec["mean_acceptance_length"] == pytest.approx(expected.stats.tokens_per_cycle, abs=1e-3)
     # the metrics moved by exactly this request

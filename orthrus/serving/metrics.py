@@ -22,9 +22,10 @@ FAMILIES = {
     "orthrus:requests_total": ("counter", "Finished requests by outcome."),
     "orthrus:prompt_tokens_total": ("counter", "Prompt tokens of admitted requests."),
     "orthrus:generation_tokens_total": ("counter", "Generated tokens."),
-    "orthrus:spec_decode_num_drafts_total": ("counter", "Draft blocks proposed (one per running request per cycle)."),
-    "orthrus:spec_decode_num_draft_tokens_total": ("counter", "Draft tokens proposed."),
-    "orthrus:spec_decode_num_accepted_tokens_total": ("counter", "Draft tokens accepted by verification."),
+    "orthrus:spec_decode_num_drafts_total": ("counter", "Drafts verified, by source (diffusion: the drafter; lookup: "
+                                                        "prompt lookup); a plain AR step is none."),
+    "orthrus:spec_decode_num_draft_tokens_total": ("counter", "Draft tokens verified, by source."),
+    "orthrus:spec_decode_num_accepted_tokens_total": ("counter", "Draft tokens accepted by verification, by source."),
     "orthrus:time_to_first_token_seconds": ("histogram", "Time from arrival to the first generated token."),
     "orthrus:inter_token_latency_seconds": ("histogram", "Time per generated token after the first "
                                                          "(a cycle's gap shared by the tokens it emitted)."),

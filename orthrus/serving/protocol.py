@@ -131,15 +131,14 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     accepted: list[int]  # accepted drafts per cycle
-    draft_tokens_per_cycle: int  # block size - 1; 0 in AR mode
+    drafted: list[int]  # drafts verified per cycle (0 for a plain AR step)
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
     def speculative_decoding(self) -> dict:
-        drafts = len(self.accepted) if self.draft_tokens_per_cycle else 0
-        return {"drafts": drafts, "draft_tokens": drafts * self.draft_tokens_per_cycle,
+        return {"drafts": sum(d > 0 for d in self.drafted), "draft_tokens": sum(self.drafted),
                 "accepted_tokens": sum(self.accepted),
                 "mean_acceptance_length": round(acceptance_length(self.accepted), 4)}
 

@@ -186,16 +186,16 @@ class EngineLoop:
         job.send(Event("", "abort", self._usage(job.seq, len(job.seq.generated))))
 
     def _usage(self, seq: Sequence, completion_tokens: int) -> Usage:
-        return Usage(len(seq.prompt), completion_tokens, list(seq.stats.accepted),
-                     self.engine.block_size - 1 if self.engine.mode == "orthrus" else 0)
+        return Usage(len(seq.prompt), completion_tokens, list(seq.stats.accepted), list(seq.stats.drafted))
 
     def _deliver(self, job: Job, new_tokens: list[int], now: float) -> None:
         seq, engine, m = job.seq, self.engine, self.metrics
         m.inc("orthrus:generation_tokens_total", len(new_tokens))
-        if engine.mode == "orthrus":
-            m.inc("orthrus:spec_decode_num_drafts_total")
-            m.inc("orthrus:spec_decode_num_draft_tokens_total", engine.block_size - 1)
-            m.inc("orthrus:spec_decode_num_accepted_tokens_total", seq.stats.accepted[-1])
+        if engine.mode == "orthrus" and seq.stats.drafted[-1]:  # by the planner's source: diffusion or lookup
+            source = seq.stats.sources[-1]
+            m.inc("orthrus:spec_decode_num_drafts_total", source=source)
+            m.inc("orthrus:spec_decode_num_draft_tokens_total", seq.stats.drafted[-1], source=source)
+            m.inc("orthrus:spec_decode_num_accepted_tokens_total", seq.stats.accepted[-1], source=source)
         if job.last_output is None:
             m.observe("orthrus:time_to_first_token_seconds", now - job.arrived)
         else:  # a cycle emits several tokens at once: each gets its share of the gap
