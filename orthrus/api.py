@@ -115,11 +115,12 @@ class TextStream:
 
 
 class Orthrus:
-    def __init__(self, model, tokenizer, name: str, drafter: str | None, drafter_trained: bool):
+    def __init__(self, model, tokenizer, name: str, drafter: str | None, drafter_trained: bool,
+                 extra_stop_ids: Seq[int] = ()):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.drafter, self.drafter_trained = drafter, drafter_trained
         self._pass_costs: dict = {}
-        self.stop_token_ids = frozenset(model.config.eos_token_id) | (
+        self.stop_token_ids = frozenset(model.config.eos_token_id) | frozenset(extra_stop_ids) | (
             frozenset([tokenizer.eos_token_id]) if tokenizer.eos_token_id is not None else frozenset())
 
     @property
@@ -268,4 +269,17 @@ def load(model: str | None = None, drafter: str | None = None, dtype: str | torc
         trained, drafter_name = True, drafter
         if block_size is not None:
             net.config.block_size = block_size
-    return Orthrus(net, tokenizer, name=model or DEFAULT_MODEL, drafter=drafter_name, drafter_trained=trained)
+    return Orthrus(net, tokenizer, name=model or DEFAULT_MODEL, drafter=drafter_name, drafter_trained=trained,
+                   extra_stop_ids=generation_stop_ids(folder))
+
+
+def generation_stop_ids(folder) -> list[int]:
+    """The eos ids of the folder's generation_config.json (chat models often stop on more ids there
+    than config.json names, e.g. Qwen3's <|im_end|> and <|endoftext|>); [] without one."""
+    path = folder / "generation_config.json"
+    try:
+        eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+    except (ValueError, AttributeError):
+        raise OrthrusError(f"{path}: not a valid JSON object") from None
+    ids = [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else []
+    return [i for i in ids if isinstance(i, int)]

@@ -13,6 +13,8 @@ from pathlib import Path
 from .errors import OrthrusError
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "llama")
+# The official release's OrthrusConfig extends Qwen3Config under its own model_type.
+MODEL_TYPE_ALIASES = {"orthrus": "qwen3"}
 
 
 @dataclass
@@ -47,7 +49,7 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict, where: str = "config.json") -> "ModelConfig":
-        model_type = hf.get("model_type")
+        model_type = MODEL_TYPE_ALIASES.get(hf.get("model_type"), hf.get("model_type"))
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise OrthrusError(
                 f"{where}: model_type {model_type!r} is not supported; orthrus runs "
@@ -76,7 +78,7 @@ class ModelConfig:
                 tie_word_embeddings=hf.get("tie_word_embeddings", False),
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_id=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
-                block_size=hf.get("block_size", 32),
+                block_size=hf.get("block_size") or 32,  # the official config may hold null
                 mask_token_id=hf.get("mask_token_id"),
             )
         except KeyError as missing:

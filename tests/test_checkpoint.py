@@ -49,6 +49,13 @@ def test_official_layout_round_trips(qwen3_folder, tmp_path):
         assert torch.equal(again.get_parameter(name), tensor), name
     llm = orthrus.load(str(tmp_path / "orthrus"), dtype="float32")
     assert llm.drafter_trained and llm.model.config.mask_token_id == 151669
+    # the official release's config.json names its own model type (OrthrusConfig extends Qwen3Config)
+    config.update(model_type="orthrus", architectures=["OrthrusForCausalLM"])
+    (tmp_path / "orthrus" / "config.json").write_text(json.dumps(config))
+    official = orthrus.load(str(tmp_path / "orthrus"), dtype="float32")
+    assert official.model.config.qk_norm and official.drafter_trained
+    prompt = [{"role": "user", "content": "Hello"}]
+    assert official.generate(prompt, max_new_tokens=8).token_ids == llm.generate(prompt, max_new_tokens=8).token_ids
 
 
 def test_drafter_only_folder_round_trips_and_checks_its_base(qwen3_folder, tmp_path):
@@ -152,3 +159,12 @@ def test_drafting_memory_is_independent_of_context_length(qwen3):
 
     short, long = draft_peak(32), draft_peak(1900)
     assert long == short, f"draft pass peak grew with context: {short} -> {long} bytes"
+
+
+def test_stop_ids_also_come_from_generation_config(qwen3_folder, tmp_path):
+    folder = shutil.copytree(qwen3_folder, tmp_path / "model")
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151643]}))
+    assert {151645, 151643} <= orthrus.load(str(folder), drafter="none", dtype="float32").stop_token_ids
+    (folder / "generation_config.json").write_text("{")
+    with pytest.raises(OrthrusError, match="generation_config.json"):
+        orthrus.load(str(folder), drafter="none", dtype="float32")

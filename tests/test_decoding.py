@@ -191,9 +191,10 @@ def test_the_shipped_drafter_is_the_default_and_exact(smollm2):
     assert llm.drafter_trained and llm.drafter == str(DEFAULT_DRAFTER)
     prompts = [[{"role": "user", "content": p}] for p in PROMPTS[:4]]
     ar = smollm2.generate(prompts, max_new_tokens=24, mode="ar")
-    drafted = llm.generate(prompts, max_new_tokens=24)
+    assert [g.token_ids for g in llm.generate(prompts, max_new_tokens=24)] == [g.token_ids for g in ar]
+    drafted = llm.generate(prompts, max_new_tokens=24, sources=("diffusion",))  # the drafter every cycle
     assert [g.token_ids for g in drafted] == [g.token_ids for g in ar]
-    untrained = smollm2.generate(prompts, max_new_tokens=24, block_size=llm.block_size)  # the twin copy
+    untrained = smollm2.generate(prompts, max_new_tokens=24, block_size=llm.block_size, sources=("diffusion",))  # the twin copy
 
     def per_cycle(gens):
         return sum(len(g.token_ids) for g in gens) / sum(g.stats.cycles for g in gens)
@@ -206,6 +207,6 @@ def test_adaptive_verify_stays_exact_and_shortens_the_verify_pass(smollm2):
     for confidence in (0.3, 0.9):
         adaptive = smollm2.generate(prompts, max_new_tokens=16, block_size=8, draft_confidence=confidence)
         assert [g.token_ids for g in adaptive] == expected
-    never_sure = smollm2.generate(prompts, max_new_tokens=16, block_size=8, draft_confidence=1.0)
+    never_sure = smollm2.generate(prompts, max_new_tokens=16, block_size=8, draft_confidence=1.0, sources=("diffusion",))
     assert [g.token_ids for g in never_sure] == expected
     assert max(a for g in never_sure for a in g.stats.accepted) <= 1  # one draft verified per cycle
