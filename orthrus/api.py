@@ -7,6 +7,7 @@ or a batch, and decodes them together through the engine in orthrus or AR mode.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import platform
@@ -157,14 +158,21 @@ class Orthrus:
         self._pass_costs[path] = costs
         return costs
 
-    def encode(self, prompt: Prompt) -> list[int]:
+    def encode(self, prompt: Prompt, chat_template_kwargs: dict | None = None) -> list[int]:
+        """Token ids of a prompt; chat messages go through the tokenizer's chat template, with
+        `chat_template_kwargs` passed to it (e.g. {"enable_thinking": False} for Qwen3)."""
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, add_special_tokens=False)
         if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
             for m in prompt:
                 if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                     raise OrthrusError("each chat message needs a string 'role' and 'content'")
-            ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+            # variables for the template only: its own arguments (a template, tools, ...) are not for a request to set
+            reserved = set(inspect.signature(self.tokenizer.apply_chat_template).parameters) & set(chat_template_kwargs or {})
+            if reserved:
+                raise OrthrusError(f"chat_template_kwargs cannot set {', '.join(sorted(reserved))}")
+            ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                     **(chat_template_kwargs or {}))
             return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
             return list(prompt)
@@ -189,10 +197,10 @@ class Orthrus:
     def _run(self, prompts: list[Prompt], streaming: bool, max_new_tokens: int = 256, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop: Seq[str] | str | None = None,
              mode: Mode = "orthrus", block_size: int | None = None, draft_confidence: float = 0.0,
-             sources: Seq[str] = SOURCES):
+             sources: Seq[str] = SOURCES, chat_template_kwargs: dict | None = None):
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         stop = [stop] if isinstance(stop, str) else list(stop or [])
-        encoded = [self.encode(p) for p in prompts]
+        encoded = [self.encode(p, chat_template_kwargs) for p in prompts]
         block = 1 if mode == "ar" else (block_size or self.block_size)
         max_len = max(map(len, encoded)) + max_new_tokens + block
         costs = self.pass_costs(block) if mode == "orthrus" else None

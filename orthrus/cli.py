@@ -41,6 +41,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sources", default="diffusion,lookup,ar", type=parse_sources,
                    help="what the cycle planner may choose from each cycle: the drafter (diffusion), prompt lookup, "
                         "a plain AR step (comma-separated; default all)")
+    p.add_argument("--no-thinking", dest="thinking", action="store_false",
+                   help="chat templates that support it (Qwen3) answer without a thinking block")
     p.add_argument("--stats", action="store_true", help="print decoding statistics to stderr")
 
 
@@ -57,7 +59,7 @@ def load_from_args(args):
 def sampling_kwargs(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, seed=args.seed, stop=args.stop, mode=args.mode, draft_confidence=args.draft_confidence,
-                sources=args.sources)
+                sources=args.sources, chat_template_kwargs=None if args.thinking else {"enable_thinking": False})
 
 
 def stream_to_stdout(llm, prompt, kwargs):

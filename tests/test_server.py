@@ -417,3 +417,17 @@ def test_shutdown_drains_then_ends_open_streams_cleanly(qwen3):
         assert final["choices"][0]["finish_reason"] == "abort" and final["speculative_decoding"]["drafts"] >= 1
     finally:
         live.close()
+
+
+def test_chat_template_kwargs_reach_the_template(server, qwen3):
+    """As vLLM accepts: {"enable_thinking": false} makes Qwen3's template close an empty thinking block."""
+    messages = chat(PROMPTS[1])
+    plain, no_thinking = qwen3.encode(messages), qwen3.encode(messages, {"enable_thinking": False})
+    assert no_thinking != plain and "<think>" in qwen3.tokenizer.decode(no_thinking[len(plain) - 3 :])
+    r = server.http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 2, "temperature": 0,
+                                                       "chat_template_kwargs": {"enable_thinking": False}})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(no_thinking)
+    for bad in ({"chat_template": "{{ 7 * 7 }}"}, {"tokenize": False}, {"k": [1, 2]}, "x"):
+        r = server.http.post("/v1/chat/completions", json={"messages": messages, "chat_template_kwargs": bad})
+        assert r.status_code == 400 and "chat_template" in r.text, bad
+    assert server.http.get("/health").status_code == 200

@@ -109,6 +109,8 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None  # the newer name of max_tokens
+    # extension (as in vLLM): arguments for the chat template, e.g. {"enable_thinking": false} for Qwen3
+    chat_template_kwargs: dict[str, Union[bool, int, float, str, None]] | None = Field(default=None, max_length=16)
 
 
 class CompletionRequest(SamplingRequest):

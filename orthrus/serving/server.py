@@ -371,10 +371,10 @@ class Server:
         return StreamingResponse(self.stream(job, builder, include_usage), media_type="text/event-stream",
                                  background=BackgroundTask(self.release, job))
 
-    async def encode(self, prompt, param: str) -> list[int]:
+    async def encode(self, prompt, param: str, chat_template_kwargs: dict | None = None) -> list[int]:
         """Tokenise off the event loop: a long prompt must not stall every other stream."""
         try:
-            return await asyncio.to_thread(self.llm.encode, prompt)
+            return await asyncio.to_thread(self.llm.encode, prompt, chat_template_kwargs)
         except Exception as e:  # OrthrusError, or the chat template refusing the messages
             raise APIError(400, f"cannot encode the {param}: {e}", param=param) from None
 
@@ -475,7 +475,7 @@ def create_app(llm: Orthrus, config: ServerConfig | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
-        prompt = await server.encode([m.as_dict() for m in req.messages], "messages")
+        prompt = await server.encode([m.as_dict() for m in req.messages], "messages", req.chat_template_kwargs)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         return await server.respond(request, req, prompt, max_tokens, "messages", chat=True)
 
