@@ -240,6 +240,11 @@ def test_export_int8_and_float_drafters_load_and_decode_losslessly(llama_folder,
     assert state["init_from"] == str(tmp_path / "float") and state["config"]["block_size"] == 4
     for name, want in started.items():
         assert torch.equal(want, llm.model.get_parameter(name)), name
+    # its export counts what the drafter it started from had been trained on
+    export_drafter(tmp_path / "b4", tmp_path / "b4-export", storage="float")
+    first, second = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("float", "b4-export"))
+    assert second["trained_steps"] == first["trained_steps"] + 1 == 3
+    assert second["trained_tokens"] == first["trained_tokens"] + state["tokens"]
 
 
 def test_bf16_training_step_keeps_fp32_master_twins(llama_folder, data_folder, tmp_path):

@@ -371,6 +371,15 @@ def evaluate(model: OrthrusLM, rows: PackedRows, cfg: TrainConfig) -> dict:
             "per_position": [round(float(x), 4) for x in accepted.float().mean(0)], "eval_blocks": int(len(match))}
 
 
+def init_trained(drafter: str | None) -> dict:
+    """The steps and tokens the drafter a run starts from was trained on (from its config.json)."""
+    path = Path(drafter or "") / "config.json"
+    if not drafter or not path.is_file():
+        return {}
+    config = json.loads(path.read_text())
+    return {"steps": config.get("trained_steps", 0), "tokens": config.get("trained_tokens", 0)}
+
+
 def check_resume(state: dict, cfg_identity: dict, fingerprint: str, path: Path) -> None:
     if state["base_fingerprint"] != fingerprint:
         raise OrthrusError(f"{path}: this checkpoint was trained on base model {state['config'].get('model')!r} "
@@ -410,7 +419,8 @@ def train(cfg: TrainConfig, run: Path, device: str = "auto", stop_after: int | N
             raise OrthrusError(f"{cfg.data}: no distilled shards; run `orthrus distill` first.")
         files = [p.name for p in shard_files(Path(cfg.data))]
         state = {"step": 0, "epoch": 0, "cursor": 0, "files": files, "eval_files": files, "tokens": 0, "seconds": 0.0,
-                 "config": identity, "base_fingerprint": fingerprint, "base_model": llm.name, "init_from": cfg.init_from}
+                 "config": identity, "base_fingerprint": fingerprint, "base_model": llm.name, "init_from": cfg.init_from,
+                 "init_trained": init_trained(cfg.init_from)}
     log = Logger(run, rank, state["step"])
     packed, order = epoch_rows(cfg, state["files"], state["epoch"])
     global_batch = identity["global_batch"]
@@ -581,6 +591,7 @@ def export_drafter(run: Path, out: Path, storage: str = "int8", model: str | Non
         for n in f.keys():
             params[n].copy_(f.get_tensor(n))
     llm.model.config.block_size = block_size or state["config"]["block_size"]
+    before = state.get("init_trained", {})  # a run started from a drafter counts what that one had seen
+    steps, tokens = state["step"] + before.get("steps", 0), state["tokens"] + before.get("tokens", 0)
     save_drafter(llm.model, out, base_model=state["base_model"], storage=storage,
-                 extra={"trained_block_size": state["config"]["block_size"], "trained_steps": state["step"],
-                        "trained_tokens": state["tokens"]})
+                 extra={"trained_block_size": state["config"]["block_size"], "trained_steps": steps, "trained_tokens": tokens})
