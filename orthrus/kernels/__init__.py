@@ -3,6 +3,8 @@
 `cpu.cpp` (AVX2 + FMA) is compiled on first use with the machine's C++ compiler and cached
 under `$ORTHRUS_CACHE/kernels` (default `~/.cache/orthrus/kernels`), keyed by the source and the
 torch version, so later runs load it in a fraction of a second; `make install` builds it.
+Products stream each weight from a packed copy (`packed`), made on first use and kept beside the
+weight: it doubles the weights' memory, the price of one sequential stream per tile.
 Every output element is computed with the same reduction order whatever the number of rows, so
 a T-token pass computes each token bit for bit as a 1-token step does (the batch invariance that
 makes bf16 decoding exact).

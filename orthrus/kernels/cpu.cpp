@@ -145,18 +145,6 @@ void parallel_chunks(int64_t total, int64_t chunk, const F& body) {
 // independent FMA chains). The tile never changes what an output element is computed from, or in
 // which order, so any row count gives every row the same bits.
 template <typename W, int R>
-void linear_impl_rows(const Products<W>& p);
-
-// Up to 4 rows go in tiles of 2 (4 rows = 2 + 2 beats 3 + 1), more in tiles of 3.
-template <typename W>
-void linear_impl(const Products<W>& p) {
-  if (p.M <= 4)
-    linear_impl_rows<W, 2>(p);
-  else
-    linear_impl_rows<W, 3>(p);
-}
-
-template <typename W, int R>
 void linear_impl_rows(const Products<W>& p) {
   const int64_t count = static_cast<int64_t>(p.w.size());
   std::vector<int64_t> first(count + 1, 0);  // first global panel of each weight
@@ -173,6 +161,15 @@ void linear_impl_rows(const Products<W>& p) {
   for (int64_t j = 0; j < count; ++j)  // features past the last whole panel (row-major)
     for (int64_t n = p.N[j] / PANEL * PANEL; n < p.N[j]; ++n)
       linear_rows<W, 1, R>(p.x, p.M, p.K, p.w[j], p.bias[j], p.y[j], p.N[j], n);
+}
+
+// Up to 4 rows go in tiles of 2 (4 rows = 2 + 2 beats 3 + 1), more in tiles of 3.
+template <typename W>
+void linear_impl(const Products<W>& p) {
+  if (p.M <= 4)
+    linear_impl_rows<W, 2>(p);
+  else
+    linear_impl_rows<W, 3>(p);
 }
 
 template <typename W>
