@@ -325,3 +325,29 @@ def test_acceptance_trend_fits_the_fixed_held_out_evaluations_and_extrapolates_t
     falling = [dict(r, acceptance=3.0 - r["acceptance"] / 10) if "acceptance" in r else r for r in records]
     assert acceptance_trend(falling)["tokens_to_reach"] == {3.0: None, 4.0: None}
     assert acceptance_trend(records[:4]) is None
+
+
+def test_a_run_starts_on_an_empty_cache_from_what_the_repo_holds(smollm2_folder, tmp_path, monkeypatch):
+    """A new machine: no distilled data, no runs. One command remakes the data (ShareGPT text), the
+    shipped drafter starts the run, a step trains, and the export decodes exactly."""
+    from orthrus.hub import DEFAULT_DRAFTER
+    from orthrus.training.distill import write_text_data
+    from orthrus.training.trainer import export_drafter
+
+    monkeypatch.setenv("ORTHRUS_CACHE", str(tmp_path / "cache"))
+    llm = orthrus.load(str(smollm2_folder), drafter="none", dtype="float32", device="cpu")
+    write_text_data(llm, tmp_path / "cache" / "distill" / "text", 200, max_new_tokens=64)
+    cfg = TrainConfig(data=str(tmp_path / "cache" / "distill" / "text"), model=str(smollm2_folder), block_size=4,
+                      seq_len=128, anchors=8, batch=1, steps=1, eval_every=0, init_from=str(DEFAULT_DRAFTER))
+    state = train(cfg, tmp_path / "cache" / "runs" / "b4", device="cpu")
+    shipped = json.loads((DEFAULT_DRAFTER / "config.json").read_text())
+    assert state["step"] == 1 and state["init_trained"] == {"steps": shipped["trained_steps"], "tokens": shipped["trained_tokens"]}
+    twins, _ = final_twins(tmp_path / "cache" / "runs" / "b4")
+    start = orthrus.load(str(smollm2_folder), drafter=str(DEFAULT_DRAFTER), dtype="float32", device="cpu")
+    # one AdamW step from the shipped twins: every weight within about lr of where it started, most moved
+    assert all(float((t - start.model.get_parameter(n)).abs().max()) <= 1.5 * cfg.lr for n, t in twins.items())
+    assert sum(not torch.equal(t, start.model.get_parameter(n)) for n, t in twins.items()) > len(twins) // 2
+    export_drafter(tmp_path / "cache" / "runs" / "b4", tmp_path / "export", storage="int8")
+    mine = orthrus.load(str(smollm2_folder), drafter=str(tmp_path / "export"), dtype="float32", device="cpu")
+    prompt = [{"role": "user", "content": "Name three colours."}]
+    assert mine.generate(prompt, max_new_tokens=16).token_ids == llm.generate(prompt, max_new_tokens=16, mode="ar").token_ids
