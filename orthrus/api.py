@@ -130,30 +130,23 @@ class Orthrus:
 
     def pass_costs(self, block_size: int | None = None, refresh: bool = False) -> PassCosts:
         """This machine's pass times for the planner: measured once (a second or two) and kept in
-        the cache folder per model, dtype, device, thread count and kernel build; `refresh`
-        measures again."""
+        the cache folder per architecture, dtype, device, thread count and kernel build (what a
+        pass's time depends on); `refresh` measures again."""
         block = block_size or self.block_size
         param = next(self.model.parameters())
-        identity = json.dumps({"model": self.name, "config": repr(self.model.config), "dtype": str(param.dtype),
-                               "device": str(param.device), "threads": torch.get_num_threads(), "block": block,
-                               "kernels": kernels.module() is not None and kernels.enabled, "torch": torch.__version__,
-                               "cpu": platform.processor() or platform.machine()}, sort_keys=True)
-        path = cache_dir() / "calibration" / f"{hashlib.sha256(identity.encode()).hexdigest()[:16]}.json"
-        if not refresh and (costs := self._pass_costs.get(path)) is not None:
-            return costs
-        if not refresh and path.is_file():
-            try:
-                saved = json.loads(path.read_text())
-                costs = PassCosts(tuple(saved["verify"]), float(saved["draft"]))
-            except (ValueError, KeyError, TypeError):
-                costs = None  # a damaged file: measure again
-        else:
-            costs = None
-        if costs is None or len(costs.verify) < MAX_LOOKUP_DRAFTS + 2:
+        identity = {"config": repr(self.model.config), "dtype": str(param.dtype), "device": str(param.device),
+                    "threads": torch.get_num_threads(), "block": block, "torch": torch.__version__,
+                    "kernels": kernels.module() is not None and kernels.enabled, "cpu": platform.processor() or platform.machine()}
+        key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+        path = cache_dir() / "calibration" / f"{key}.json"
+        if not refresh and path in self._pass_costs:
+            return self._pass_costs[path]
+        costs = None if refresh else read_pass_costs(path)
+        if costs is None:
             costs = measure_pass_costs(self.model, block, max(block, MAX_LOOKUP_DRAFTS + 1))
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({**costs.as_dict(), "identity": json.loads(identity)}, indent=1))
+            tmp.write_text(json.dumps({**costs.as_dict(), "identity": identity}, indent=1))
             tmp.replace(path)
         self._pass_costs[path] = costs
         return costs
@@ -228,6 +221,16 @@ class Orthrus:
                                              sources=s.stats.sources, drafted=s.stats.drafted))
             for s, t in texts.items()
         ]
+
+
+def read_pass_costs(path) -> PassCosts | None:
+    """Saved pass costs, or None when missing, damaged or from an older layout (then they are measured)."""
+    try:
+        saved = json.loads(path.read_text())
+        costs = PassCosts(tuple(float(t) for t in saved["verify"]), float(saved["draft"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return costs if len(costs.verify) >= MAX_LOOKUP_DRAFTS + 2 else None
 
 
 def parse_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
