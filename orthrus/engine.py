@@ -354,7 +354,10 @@ class Engine:
             self.forwards += 1
             self.cache.lengths[rows] += 1
             return [0] * len(seqs), [[t] for t in sample(p[:, 0], u[:, 0]).tolist()], ["ar"] * len(seqs), [0] * len(seqs)
-        room = [min(self.max_len - 1 - int(self.cache.lengths[s.row]), s.max_new_tokens - len(s.generated)) - 1 for s in seqs]
+        # lookup drafts a row may take: the verify pass is as wide as its widest row for every row, so
+        # it must fit the fullest row's cache slots; and none past the row's own token budget
+        slots = self.max_len - 1 - int(self.cache.lengths[rows].max())
+        room = [min(slots, s.max_new_tokens - len(s.generated)) - 1 for s in seqs]
         plans = plan_cycle(seqs, b, self.pass_costs, self.sources, room)
         diffuse = [i for i, plan in enumerate(plans) if plan.source == "diffusion"]
         width = max([len(plan.drafts) for plan in plans] + [b - 1] * bool(diffuse))  # drafts any row may verify

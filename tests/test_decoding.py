@@ -210,3 +210,20 @@ def test_adaptive_verify_stays_exact_and_shortens_the_verify_pass(smollm2):
     never_sure = smollm2.generate(prompts, max_new_tokens=16, block_size=8, draft_confidence=1.0, sources=("diffusion",))
     assert [g.token_ids for g in never_sure] == expected
     assert max(a for g in never_sure for a in g.stats.accepted) <= 1  # one draft verified per cycle
+
+
+def test_lookup_drafts_fit_the_fullest_row_of_a_batch(qwen3):
+    """Rows of one verify pass share its width: a short row's long lookup must not overflow the
+    cache slots left to a long row near the end of its context."""
+    from orthrus.engine import Engine, MAX_LOOKUP_DRAFTS
+
+    short, long = [5, 6, 7, *range(100, 110), 5, 6, 7], [1, 2, 3] * 40  # the short row looks up [100, ..., 106]
+    engine = Engine(qwen3.model, 2, len(long) + 1 + 4, block_size=4, sources=("lookup", "ar"),
+                    pass_costs=PassCosts.counting_passes(MAX_LOOKUP_DRAFTS + 1))
+    seqs = [Sequence(short, max_new_tokens=40), Sequence(long, max_new_tokens=1)]  # the long row: 4 free slots
+    for s in seqs:
+        engine.add(s)
+    while engine.has_work():
+        engine.step()  # raised "KV cache overflow" before the fix
+    alone = [qwen3.generate(s.prompt, max_new_tokens=s.max_new_tokens, mode="ar").token_ids for s in seqs]
+    assert [s.generated for s in seqs] == alone and "lookup" in seqs[0].stats.sources
