@@ -267,6 +267,12 @@ class Engine:
         seq.finish_reason = seq.finish_reason or "abort"
         self._release(seq)
 
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of the cache's slots (rows x max_len) holding committed tokens of running rows."""
+        rows = list(self.running)
+        return float(self.cache.lengths[rows].sum()) / (self.cache.lengths.numel() * self.max_len) if rows else 0.0
+
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
 

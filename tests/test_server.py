@@ -63,6 +63,13 @@ class LiveServer:
         assert total is not None, f"no sample {name} {labels} in /metrics"
         return total
 
+    def metric_or_zero(self, name: str, **labels) -> float:
+        """A counter sample that appears only once it has counted something."""
+        try:
+            return self.metric(name, **labels)
+        except AssertionError:
+            return 0.0
+
     def wait_idle(self, seconds: float = 10) -> None:
         deadline = time.monotonic() + seconds
         while self.metric("orthrus:num_requests_running") or self.metric("orthrus:num_requests_waiting"):
@@ -105,7 +112,10 @@ def test_chat_and_completions_equal_generate(server, qwen3):
     before = {name: server.metric(name) for name in (
         "orthrus:spec_decode_num_drafts_total", "orthrus:spec_decode_num_draft_tokens_total",
         "orthrus:spec_decode_num_accepted_tokens_total", "orthrus:generation_tokens_total",
-        "orthrus:time_to_first_token_seconds_count")}
+        "orthrus:time_to_first_token_seconds_count", "orthrus:e2e_request_latency_seconds_count",
+        "orthrus:request_queue_time_seconds_count")}
+    accepted_at_before = [server.metric_or_zero("orthrus:spec_decode_num_accepted_tokens_per_pos", position=p)
+                          for p in range(BLOCK)]
 
     reply = client.chat.completions.create(model=model, messages=chat(prompt), max_tokens=24, temperature=0)
     assert reply.object == "chat.completion" and reply.model == model
@@ -126,7 +136,12 @@ def test_chat_and_completions_equal_generate(server, qwen3):
             - before["orthrus:spec_decode_num_accepted_tokens_total"]) == spec["accepted_tokens"]
     assert (server.metric("orthrus:generation_tokens_total")
             - before["orthrus:generation_tokens_total"]) == reply.usage.completion_tokens
-    assert server.metric("orthrus:time_to_first_token_seconds_count") - before["orthrus:time_to_first_token_seconds_count"] == 1
+    for name in ("time_to_first_token_seconds_count", "e2e_request_latency_seconds_count", "request_queue_time_seconds_count"):
+        assert server.metric("orthrus:" + name) - before["orthrus:" + name] == 1, name
+    # accepted tokens by draft position: position p counts the cycles that accepted more than p drafts
+    accepted_at = [server.metric_or_zero("orthrus:spec_decode_num_accepted_tokens_per_pos", position=p) - accepted_at_before[p]
+                   for p in range(BLOCK)]
+    assert accepted_at == [sum(a > p for a in expected.stats.accepted) for p in range(BLOCK)]
 
     stream = client.chat.completions.create(model=model, messages=chat(prompt), max_tokens=24, temperature=0,
                                             stream=True, stream_options={"include_usage": True})
@@ -328,11 +343,16 @@ def test_disconnects_free_their_rows(server):
     with server.http.stream("POST", "/v1/completions", json=body) as response:
         first = next(line for line in response.iter_lines() if line.startswith("data: "))
         assert json.loads(first[6:])["object"] == "text_completion"
+        deadline = time.monotonic() + 10  # the gauge is set after each cycle: the row holds its prompt and more
+        while (usage := server.metric("orthrus:kv_cache_usage_perc")) * 8 * server.state.engine.max_len < len(PROMPTS[3].split()):
+            assert time.monotonic() < deadline, f"the KV cache usage never counted the running request ({usage})"
+            time.sleep(0.01)
     # streaming: the response is cancelled; not streaming: the handler notices while it waits
     with pytest.raises(httpx.ReadTimeout):
         server.http.post("/v1/completions", json={**body, "stream": False}, timeout=0.5)
     server.wait_idle()
     assert server.metric("orthrus:requests_total", outcome="disconnect") == gone + 2
+    assert server.metric("orthrus:kv_cache_usage_perc") == 0
     assert sorted(server.state.engine.free_rows) == list(range(8))
     server.assert_healthy()
 
@@ -431,3 +451,66 @@ def test_chat_template_kwargs_reach_the_template(server, qwen3):
         r = server.http.post("/v1/chat/completions", json={"messages": messages, "chat_template_kwargs": bad})
         assert r.status_code == 400 and "chat_template" in r.text, bad
     assert server.http.get("/health").status_code == 200
+
+
+def test_fuzzed_requests_get_no_5xx_and_no_hang(qwen3):
+    """A bounded fuzz run (hypothesis, localhost): bodies mixing every request field with values of
+    the right type, the wrong type, extremes and nonsense. Every answer is 2xx/4xx within the
+    client timeout (no 5xx, no hang), and the server serves a plain request after each batch."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    live = LiveServer(create_app(qwen3, ServerConfig(api_key=API_KEY, max_batch=4, max_queue=16, max_model_len=96)))
+    numbers = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True, allow_infinity=True),
+                        st.sampled_from([0, 1, -1, 1e-300, 2**63, 2**64, 0.5]))
+    scalars = st.one_of(numbers, st.text(max_size=40))
+    anything = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                             st.dictionaries(st.text(max_size=10), inner, max_size=4)),
+                            max_leaves=12)
+    text = st.text(max_size=60)
+    valid_messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"]),
+                                                     "content": text}), min_size=1, max_size=3)
+    messages = st.one_of(valid_messages, valid_messages, st.lists(st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "tool", ""]), "content": st.one_of(st.none(), anything)}), max_size=3), anything)
+    prompts = st.one_of(text, text, st.lists(st.integers(-5, 2**40), max_size=8), anything)
+
+    def field(valid):  # mostly a value the server must serve, sometimes anything at all
+        return st.one_of(st.none(), valid, valid, numbers, anything)
+
+    fields = {"max_tokens": field(st.integers(1, 8)), "temperature": field(st.floats(0, 2)), "top_p": field(st.floats(0, 1)),
+              "top_k": field(st.integers(-1, 50)), "seed": field(st.integers(0, 2**63 - 1)),
+              "stop": field(st.lists(st.text(min_size=1, max_size=5), max_size=4)), "stream": field(st.booleans()),
+              "stream_options": field(st.fixed_dictionaries({"include_usage": st.booleans()})), "n": field(st.just(1)),
+              "logprobs": field(st.just(False)), "presence_penalty": field(st.just(0)), "logit_bias": field(st.just({})),
+              "response_format": field(st.just({"type": "text"})), "tools": field(st.just(None)),
+              "chat_template_kwargs": field(st.dictionaries(st.sampled_from(["enable_thinking", "x"]), st.booleans())),
+              "echo": field(st.booleans()), "suffix": field(st.just(None)), "max_completion_tokens": field(st.integers(1, 8)),
+              "model": st.one_of(st.just(live.state.name), st.text(max_size=10)), "unknown_field": anything}
+    chat_bodies = st.fixed_dictionaries({"messages": messages}, optional=fields)
+    text_bodies = st.fixed_dictionaries({"prompt": prompts}, optional=fields)
+    bodies = st.one_of(st.tuples(st.just("/v1/chat/completions"), chat_bodies), st.tuples(st.just("/v1/completions"), text_bodies),
+                       st.tuples(st.sampled_from(["/v1/chat/completions", "/v1/completions"]), anything))
+    statuses = []
+
+    @settings(max_examples=150, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(bodies)
+    def one_request(case):
+        path, body = case
+        try:
+            response = live.http.post(path, content=json.dumps(body), timeout=30,
+                                      headers={"Content-Type": "application/json"})
+        except httpx.TimeoutException:
+            pytest.fail(f"no answer within 30 s to {path} {body!r}")
+        statuses.append(response.status_code)
+        assert response.status_code < 500, f"{response.status_code} for {path} {body!r}: {response.text[:300]}"
+        if response.status_code >= 400:
+            assert "message" in response.json()["error"]
+
+    try:
+        one_request()
+        live.wait_idle()
+        live.assert_healthy()
+        assert len(statuses) >= 150 and any(s == 200 for s in statuses) and any(400 <= s < 500 for s in statuses)
+    finally:
+        live.close()

@@ -26,6 +26,13 @@ FAMILIES = {
                                                         "prompt lookup); a plain AR step is none."),
     "orthrus:spec_decode_num_draft_tokens_total": ("counter", "Draft tokens verified, by source."),
     "orthrus:spec_decode_num_accepted_tokens_total": ("counter", "Draft tokens accepted by verification, by source."),
+    "orthrus:spec_decode_num_accepted_tokens_per_pos": ("counter", "Accepted draft tokens by position in the draft "
+                                                                   "(0 = the first drafted token), by source."),
+    "orthrus:kv_cache_usage_perc": ("gauge", "Fraction of the KV cache's slots holding committed tokens (0 to 1)."),
+    "orthrus:e2e_request_latency_seconds": ("histogram", "Time from arrival to the last token, of requests the "
+                                                         "engine finished (stop or length)."),
+    "orthrus:request_queue_time_seconds": ("histogram", "Time from arrival to the start of the cycle that gave the "
+                                                        "request a batch row."),
     "orthrus:time_to_first_token_seconds": ("histogram", "Time from arrival to the first generated token."),
     "orthrus:inter_token_latency_seconds": ("histogram", "Time per generated token after the first "
                                                          "(a cycle's gap shared by the tokens it emitted)."),

@@ -119,6 +119,7 @@ class EngineLoop:
             while self._apply_inbox():
                 if self.engine.has_work():
                     self._step()
+                self.metrics.set("orthrus:kv_cache_usage_perc", self.engine.kv_cache_usage)
                 self.metrics.set("orthrus:num_requests_running", len(self.engine.running))
                 self.metrics.set("orthrus:num_requests_waiting", len(self.engine.waiting))
         except BaseException:  # the loop itself broke: say so at once, fail every request, and let the process exit
@@ -159,6 +160,7 @@ class EngineLoop:
                 self.engine.abort(job.seq)
 
     def _step(self) -> None:
+        started = time.perf_counter()
         try:
             outputs = self.engine.step()
         except Exception:  # an engine bug: fail the requests it held, keep serving the next ones
@@ -167,7 +169,10 @@ class EngineLoop:
             return
         now = time.perf_counter()
         for out in outputs:
-            self._deliver(self.jobs[out.sequence.id], out.new_tokens, now)
+            job = self.jobs[out.sequence.id]
+            if job.last_output is None:  # admitted by this cycle (a row's first cycle also prefills it)
+                self.metrics.observe("orthrus:request_queue_time_seconds", started - job.arrived)
+            self._deliver(job, out.new_tokens, now)
 
     def end_all(self) -> None:
         """End every running request now, each with a final event ("abort") and its usage."""
@@ -196,6 +201,8 @@ class EngineLoop:
             m.inc("orthrus:spec_decode_num_drafts_total", source=source)
             m.inc("orthrus:spec_decode_num_draft_tokens_total", seq.stats.drafted[-1], source=source)
             m.inc("orthrus:spec_decode_num_accepted_tokens_total", seq.stats.accepted[-1], source=source)
+            for position in range(seq.stats.accepted[-1]):
+                m.inc("orthrus:spec_decode_num_accepted_tokens_per_pos", position=str(position), source=source)
         if job.last_output is None:
             m.observe("orthrus:time_to_first_token_seconds", now - job.arrived)
         else:  # a cycle emits several tokens at once: each gets its share of the gap
@@ -208,6 +215,7 @@ class EngineLoop:
         usage = None
         if seq.finished:
             del self.jobs[seq.id]
+            m.observe("orthrus:e2e_request_latency_seconds", now - job.arrived)
             # a stop string ends the completion at the token that completed it, whatever came after in the block
             usage = self._usage(seq, job.text.tokens if job.text.stopped else len(seq.generated))
         job.send(Event(text, seq.finish_reason, usage))
