@@ -514,3 +514,20 @@ def test_fuzzed_requests_get_no_5xx_and_no_hang(qwen3):
         assert len(statuses) >= 150 and any(s == 200 for s in statuses) and any(400 <= s < 500 for s in statuses)
     finally:
         live.close()
+
+
+def test_the_openapi_document_says_what_the_server_answers(server):
+    doc = server.http.get("/openapi.json").json()
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        responses = doc["paths"][path]["post"]["responses"]
+        assert "422" not in responses  # validation errors are 400 here
+        assert {"200", "400", "401", "404", "408", "413", "500", "503"} <= set(responses)
+        assert {"application/json", "text/event-stream"} <= set(responses["200"]["content"])
+    assert set(doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+    assert "503" in doc["paths"]["/health"]["get"]["responses"]
+    # and the server does answer so: a body that fails validation is a 400 (not the 422 FastAPI documents by default)
+    assert server.http.post("/v1/completions", json={"prompt": "hi", "max_tokens": "many"}).status_code == 400
+    assert server.http.get("/metrics").headers["content-type"].startswith("text/plain")
+    with server.http.stream("POST", "/v1/completions", json={"prompt": "hi", "max_tokens": 2, "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        r.read()

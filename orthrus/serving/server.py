@@ -23,6 +23,7 @@ from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -445,6 +446,37 @@ class BodyLimit:
             await JSONResponse(too_large.body(), 413)(scope, receive, send)
 
 
+ERROR_BODY = {"application/json": {"schema": {"type": "object", "properties": {"error": {
+    "type": "object", "properties": {k: {"type": "string", "nullable": True} for k in ("message", "type", "param", "code")}}}}}}
+# What the completion routes really answer, for the OpenAPI document (which otherwise claims a 422
+# this server never sends and no event stream).
+COMPLETION_RESPONSES = {
+    200: {"description": "The completion (JSON), or with `stream: true` server-sent events ending in `data: [DONE]`.",
+          "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {"schema": {"type": "string"}}}},
+    **{status: {"description": what, "content": ERROR_BODY} for status, what in (
+        (400, "Invalid request: malformed JSON, a field out of range or unsupported (named in `error.param`)."),
+        (401, "Missing or wrong API key (when the server has one)."),
+        (404, "Unknown model."),
+        (408, "The request outlived the server's request timeout."),
+        (413, "The request body is over the size limit."),
+        (500, "Internal error while decoding this request (other requests are unaffected)."),
+        (503, "The server is full, shutting down, or its engine stopped."))},
+}
+
+
+def openapi_without_422(app: FastAPI) -> dict:
+    """FastAPI's document minus the 422 it adds to every route with a body: validation errors are 400 here."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for path in schema["paths"].values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 def create_app(llm: Orthrus, config: ServerConfig | None = None) -> FastAPI:
     server = Server(llm, config or ServerConfig())
 
@@ -455,6 +487,7 @@ def create_app(llm: Orthrus, config: ServerConfig | None = None) -> FastAPI:
         server.engine_loop.stop()
 
     app = FastAPI(title="orthrus", lifespan=lifespan)
+    app.openapi = lambda: openapi_without_422(app)
     app.state.server = server
     if server.config.api_key:
         app.add_middleware(BearerAuth, api_key=server.config.api_key, server=server)
@@ -481,13 +514,13 @@ def create_app(llm: Orthrus, config: ServerConfig | None = None) -> FastAPI:
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         return JSONResponse(APIError(e.status_code, str(e.detail), kind).body(), e.status_code, headers=e.headers)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=COMPLETION_RESPONSES)
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         prompt = await server.encode([m.as_dict() for m in req.messages], "messages", req.chat_template_kwargs)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         return await server.respond(request, req, prompt, max_tokens, "messages", chat=True)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=COMPLETION_RESPONSES)
     async def completions(req: CompletionRequest, request: Request):
         prompt = req.prompt
         if prompt and isinstance(prompt, list) and isinstance(prompt[0], (str, list)):  # a batch of prompts
@@ -502,13 +535,14 @@ def create_app(llm: Orthrus, config: ServerConfig | None = None) -> FastAPI:
         return {"object": "list", "data": [{"id": server.name, "object": "model", "created": 0, "owned_by": "orthrus",
                                             "max_model_len": server.context}]}
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "The engine stopped.", "content": {"application/json": {}}}})
     async def health():
         if server.engine_loop.dead or not server.engine_loop.thread.is_alive():
             return JSONResponse({"status": "engine stopped"}, 503)
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus text format 0.0.4.", "content": {"text/plain": {}}}})
     async def metrics():
         return PlainTextResponse(server.metrics.render(), media_type="text/plain; version=0.0.4")
 
