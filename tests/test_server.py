@@ -531,3 +531,45 @@ def test_the_openapi_document_says_what_the_server_answers(server):
     with server.http.stream("POST", "/v1/completions", json={"prompt": "hi", "max_tokens": 2, "stream": True}) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         r.read()
+
+
+def test_sigterm_to_orthrus_serve_ends_open_streams_and_exits_cleanly(qwen3_folder):
+    """The real process and the real signal: after SIGTERM an open stream still gets its final chunk
+    and [DONE], new requests are refused, and the process exits 0 once the grace period is over."""
+    import os
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "orthrus", "serve", "--model", str(qwen3_folder), "--drafter", "none",
+                             "--dtype", "float32", "--device", "cpu", "--block-size", str(BLOCK), "--port", str(port),
+                             "--max-model-len", "512", "--shutdown-grace", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        body = {"prompt": PROMPTS[3], "max_tokens": 480, "temperature": 0, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            assert json.loads(first[6:])["object"] == "text_completion"
+            proc.send_signal(signal.SIGTERM)
+            events = [line[6:] for line in lines if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["choices"][0]["finish_reason"] in ("abort", "length", "stop")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -57,7 +57,14 @@ def cmd_serve(args) -> None:
                 server.drain(args.shutdown_grace)
             super().handle_exit(sig, frame)
 
-    Draining(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
-                            timeout_graceful_shutdown=args.shutdown_grace + 5)).run()
+    # uvicorn raises the stop signal again once it has shut down, which would end the process by the
+    # signal; after a drain that is a clean stop: exit 0 (or 1 below when the engine died)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        Draining(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                                timeout_graceful_shutdown=args.shutdown_grace + 5)).run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if engine_loop.dead:
         raise SystemExit("orthrus: error: the engine loop died (see the log above); exiting with status 1")
