@@ -291,6 +291,23 @@ def test_request_bodies_over_the_limit_get_413(server):
     server.assert_healthy()
 
 
+def test_a_huge_prompt_is_tokenised_off_the_event_loop(server):
+    """A prompt just under the body limit takes the tokenizer a while; /health answers meanwhile."""
+    big = {"prompt": "many different words here " * (server.state.config.max_request_bytes // 27), "max_tokens": 2}
+    with ThreadPoolExecutor(1) as pool:
+        started = time.perf_counter()
+        answer = pool.submit(server.http.post, "/v1/completions", json=big)
+        health = []
+        while not answer.done():
+            t = time.perf_counter()
+            assert server.http.get("/health").status_code == 200
+            health.append(time.perf_counter() - t)
+        took = time.perf_counter() - started
+    assert error_of(answer.result(), 400)["param"] == "prompt"  # far longer than the context
+    assert len(health) >= 3 and max(health) < took / 3, (max(health), took)
+    server.assert_healthy()
+
+
 def test_engine_loop_death_fails_fast(qwen3):
     """If the engine loop itself dies, every request gets 503 at once and /health fails: no live server that hangs."""
     app = create_app(qwen3, ServerConfig(max_model_len=256))
