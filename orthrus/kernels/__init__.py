@@ -113,13 +113,12 @@ def packed(layer: torch.nn.Linear) -> torch.Tensor:
     """The layer's weight in the layout the kernel streams, made on first use and kept beside the
     weight (outside the parameters, so state dicts, training and the plain path never see it);
     remade when the weight is replaced or changed in place (its version counter moves)."""
-    w = layer.weight
-    key = (w.data_ptr(), w._version, w.dtype)
+    w = layer._parameters["weight"]  # not `layer.weight`: Module.__getattr__ costs more than the check
     kept = layer.__dict__.get("_packed_weight")
-    if kept is None or kept[0] != key:
-        kept = (key, _module.pack(w.detach()))
+    if kept is None or kept[0] is not w or kept[1] != w._version or kept[2] != w.data_ptr():
+        kept = (w, w._version, w.data_ptr(), _module.pack(w.detach()))
         layer.__dict__["_packed_weight"] = kept
-    return kept[1]
+    return kept[3]
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
