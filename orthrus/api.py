@@ -13,6 +13,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator, Sequence as Seq, Union
 
 import torch
@@ -133,12 +134,7 @@ class Orthrus:
         the cache folder per architecture, dtype, device, thread count and kernel build (what a
         pass's time depends on); `refresh` measures again."""
         block = block_size or self.block_size
-        param = next(self.model.parameters())
-        identity = {"config": repr(self.model.config), "dtype": str(param.dtype), "device": str(param.device),
-                    "threads": torch.get_num_threads(), "block": block, "torch": torch.__version__,
-                    "kernels": kernels.module() is not None and kernels.enabled, "cpu": platform.processor() or platform.machine()}
-        key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-        path = cache_dir() / "calibration" / f"{key}.json"
+        identity, path = self.calibration_file(block)
         if not refresh and path in self._pass_costs:
             return self._pass_costs[path]
         costs = None if refresh else read_pass_costs(path)
@@ -150,6 +146,15 @@ class Orthrus:
             tmp.replace(path)
         self._pass_costs[path] = costs
         return costs
+
+    def calibration_file(self, block_size: int) -> tuple[dict, Path]:
+        """What this model's pass times depend on, and the file they are kept in."""
+        param = next(self.model.parameters())
+        identity = {"config": repr(self.model.config), "dtype": str(param.dtype), "device": str(param.device),
+                    "threads": torch.get_num_threads(), "block": block_size, "torch": torch.__version__,
+                    "kernels": kernels.module() is not None and kernels.enabled, "cpu": platform.processor() or platform.machine()}
+        key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+        return identity, cache_dir() / "calibration" / f"{key}.json"
 
     def encode(self, prompt: Prompt, chat_template_kwargs: dict | None = None) -> list[int]:
         """Token ids of a prompt; chat messages go through the tokenizer's chat template, with

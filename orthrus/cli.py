@@ -114,6 +114,24 @@ def cmd_chat(args) -> None:
             print_stats(result)
 
 
+def cmd_calibrate(args) -> None:
+    """Measure the planner's pass costs again (after a hardware, driver or load change) and show them."""
+    import torch
+
+    from .api import load
+
+    llm = load(args.model, drafter=args.drafter, dtype=args.dtype, device=args.device, block_size=args.block_size)
+    block = args.block_size or llm.block_size
+    costs = llm.pass_costs(block, refresh=True)
+    step = costs.verify[1]
+    print(f"pass costs for {llm.name} ({next(llm.model.parameters()).dtype}, {torch.get_num_threads()} threads), "
+          f"kept in {llm.calibration_file(block)[1]}")
+    print("| pass | ms | AR steps |\n|---|---:|---:|")
+    for tokens, seconds in enumerate(costs.verify[1:], start=1):
+        print(f"| verify {tokens} token{'s' if tokens > 1 else ''} | {seconds * 1e3:.1f} | {seconds / step:.2f} |")
+    print(f"| draft block {block} | {costs.draft * 1e3:.1f} | {costs.draft / step:.2f} |")
+
+
 # modules that add their subcommands through register(subparsers)
 SUBCOMMAND_MODULES = ["orthrus.bench.cli", "orthrus.training.cli", "orthrus.serving.cli"]
 
@@ -130,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", default=None, help="system prompt")
     add_model_args(c), add_sampling_args(c)
     c.set_defaults(func=cmd_chat)
+    k = sub.add_parser("calibrate", help="measure the cycle planner's pass costs on this machine again and show them")
+    add_model_args(k)
+    k.set_defaults(func=cmd_calibrate)
     for module in SUBCOMMAND_MODULES:
         importlib.import_module(module).register(sub)
     return parser

@@ -47,3 +47,29 @@ def test_user_mistakes_exit_2_with_one_clear_line(qwen3_folder, args, message):
     out = run_cli("generate", "hello", *args)
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_calibrate_measures_again_and_keeps_what_it_shows(qwen3_folder, tmp_path, monkeypatch, capsys):
+    """`orthrus calibrate` re-measures (even with costs on file) and writes what it prints to the
+    file the planner reads."""
+    import re
+
+    from pathlib import Path
+
+    from orthrus import cli, kernels
+    from orthrus.api import read_pass_costs
+
+    (tmp_path / "kernels").symlink_to(kernels.cache_dir(), target_is_directory=True)  # no rebuild of the kernels
+    monkeypatch.setenv("ORTHRUS_CACHE", str(tmp_path))
+    args = ["calibrate", "--model", str(qwen3_folder), "--drafter", "none", "--dtype", "float32", "--device", "cpu",
+            "--block-size", "4"]
+    shown, kept = [], []
+    for _ in range(2):
+        assert cli.main(args) == 0
+        out = capsys.readouterr().out
+        path = re.search(r"kept in (\S+\.json)", out)[1]
+        shown.append([float(ms) for ms in re.findall(r"^\| (?:verify|draft)[^|]*\| ([\d.]+) \|", out, re.M)])
+        kept.append(read_pass_costs(Path(path)))
+    for costs, ms in zip(kept, shown):
+        assert len(ms) == len(costs.verify) and ms == [round(s * 1e3, 1) for s in (*costs.verify[1:], costs.draft)]
+    assert kept[0] != kept[1]  # measured again, not read back
