@@ -473,7 +473,7 @@ def test_chat_template_kwargs_reach_the_template(server, qwen3):
 def test_fuzzed_requests_get_no_5xx_and_no_hang(qwen3):
     """A bounded fuzz run (hypothesis, localhost): bodies mixing every request field with values of
     the right type, the wrong type, extremes and nonsense. Every answer is 2xx/4xx within the
-    client timeout (no 5xx, no hang), and the server serves a plain request after each batch."""
+    client timeout (no 5xx, no hang), and the server is healthy and serves a plain request after."""
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
