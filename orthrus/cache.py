@@ -11,11 +11,10 @@ pass over the same positions, so drafting costs one block of K/V whatever the co
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from functools import cached_property
 
 import torch
 
-from . import kernels
 from .config import ModelConfig
 
 
@@ -43,48 +42,50 @@ class KVCache:
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions needed, {self.max_len} allocated")
         limits = positions + 1 if not bidirectional else (start + num_tokens)[:, None].expand_as(positions)
-        if kernels.usable(self.k, positions.numel()):
-            # Few query rows on CPU: the batch-invariant kernels copy K/V by row and start and read
-            # each row's keys [0, limit) in place: no mask, no index tensors, no gather.
-            return CacheWindow(self, rows.to(self.k.device), positions.to(self.k.device), end, None, False, (), limits)
-        mask = None
-        if not bool((limits == end).all()):
-            mask = (torch.arange(end) < limits[..., None])[:, None].to(self.k.device)  # [N, 1, T, S]
-        every_row = len(rows) == self.k.shape[1] and bool((rows == torch.arange(len(rows))).all())
-        rows, positions = rows.to(self.k.device), positions.to(self.k.device)
-        heads = torch.arange(self.k.shape[2], device=self.k.device)
-        slots = (rows[:, None, None], heads[None, :, None], positions[:, None, :])  # where [N, H, T] K/V go
-        return CacheWindow(self, rows, positions, end, mask, every_row, slots, None)
+        return CacheWindow(self, rows.to(self.k.device), positions.to(self.k.device), end, limits)
 
 
 @dataclass
 class CacheWindow:
-    """What one forward pass sees of the cache: where it writes and how far it reads."""
+    """What one forward pass sees of the cache: where it writes and how far it reads. The CPU
+    kernels' decoder stack takes `kernel_cache`; the plain path writes with `update` and attends
+    with `mask` (both built on first use)."""
 
     cache: KVCache
     rows: torch.Tensor  # [N] row indices
     positions: torch.Tensor  # [N, T] absolute positions
     end: int  # keys read: slots [0, end)
-    mask: torch.Tensor | None  # [N, 1, T, end] boolean, None when every key is visible
-    in_place: bool  # all cache rows in order: attend through a view, no gather of rows
-    slots: tuple[torch.Tensor, ...]  # index of this pass's K/V in a layer's cache, shared by all layers
-    limits: torch.Tensor | None  # [N, T] query t of row n sees keys [0, limit); set when the kernel attends
+    limits: torch.Tensor  # [N, T] host side: query t of row n sees keys [0, limit)
 
     @property
-    def attend(self) -> Callable | None:
-        """The model's attention hook: the few-row kernel over cache rows in place, or None (SDPA + mask)."""
-        if self.limits is None:
+    def kernel_cache(self) -> tuple:
+        """(k, v, rows, starts, limits): the whole cache and where this pass writes and reads."""
+        return self.cache.k, self.cache.v, self.rows, self.positions[:, 0], self.limits
+
+    @cached_property
+    def mask(self) -> torch.Tensor | None:
+        """[N, 1, T, end] boolean, None when every key is visible."""
+        if bool((self.limits == self.end).all()):
             return None
-        return lambda q, keys, values: kernels.attend(q, keys, values, self.rows, self.limits)
+        return (torch.arange(self.end) < self.limits[..., None])[:, None].to(self.cache.k.device)
+
+    @cached_property
+    def slots(self) -> tuple[torch.Tensor, ...]:
+        """Index of this pass's K/V [N, H, T] in a layer's cache, shared by all layers."""
+        heads = torch.arange(self.cache.k.shape[2], device=self.cache.k.device)
+        return self.rows[:, None, None], heads[None, :, None], self.positions[:, None, :]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this pass's K/V ([N, kv_heads, T, D]) and return the keys/values to attend to."""
         kc, vc = self.cache.k[layer], self.cache.v[layer]
-        if self.limits is not None:  # the kernel path: plain copies, and the kernel reads the rows in place
-            kernels.write_cache(kc, vc, k, v, self.rows, self.positions[:, 0])
-            return kc, vc
         kc.index_put_(self.slots, k)
         vc.index_put_(self.slots, v)
-        if self.in_place:
+        if self.every_row:
             return kc[:, :, : self.end], vc[:, :, : self.end]
         return kc[self.rows, :, : self.end], vc[self.rows, :, : self.end]
+
+    @cached_property
+    def every_row(self) -> bool:
+        """All cache rows in order: attend through a view, no gather of rows."""
+        rows = self.rows.cpu()
+        return len(rows) == self.cache.k.shape[1] and bool((rows == torch.arange(len(rows))).all())

@@ -25,7 +25,9 @@ TWIN_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
 class KVStore(Protocol):
     """Where a forward's keys/values go and what it attends to: the KV cache at inference
     (`cache.CacheWindow`), a plain per-layer store in training. A store may bring its own
-    `attend(q, keys, values)` (training's block-sparse FlexAttention); otherwise SDPA with `mask`."""
+    `attend(q, keys, values)` (training's block-sparse FlexAttention); otherwise SDPA with `mask`.
+    The KV cache also offers `kernel_cache`, which the CPU kernels' decoder stack reads and writes
+    in place of `update` and attention."""
 
     mask: torch.Tensor | None
 
@@ -150,6 +152,17 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, view)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def kernel_weights(self) -> list[torch.Tensor | None]:
+        """This layer's weights in the order `kernels.DecoderStack` reads them."""
+        a, f = self.self_attn, self.mlp
+        weights = [self.input_layernorm.weight, self.post_attention_layernorm.weight, f.gate_proj.weight, f.up_proj.weight,
+                   f.down_proj.weight]
+        for sfx in ("", "_diff"):
+            projections = [getattr(a, name + sfx) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+            weights += [p.weight for p in projections] + [p.bias for p in projections[:3]]
+            weights += [getattr(a, name + sfx).weight if a.qk_norm else None for name in ("q_norm", "k_norm")]
+        return weights
+
 
 class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -194,8 +207,11 @@ class OrthrusLM(nn.Module):
         """tokens, positions: [N, T]. Returns fp32 logits [N, T, vocab] (or final hidden states)."""
         x = self.embed(tokens)
         cos, sin = self.rotary(positions)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, kv, view)
+        if hasattr(kv, "kernel_cache") and kernels.usable(x, tokens.numel()):  # the CPU kernels: every layer in one call
+            x = kernels.decoder_stack(self).forward(x.contiguous(), cos, sin, *kv.kernel_cache, view == "diffusion")
+        else:
+            for layer in self.model.layers:
+                x = layer(x, cos, sin, kv, view)
         x = self.model.norm(x)
         return self.lm_head(x).float() if logits else x
 

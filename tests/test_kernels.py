@@ -5,7 +5,6 @@ decode step does, so greedy Orthrus equals greedy AR in bf16 too (tests/test_dec
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import orthrus
 from orthrus import kernels
@@ -73,40 +72,47 @@ def test_the_packed_weight_follows_changes_to_the_weight():
     assert "_packed_weight" not in layer.state_dict() and len(layer.state_dict()) == 1
 
 
-def reference_attention(q, kc, vc, rows, limits):
-    """SDPA with an explicit mask, one query row at a time, in float64."""
-    N, H, T, D = q.shape
-    G = kc.shape[1]
-    out = torch.empty(N, H, T, D, dtype=torch.float64)
-    for n in range(N):
-        for t in range(T):
-            L = int(limits[n, t])
-            k = kc[rows[n], :, :L].double().repeat_interleave(H // G, 0)
-            v = vc[rows[n], :, :L].double().repeat_interleave(H // G, 0)
-            out[n, :, t] = F.scaled_dot_product_attention(q[n, :, t : t + 1].double(), k, v)[:, 0]
-    return out
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_attention_is_right_and_each_query_is_computed_as_if_alone(dtype):
-    g = torch.Generator().manual_seed(2)
-    rows_total, G, S, D, H = 3, 2, 40, 16, 6
-    kc = torch.randn(rows_total, G, S, D, generator=g).to(dtype)
-    vc = torch.randn(rows_total, G, S, D, generator=g).to(dtype)
-    rows = torch.tensor([2, 0])
-    T = 5
-    q = torch.randn(2, H, T, D, generator=g).to(dtype)
-    starts = torch.tensor([30, 7])
-    limits = starts[:, None] + torch.arange(1, T + 1)  # causal over a ragged batch
+def ragged_pass(llm, view: str, rows: list[int]):
+    """Logits of one 5-token pass of `view` for the given cache rows (of 3), whose contexts are
+    30 and 7 tokens long (row 2 and row 0), and the keys the pass wrote into the cache."""
+    model = llm.model
+    cache = KVCache(model.config, 3, 48, next(model.parameters()).dtype, "cpu")
+    g = torch.Generator().manual_seed(5)
+    context = {2: torch.randint(0, 1000, (1, 30), generator=g), 0: torch.randint(0, 1000, (1, 7), generator=g)}
+    block = {2: torch.randint(0, 1000, (1, 5), generator=g), 0: torch.randint(0, 1000, (1, 5), generator=g)}
     with torch.inference_mode():
-        out = kernels.attend(q, kc, vc, rows, limits)
-        assert out.shape == q.shape and out.dtype == dtype
-        tol = 1e-5 if dtype == torch.float32 else 2e-2
-        torch.testing.assert_close(out.double(), reference_attention(q, kc, vc, rows, limits), rtol=tol, atol=tol)
-        for n in range(2):
-            for t in range(T):
-                one = kernels.attend(q[n : n + 1, :, t : t + 1], kc, vc, rows[n : n + 1], limits[n : n + 1, t : t + 1])
-                assert torch.equal(one[0, :, 0], out[n, :, t])
+        for row, tokens in context.items():  # the same context, on the plain path, whatever is tested
+            cache.k[:, row], cache.v[:, row] = 0, 0
+            kernels.enabled, enabled = False, kernels.enabled
+            window = cache.window(torch.tensor([row]), tokens.shape[1], bidirectional=False)
+            model(tokens, window.positions, window, "ar", logits=False)
+            kernels.enabled = enabled
+            cache.lengths[row] = tokens.shape[1]
+        window = cache.window(torch.tensor(rows), 5, bidirectional=view == "diffusion")
+        logits = model(torch.cat([block[r] for r in rows]), window.positions, window, view)
+    return logits, [cache.k[:, r, :, int(cache.lengths[r]) : int(cache.lengths[r]) + 5].clone() for r in rows]
+
+
+@pytest.mark.parametrize("view", ["ar", "diffusion"])
+@pytest.mark.parametrize("name", ["qwen3", "qwen3_bf16"])
+def test_the_decoder_stack_is_right_and_each_row_is_computed_as_if_alone(request, name, view):
+    """The kernels' decoder stack over a ragged batch (rows 2 and 0 of the cache, at different
+    lengths): close to the plain path, in logits and in the keys it writes, and each row bit for
+    bit what the same pass computes for that row alone."""
+    llm = request.getfixturevalue(name)
+    logits, keys = ragged_pass(llm, view, [2, 0])
+    for i, row in enumerate([2, 0]):
+        alone, alone_keys = ragged_pass(llm, view, [row])
+        assert torch.equal(logits[i], alone[0]) and torch.equal(keys[i], alone_keys[0])
+    kernels.enabled = False
+    try:
+        plain, plain_keys = ragged_pass(llm, view, [2, 0])
+    finally:
+        kernels.enabled = True
+    tol = 1e-4 if logits.dtype == torch.float32 and keys[0].dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(logits, plain, rtol=tol, atol=tol)
+    for k, plain_k in zip(keys, plain_keys):
+        torch.testing.assert_close(k, plain_k, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

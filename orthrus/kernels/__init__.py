@@ -1,4 +1,5 @@
-"""The CPU hot path: few-row kernels under the model's `Linear` and the cache's attention.
+"""The CPU hot path: few-row kernels under the model's `Linear`, and every decoder layer of a
+pass over the KV cache in one call (`decoder_stack`: no Python between the ops).
 
 `cpu.cpp` (AVX2 + FMA) is compiled on first use with the machine's C++ compiler and cached
 under `$ORTHRUS_CACHE/kernels` (default `~/.cache/orthrus/kernels`), keyed by the source and the
@@ -131,14 +132,13 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x
 
 
-def write_cache(kc: torch.Tensor, vc: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
-                starts: torch.Tensor) -> None:
-    """Write k, v [N, G, T, D] into one layer's cache [rows, G, S, D] at rows[n], from position starts[n]."""
-    _module.write_cache(kc, vc, k, v, rows, starts)
-
-
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
-           limits: torch.Tensor) -> torch.Tensor:
-    """Attention of q [N, H, T, D] over one layer of the cache (keys/values [rows, G, S, D]):
-    query (n, t) sees keys [0, limits[n, t]) of cache row rows[n]. Returns [N, H, T, D] in q's dtype."""
-    return _module.attend(q.transpose(1, 2), keys, values, rows, limits, q.shape[-1] ** -0.5).transpose(1, 2)
+def decoder_stack(model):
+    """The model's decoder layers as one compiled call (`DecoderStack`), built on first use and
+    kept on the model; rebuilt when a weight changes in place or its data is swapped."""
+    kept = model.__dict__.get("_decoder_stack")
+    if kept is None or not kept.fresh():
+        cfg = model.config
+        kept = _module.DecoderStack([layer.kernel_weights() for layer in model.model.layers], cfg.num_attention_heads,
+                                    cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps)
+        model.__dict__["_decoder_stack"] = kept
+    return kept

@@ -267,53 +267,20 @@ void attend_group(const float* q, int64_t heads, int64_t D, const KV* keys, cons
     for (int64_t d = 0; d < D; ++d) out[h * D + d] /= total[h];
 }
 
+// q [N, T, H, D] fp32 contiguous -> out [N, T, H, D] fp32; keys/values of one layer, sequence n in
+// cache row rows[n] (strides kr, kg, ks for row, kv head, position); query (n, t) sees keys [0, limits[n, t]).
 template <typename KV>
-void attend_impl(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc, const int64_t* rows,
-                 const int64_t* limits, float scale, torch::Tensor& out) {
-  const int64_t N = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3), G = kc.size(1);
+void attend_raw(const float* q, int64_t N, int64_t T, int64_t H, int64_t G, int64_t D, const KV* k, const KV* v,
+                int64_t kr, int64_t kg, int64_t ks, const int64_t* rows, const int64_t* limits, float scale, float* out) {
   const int64_t group = H / G;
-  const KV* k = kc.data_ptr<KV>();
-  const KV* v = vc.data_ptr<KV>();
-  const float* qp = q.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int64_t kr = kc.stride(0), kg = kc.stride(1), ks = kc.stride(2);
   at::parallel_for(0, N * G * T, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, query(group * D);
+    std::vector<float> scores;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / (G * T), g = (task / T) % G, t = task % T;
-      for (int64_t h = 0; h < group; ++h)  // this group's query heads, packed
-        std::copy_n(qp + n * q.stride(0) + t * q.stride(1) + (g * group + h) * q.stride(2), D, query.data() + h * D);
-      const int64_t off = rows[n] * kr + g * kg;
-      attend_group<KV>(query.data(), group, D, k + off, v + off, ks, limits[n * T + t], scale,
-                       op + ((n * T + t) * H + g * group) * D, scores);
+      const int64_t off = rows[n] * kr + g * kg, at = ((n * T + t) * H + g * group) * D;  // this group's heads, packed
+      attend_group<KV>(q + at, group, D, k + off, v + off, ks, limits[n * T + t], scale, out + at, scores);
     }
   });
-}
-
-// q [N, T, H, D] fp32 or bf16 (any strides, last dim contiguous) -> out [N, T, H, D] in q's dtype,
-// contiguous; kc, vc [rows, G, S, D] (one layer of the cache, fp32 or bf16, last dim
-// contiguous); rows [N] cache row of each sequence; limits [N, T]: query (n, t) sees keys [0, limit).
-torch::Tensor attend(const torch::Tensor& q_in, const torch::Tensor& kc, const torch::Tensor& vc,
-                     const torch::Tensor& rows, const torch::Tensor& limits, double scale) {
-  TORCH_CHECK(q_in.dim() == 4 && q_in.stride(3) == 1, "q: [N, T, H, D], last dim contiguous");
-  const auto q = q_in.to(at::kFloat);
-  TORCH_CHECK(kc.dim() == 4 && kc.sizes() == vc.sizes() && kc.strides() == vc.strides() && kc.stride(3) == 1,
-              "kc, vc: [rows, G, S, D] with the same layout");
-  TORCH_CHECK(kc.scalar_type() == vc.scalar_type(), "kc, vc: one dtype");
-  TORCH_CHECK(q.size(3) == kc.size(3) && q.size(2) % kc.size(1) == 0, "head shapes");
-  auto r = rows.to(at::kLong).contiguous();
-  auto l = limits.to(at::kLong).contiguous();
-  TORCH_CHECK(r.numel() == q.size(0) && l.numel() == q.size(0) * q.size(1), "rows [N], limits [N, T]");
-  const int64_t* lp = l.data_ptr<int64_t>();
-  TORCH_CHECK(std::all_of(lp, lp + l.numel(), [&](int64_t x) { return x >= 1 && x <= kc.size(2); }), "limits in [1, S]");
-  auto out = torch::empty(q.sizes(), q.options());
-  if (kc.scalar_type() == at::kFloat)
-    attend_impl<float>(q, kc, vc, r.data_ptr<int64_t>(), l.data_ptr<int64_t>(), scale, out);
-  else if (kc.scalar_type() == at::kBFloat16)
-    attend_impl<bf16>(q, kc, vc, r.data_ptr<int64_t>(), l.data_ptr<int64_t>(), scale, out);
-  else
-    TORCH_CHECK(false, "the cache must be fp32 or bf16");
-  return out.to(q_in.scalar_type());
 }
 
 // ---- the small per-token ops around the products: one call each instead of several aten ops ----
@@ -394,40 +361,204 @@ void rope_(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin)
     TORCH_CHECK(false, "rope: fp32 or bf16");
 }
 
-// Write a pass's keys and values k, v [N, G, T, D] (any strides, D contiguous) into one layer of
-// the cache kc, vc [rows, G, S, D] at cache row rows[n], positions starts[n] .. starts[n] + T - 1.
-void write_cache(torch::Tensor& kc, torch::Tensor& vc, const torch::Tensor& k, const torch::Tensor& v,
-                 const torch::Tensor& rows, const torch::Tensor& starts) {
-  TORCH_CHECK(kc.sizes() == vc.sizes() && kc.strides() == vc.strides() && k.sizes() == v.sizes(), "write_cache: k/v shapes");
-  TORCH_CHECK(kc.scalar_type() == k.scalar_type() && vc.scalar_type() == v.scalar_type() && kc.stride(3) == 1 &&
-              k.stride(3) == 1 && v.stride(3) == 1 && kc.size(1) == k.size(1) && kc.size(3) == k.size(3),
-              "write_cache: layouts and dtype");
-  auto r = rows.to(at::kLong).contiguous();
-  auto s = starts.to(at::kLong).contiguous();
-  const int64_t N = k.size(0), G = k.size(1), T = k.size(2);
-  const int64_t* rp = r.data_ptr<int64_t>();
-  const int64_t* sp = s.data_ptr<int64_t>();
-  for (int64_t n = 0; n < N; ++n)
-    TORCH_CHECK(rp[n] >= 0 && rp[n] < kc.size(0) && sp[n] >= 0 && sp[n] + T <= kc.size(2), "write_cache: out of range");
-  const int64_t es = k.element_size(), bytes = k.size(3) * es;
-  for (const auto& [cache, src] : {std::pair{&kc, &k}, std::pair{&vc, &v}}) {
-    char* dst = static_cast<char*>(cache->data_ptr());
-    const char* from = static_cast<const char*>(src->data_ptr());
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t t = 0; t < T; ++t)
-          std::memcpy(dst + (rp[n] * cache->stride(0) + g * cache->stride(1) + (sp[n] + t) * cache->stride(2)) * es,
-                      from + (n * src->stride(0) + g * src->stride(1) + t * src->stride(2)) * es, bytes);
+// ---- the decoder stack in one call: every layer of a pass with no Python between the ops ----
+//
+// The same ops, in the same order and precision, as the model's layers on the plain path: per
+// layer RMSNorm, q/k/v (+ biases, QK-norms), RoPE, the cache write, attention over the cache, o
+// and the residual, RMSNorm, gate/up, SiLU * up, down and the residual. Activations are stored in
+// the model's dtype between ops (rounded where the plain path rounds) and products accumulate in
+// fp32. Only the products run on both cores (the small ops of a few tokens cost less than waking a
+// thread); a pass of many tokens (a bf16 prefill) splits its norms, RoPE and attention too.
+
+struct ViewWeights {  // one view's attention: packed q, k, v, o; optional fp32 biases and QK-norm weights
+  torch::Tensor q, k, v, o, q_bias, k_bias, v_bias, q_norm, k_norm;
+};
+
+struct LayerWeights {
+  torch::Tensor input_norm, post_norm, gate, up, down;  // gate, up, down packed
+  ViewWeights ar, diffusion;
+};
+
+inline float silu(float v) { return v / (1.f + std::exp(-v)); }
+
+class DecoderStack {
+ public:
+  // layers: per layer [input_norm, post_norm, gate, up, down] then, for the AR view and then the
+  // diffusion view, [q, k, v, o, q_bias, k_bias, v_bias, q_norm, k_norm] (None where absent), as
+  // the model holds them (unpacked). `fresh` tells whether they are still what the model holds.
+  DecoderStack(const std::vector<std::vector<c10::optional<torch::Tensor>>>& layers, int64_t heads, int64_t kv_heads,
+               int64_t head_dim, double eps)
+      : heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim), eps_(static_cast<float>(eps)) {
+    auto get = [&](const std::vector<c10::optional<torch::Tensor>>& l, size_t i, bool product) -> torch::Tensor {
+      if (!l[i] || !l[i]->defined()) return {};
+      const torch::Tensor& t = *l[i];
+      sources_.push_back(t);
+      versions_.push_back(t._version());
+      pointers_.push_back(t.data_ptr());
+      return product ? pack(t.detach()) : t.detach().contiguous();
+    };
+    for (const auto& l : layers) {
+      TORCH_CHECK(l.size() == 23, "DecoderStack: 23 entries per layer");
+      LayerWeights w;
+      w.input_norm = get(l, 0, false);
+      w.post_norm = get(l, 1, false);
+      w.gate = get(l, 2, true);
+      w.up = get(l, 3, true);
+      w.down = get(l, 4, true);
+      for (int v = 0; v < 2; ++v) {
+        ViewWeights& a = v == 0 ? w.ar : w.diffusion;
+        const size_t b = 5 + 9 * v;
+        a.q = get(l, b, true);
+        a.k = get(l, b + 1, true);
+        a.v = get(l, b + 2, true);
+        a.o = get(l, b + 3, true);
+        for (auto [dst, i] : {std::pair{&a.q_bias, b + 4}, {&a.k_bias, b + 5}, {&a.v_bias, b + 6}}) {
+          *dst = get(l, i, false);
+          if (dst->defined()) *dst = dst->to(at::kFloat).contiguous();
+        }
+        a.q_norm = get(l, b + 7, false);
+        a.k_norm = get(l, b + 8, false);
+      }
+      layers_.push_back(std::move(w));
+    }
+    dtype_ = layers_.at(0).gate.scalar_type();
   }
-}
+
+  bool fresh() const {  // in-place updates move the version, `.data` swaps the pointer
+    for (size_t i = 0; i < sources_.size(); ++i)
+      if (sources_[i]._version() != versions_[i] || sources_[i].data_ptr() != pointers_[i]) return false;
+    return true;
+  }
+
+  // x [N, T, hidden] (the embeddings, model dtype, contiguous) -> the last layer's output, same
+  // shape. cos, sin fp32 [N, T, head_dim]; k_cache, v_cache [layers, rows, kv_heads, S, head_dim];
+  // sequence n is cache row rows[n], its tokens go to positions starts[n] ..; query (n, t) sees keys
+  // [0, limits[n, t]).
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                        const torch::Tensor& k_cache, const torch::Tensor& v_cache, const torch::Tensor& rows,
+                        const torch::Tensor& starts, const torch::Tensor& limits, bool diffusion) const {
+    TORCH_CHECK(x.dim() == 3 && x.is_contiguous() && x.scalar_type() == dtype_, "DecoderStack: contiguous x [N, T, hidden] in the weights' dtype");
+    TORCH_CHECK(k_cache.scalar_type() == dtype_ && k_cache.dim() == 5 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
+                v_cache.is_contiguous() && k_cache.size(0) == static_cast<int64_t>(layers_.size()) &&
+                k_cache.size(2) == kv_heads_ && k_cache.size(4) == head_dim_, "DecoderStack: the cache's layout");
+    const int64_t N = x.size(0), T = x.size(1);
+    TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.is_contiguous() && sin.is_contiguous() &&
+                cos.numel() == N * T * head_dim_ && sin.sizes() == cos.sizes(), "DecoderStack: cos, sin fp32 [N, T, head_dim]");
+    auto r = rows.to(at::kLong).contiguous(), st = starts.to(at::kLong).contiguous(), lim = limits.to(at::kLong).contiguous();
+    TORCH_CHECK(r.numel() == N && st.numel() == N && lim.numel() == N * T, "DecoderStack: rows [N], starts [N], limits [N, T]");
+    const int64_t *rp = r.data_ptr<int64_t>(), *sp = st.data_ptr<int64_t>(), *lp = lim.data_ptr<int64_t>();
+    const int64_t S = k_cache.size(3);
+    for (int64_t n = 0; n < N; ++n) {
+      TORCH_CHECK(rp[n] >= 0 && rp[n] < k_cache.size(1) && sp[n] >= 0 && sp[n] + T <= S, "DecoderStack: a row or position out of the cache");
+      for (int64_t t = 0; t < T; ++t) TORCH_CHECK(lp[n * T + t] >= 1 && lp[n * T + t] <= S, "DecoderStack: limits in [1, S]");
+    }
+    auto out = x.clone();
+    if (dtype_ == at::kFloat)
+      run<float>(out.data_ptr<float>(), N, T, cos.data_ptr<float>(), sin.data_ptr<float>(), k_cache.data_ptr<float>(),
+                 v_cache.data_ptr<float>(), k_cache.strides(), rp, sp, lp, diffusion);
+    else
+      run<bf16>(out.data_ptr<bf16>(), N, T, cos.data_ptr<float>(), sin.data_ptr<float>(), k_cache.data_ptr<bf16>(),
+                v_cache.data_ptr<bf16>(), k_cache.strides(), rp, sp, lp, diffusion);
+    return out;
+  }
+
+ private:
+  template <typename T>
+  static void products(const float* x, int64_t M, int64_t K, std::initializer_list<std::pair<const torch::Tensor*, const torch::Tensor*>> ws,
+                       std::initializer_list<float*> ys) {
+    Products<T> p{x, M, K, {}, {}, {}, {}};
+    auto y = ys.begin();
+    for (const auto& [w, b] : ws) {
+      p.w.push_back(w->template data_ptr<T>());
+      p.N.push_back(w->size(0));
+      p.bias.push_back(b && b->defined() ? b->template data_ptr<float>() : nullptr);
+      p.y.push_back(*y++);
+    }
+    linear_impl(p);
+  }
+
+  template <typename T>
+  void run(T* x, int64_t N, int64_t T_, const float* cos, const float* sin, T* kc, T* vc, at::IntArrayRef cs,
+           const int64_t* rows, const int64_t* starts, const int64_t* limits, bool diffusion) const {
+    const int64_t M = N * T_, C = layers_[0].post_norm.numel(), I = layers_[0].gate.size(0);
+    const int64_t H = heads_, G = kv_heads_, D = head_dim_, QD = H * D, KD = G * D;
+    const float scale = 1.f / std::sqrt(static_cast<float>(D));
+    std::vector<T> h(M * std::max(C, QD)), q(M * QD), k(M * KD), v(M * KD), act(M * I);
+    std::vector<float> hf(M * std::max({C, QD, I})), qf(M * QD), kf(M * KD), vf(M * KD), yf(M * std::max(C, I)),
+        uf(M * I);
+    auto widen = [&](const T* src, int64_t n) {  // a product's input in fp32 (exact)
+      for (int64_t i = 0; i < n; ++i) hf[i] = to_float(src[i]);
+    };
+    auto round_into = [](const float* src, T* dst, int64_t n) {
+      for (int64_t i = 0; i < n; ++i) store(src[i], dst + i);
+    };
+    auto add_into = [](T* x, const float* y, T* tmp, int64_t n) {  // x += round(y), as x + y in x's dtype
+      for (int64_t i = 0; i < n; ++i) {
+        store(y[i], tmp + i);
+        store(to_float(x[i]) + to_float(tmp[i]), x + i);
+      }
+    };
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      const LayerWeights& w = layers_[l];
+      const ViewWeights& a = diffusion ? w.diffusion : w.ar;
+      rmsnorm_impl(x, w.input_norm.data_ptr<T>(), h.data(), M, C, eps_);
+      widen(h.data(), M * C);
+      products<T>(hf.data(), M, C, {{&a.q, &a.q_bias}, {&a.k, &a.k_bias}, {&a.v, &a.v_bias}}, {qf.data(), kf.data(), vf.data()});
+      round_into(qf.data(), q.data(), M * QD);
+      round_into(kf.data(), k.data(), M * KD);
+      round_into(vf.data(), v.data(), M * KD);
+      if (a.q_norm.defined()) {
+        rmsnorm_impl(q.data(), a.q_norm.data_ptr<T>(), q.data(), M * H, D, eps_);
+        rmsnorm_impl(k.data(), a.k_norm.data_ptr<T>(), k.data(), M * G, D, eps_);
+      }
+      rope_impl(q.data(), cos, sin, M, T_, H, D, T_ * QD, QD);
+      rope_impl(k.data(), cos, sin, M, T_, G, D, T_ * KD, KD);
+      T* kl = kc + l * cs[0];
+      T* vl = vc + l * cs[0];
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t t = 0; t < T_; ++t)
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t at = rows[n] * cs[1] + g * cs[2] + (starts[n] + t) * cs[3], from = (n * T_ + t) * KD + g * D;
+            std::copy_n(k.data() + from, D, kl + at);
+            std::copy_n(v.data() + from, D, vl + at);
+          }
+      widen(q.data(), M * QD);
+      attend_raw<T>(hf.data(), N, T_, H, G, D, kl, vl, cs[1], cs[2], cs[3], rows, limits, scale, qf.data());
+      round_into(qf.data(), h.data(), M * QD);  // the heads' output, in the model's dtype
+      widen(h.data(), M * QD);
+      products<T>(hf.data(), M, QD, {{&a.o, nullptr}}, {yf.data()});
+      add_into(x, yf.data(), h.data(), M * C);
+      rmsnorm_impl(x, w.post_norm.data_ptr<T>(), h.data(), M, C, eps_);
+      widen(h.data(), M * C);
+      products<T>(hf.data(), M, C, {{&w.gate, nullptr}, {&w.up, nullptr}}, {yf.data(), uf.data()});
+      for (int64_t i = 0; i < M * I; ++i) {  // silu(gate) * up, each rounded to the dtype as the plain path does
+        const float g = store_round(silu(store_round(yf[i], act.data())), act.data());
+        store(g * store_round(uf[i], act.data()), act.data() + i);
+      }
+      widen(act.data(), M * I);
+      products<T>(hf.data(), M, I, {{&w.down, nullptr}}, {yf.data()});
+      add_into(x, yf.data(), h.data(), M * C);
+    }
+  }
+
+  std::vector<LayerWeights> layers_;
+  std::vector<torch::Tensor> sources_;
+  std::vector<uint32_t> versions_;
+  std::vector<const void*> pointers_;
+  int64_t heads_, kv_heads_, head_dim_;
+  float eps_;
+  at::ScalarType dtype_;
+};
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "a weight [N, K] in the layout `linear` reads");
   m.def("linear", &linear, "few-row, batch-invariant x @ w.T (+ bias) for one or more packed weights");
-  m.def("attend", &attend, "few-query, batch-invariant attention over the KV cache");
   m.def("rmsnorm", &rmsnorm, "RMSNorm over the last dimension");
   m.def("rope_", &rope_, "rotary embedding in place");
-  m.def("write_cache", &write_cache, "write a pass's keys and values into one layer of the cache");
+  py::class_<DecoderStack>(m, "DecoderStack")
+      .def(py::init<const std::vector<std::vector<c10::optional<torch::Tensor>>>&, int64_t, int64_t, int64_t, double>())
+      .def("fresh", &DecoderStack::fresh, "whether every weight is unchanged since the stack was built")
+      .def("forward", &DecoderStack::forward, "every decoder layer of one pass");
 }
