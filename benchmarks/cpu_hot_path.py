@@ -6,9 +6,9 @@ Measures, in one run and interleaved (so machine noise hits every number alike):
   - the AR step (one token) against the floor, and a T-token pass against the AR step, for the
     model's forward over a warm KV cache, in each dtype given;
   - with --compare-plain, the same passes with the kernels off (plain PyTorch), side by side;
-  - with --overhead, the same passes with every kernel swapped for a stub that only allocates
-    its output: what is left is the Python and small-op cost of a pass, the part that is not
-    weight streaming.
+  - with --overhead, the same passes with every kernel (the decoder stack included) swapped for a
+    stub that only allocates its output: what is left is the Python cost of a pass, the part that
+    is neither weight streaming nor arithmetic.
 
     python benchmarks/cpu_hot_path.py --dtypes float32,bfloat16 --threads 2 --out benchmarks/results/cpu-hot-path
 
@@ -83,17 +83,21 @@ class StubKernels:
     def linear(self, x, weights, biases):
         return [x.new_empty(*x.shape[:-1], w.shape[0]) for w in weights]
 
-    def attend(self, q, keys, values, rows, limits, scale):
-        return q.new_empty(q.shape)
-
     def rmsnorm(self, x, weight, eps):
         return torch.empty_like(x)
 
     def rope_(self, x, cos, sin):
         pass
 
-    def write_cache(self, kc, vc, k, v, rows, starts):
-        pass
+    class DecoderStack:
+        def __init__(self, layers, heads, kv_heads, head_dim, eps):
+            pass
+
+        def fresh(self):
+            return True
+
+        def forward(self, x, cos, sin, k_cache, v_cache, rows, starts, limits, diffusion):
+            return torch.empty_like(x)
 
 
 def main(argv=None) -> None:

@@ -152,7 +152,7 @@ class Orthrus:
         param = next(self.model.parameters())
         identity = {"config": repr(self.model.config), "dtype": str(param.dtype), "device": str(param.device),
                     "threads": torch.get_num_threads(), "block": block_size, "torch": torch.__version__,
-                    "kernels": kernels.module() is not None and kernels.enabled, "cpu": platform.processor() or platform.machine()}
+                    "kernels": kernels.module() is not None and kernels.enabled and kernels.build_id(), "cpu": platform.processor() or platform.machine()}
         key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
         return identity, cache_dir() / "calibration" / f"{key}.json"
 

@@ -48,6 +48,11 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def build_id() -> str:
+    """What a build depends on (the source and the torch version), as a short hash."""
+    return hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+
+
 def _build():
     """Load the cached build for this source and torch, or compile one. Each build runs in a
     private temp folder and is published by an atomic rename, so a build killed midway leaves no
@@ -57,8 +62,7 @@ def _build():
 
     from torch.utils.cpp_extension import load
 
-    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
-    name = f"orthrus_cpu_{digest}"
+    name = f"orthrus_cpu_{build_id()}"
     library = cache_dir() / f"{name}.so"
     if not library.is_file():
         cache_dir().mkdir(parents=True, exist_ok=True)
@@ -134,11 +138,13 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 def decoder_stack(model):
     """The model's decoder layers as one compiled call (`DecoderStack`), built on first use and
-    kept on the model; rebuilt when a weight changes in place or its data is swapped."""
-    kept = model.__dict__.get("_decoder_stack")
-    if kept is None or not kept.fresh():
+    kept on the model (per kernel library); rebuilt when a weight changes in place or its data is
+    swapped."""
+    stacks = model.__dict__.setdefault("_decoder_stacks", {})
+    stack = stacks.get(_module)
+    if stack is None or not stack.fresh():
         cfg = model.config
-        kept = _module.DecoderStack([layer.kernel_weights() for layer in model.model.layers], cfg.num_attention_heads,
-                                    cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps)
-        model.__dict__["_decoder_stack"] = kept
-    return kept
+        stack = stacks[_module] = _module.DecoderStack([layer.kernel_weights() for layer in model.model.layers],
+                                                       cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                                                       cfg.rms_norm_eps)
+    return stack
