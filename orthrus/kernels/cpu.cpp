@@ -36,6 +36,23 @@ inline float hsum(__m256 v) {  // fixed order: (lo + hi), then pairs, then the l
   return _mm_cvtss_f32(s);
 }
 
+// exp of 8 lanes (Cephes' polynomial, ~1 ulp). Each lane is computed alone by the same ops, so a
+// value's exp does not depend on its lane or neighbours (`exp1` is lane 0 of the same code).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
+  x = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(-2.12194440e-4f)));
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    y = _mm256_add_ps(_mm256_mul_ps(y, x), _mm256_set1_ps(c));
+  y = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(y, x), x), x), _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+inline float exp1(float x) { return _mm256_cvtss_f32(exp8(_mm256_set1_ps(x))); }
+
 // Weights are read in a packed layout (`pack`): output features in panels of PANEL, each panel
 // stored as [K/8][PANEL][8] (8 inputs of each feature in turn) followed by its [PANEL][K%8] tail,
 // so a tile reads one sequential stream instead of PANEL rows far apart (measured: 1-row products
@@ -230,41 +247,42 @@ inline float dot(const float* q, const KV* k, int64_t D) {
   return s;
 }
 
-// One (sequence, kv head, query token): the query heads of that kv group attend to keys [0, limit).
-// Each query's scores, softmax and weighted sum run over the keys in order, so a query's result
-// does not depend on how many other queries or rows the call holds.
-template <typename KV>
-void attend_group(const float* q, int64_t heads, int64_t D, const KV* keys, const KV* values, int64_t kv_stride,
-                  int64_t limit, float scale, float* out, std::vector<float>& scores) {
-  scores.resize(heads * limit);
-  for (int64_t s = 0; s < limit; ++s)
-    for (int64_t h = 0; h < heads; ++h) scores[h * limit + s] = dot(q + h * D, keys + s * kv_stride, D) * scale;
-  std::vector<float> total(heads);
-  for (int64_t h = 0; h < heads; ++h) {
-    float* sc = scores.data() + h * limit;
-    float top = -INFINITY;
-    for (int64_t s = 0; s < limit; ++s) top = std::max(top, sc[s]);
-    float sum = 0.f;
-    for (int64_t s = 0; s < limit; ++s) {
-      sc[s] = std::exp(sc[s] - top);
-      sum += sc[s];
-    }
-    total[h] = sum;
-    std::fill(out + h * D, out + (h + 1) * D, 0.f);
-  }
+// One query head attends to keys [0, limit): scores, softmax and the weighted sum of values run over
+// the keys in order (each output dimension one FMA chain over the keys, held in a register), so a
+// query's result does not depend on how many other queries or rows the call holds.
+template <int A, typename KV>
+inline void weighted_sum(const float* p, const KV* values, int64_t kv_stride, int64_t limit, float* out) {
+  __m256 acc[A];
+  for (int a = 0; a < A; ++a) acc[a] = _mm256_setzero_ps();
   for (int64_t s = 0; s < limit; ++s) {
-    const KV* v = values + s * kv_stride;
-    for (int64_t h = 0; h < heads; ++h) {
-      const float p = scores[h * limit + s];
-      float* o = out + h * D;
-      int64_t d = 0;
-      for (; d + 8 <= D; d += 8)
-        _mm256_storeu_ps(o + d, _mm256_fmadd_ps(_mm256_set1_ps(p), load8(v + d), _mm256_loadu_ps(o + d)));
-      for (; d < D; ++d) o[d] = std::fma(p, to_float(v[d]), o[d]);
-    }
+    const __m256 w = _mm256_set1_ps(p[s]);
+    for (int a = 0; a < A; ++a) acc[a] = _mm256_fmadd_ps(w, load8(values + s * kv_stride + 8 * a), acc[a]);
   }
-  for (int64_t h = 0; h < heads; ++h)
-    for (int64_t d = 0; d < D; ++d) out[h * D + d] /= total[h];
+  for (int a = 0; a < A; ++a) _mm256_storeu_ps(out + 8 * a, acc[a]);
+}
+
+template <typename KV>
+void attend_head(const float* q, int64_t D, const KV* keys, const KV* values, int64_t kv_stride, int64_t limit,
+                 float scale, float* out, std::vector<float>& scores) {
+  scores.resize(limit);
+  float* sc = scores.data();
+  float top = -INFINITY;
+  for (int64_t s = 0; s < limit; ++s) top = std::max(top, sc[s] = dot(q, keys + s * kv_stride, D) * scale);
+  int64_t s = 0;
+  for (; s + 8 <= limit; s += 8)
+    _mm256_storeu_ps(sc + s, exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + s), _mm256_set1_ps(top))));
+  for (; s < limit; ++s) sc[s] = exp1(sc[s] - top);
+  float total = 0.f;
+  for (s = 0; s < limit; ++s) total += sc[s];
+  int64_t d = 0;
+  for (; d + 64 <= D; d += 64) weighted_sum<8>(sc, values + d, kv_stride, limit, out + d);
+  for (; d + 8 <= D; d += 8) weighted_sum<1>(sc, values + d, kv_stride, limit, out + d);
+  for (; d < D; ++d) {
+    float o = 0.f;
+    for (s = 0; s < limit; ++s) o = std::fma(sc[s], to_float(values[s * kv_stride + d]), o);
+    out[d] = o;
+  }
+  for (d = 0; d < D; ++d) out[d] /= total;
 }
 
 // q [N, T, H, D] fp32 contiguous -> out [N, T, H, D] fp32; keys/values of one layer, sequence n in
@@ -273,12 +291,12 @@ template <typename KV>
 void attend_raw(const float* q, int64_t N, int64_t T, int64_t H, int64_t G, int64_t D, const KV* k, const KV* v,
                 int64_t kr, int64_t kg, int64_t ks, const int64_t* rows, const int64_t* limits, float scale, float* out) {
   const int64_t group = H / G;
-  at::parallel_for(0, N * G * T, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N * T * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / (G * T), g = (task / T) % G, t = task % T;
-      const int64_t off = rows[n] * kr + g * kg, at = ((n * T + t) * H + g * group) * D;  // this group's heads, packed
-      attend_group<KV>(q + at, group, D, k + off, v + off, ks, limits[n * T + t], scale, out + at, scores);
+    for (int64_t task = begin; task < end; ++task) {  // task = (n, t, h): q and out at task * D
+      const int64_t n = task / (T * H), t = (task / H) % T, h = task % H;
+      const int64_t off = rows[n] * kr + (h / group) * kg;
+      attend_head<KV>(q + task * D, D, k + off, v + off, ks, limits[n * T + t], scale, out + task * D, scores);
     }
   });
 }
@@ -379,7 +397,32 @@ struct LayerWeights {
   ViewWeights ar, diffusion;
 };
 
-inline float silu(float v) { return v / (1.f + std::exp(-v)); }
+// Rounding to the dtype a value is stored in, on 8 lanes (bf16: to nearest, ties to even).
+inline __m256 round8(__m256 v, float*) { return v; }
+inline __m256 round8(__m256 v, bf16*) {
+  const __m256i i = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(i, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_add_epi32(i, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
+  return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
+// out = silu(gate) * up over n values, each operand and result rounded to T as the plain path
+// stores them; the last partial group of 8 runs through the same lanes, so every value gets the
+// same bits wherever it sits.
+template <typename T>
+void silu_mul(const float* gate, const float* up, T* out, int64_t n) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  float g8[8], u8[8], y8[8];
+  for (int64_t i = 0; i < n; i += 8) {
+    const int64_t m = std::min<int64_t>(8, n - i);
+    std::fill_n(g8, 8, 0.f), std::fill_n(u8, 8, 0.f);
+    std::copy_n(gate + i, m, g8), std::copy_n(up + i, m, u8);
+    const __m256 g = round8(_mm256_loadu_ps(g8), out);
+    const __m256 a = round8(_mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g)))), out);
+    _mm256_storeu_ps(y8, round8(_mm256_mul_ps(a, round8(_mm256_loadu_ps(u8), out)), out));
+    for (int64_t j = 0; j < m; ++j) store(y8[j], out + i + j);  // exact: already rounded
+  }
+}
 
 class DecoderStack {
  public:
@@ -531,10 +574,7 @@ class DecoderStack {
       rmsnorm_impl(x, w.post_norm.data_ptr<T>(), h.data(), M, C, eps_);
       widen(h.data(), M * C);
       products<T>(hf.data(), M, C, {{&w.gate, nullptr}, {&w.up, nullptr}}, {yf.data(), uf.data()});
-      for (int64_t i = 0; i < M * I; ++i) {  // silu(gate) * up, each rounded to the dtype as the plain path does
-        const float g = store_round(silu(store_round(yf[i], act.data())), act.data());
-        store(g * store_round(uf[i], act.data()), act.data() + i);
-      }
+      silu_mul(yf.data(), uf.data(), act.data(), M * I);
       widen(act.data(), M * I);
       products<T>(hf.data(), M, I, {{&w.down, nullptr}}, {yf.data()});
       add_into(x, yf.data(), h.data(), M * C);
