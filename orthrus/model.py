@@ -81,6 +81,10 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if kernels.usable(x, x.numel() // x.shape[-1]):
             return kernels.linear(x, self)[0]
+        if x.dtype is torch.bfloat16 and x.device.type == "cpu" and x.numel() // x.shape[-1] > kernels.MAX_TOKENS:
+            # many rows (a prefill): aten's bf16 GEMM is slow on CPUs without AMX; MKL's fp32 one, rounded once
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
         return super().forward(x)
 
 
@@ -207,11 +211,14 @@ class OrthrusLM(nn.Module):
         """tokens, positions: [N, T]. Returns fp32 logits [N, T, vocab] (or final hidden states)."""
         x = self.embed(tokens)
         cos, sin = self.rotary(positions)
-        if hasattr(kv, "kernel_cache") and kernels.usable(x, tokens.numel()):  # the CPU kernels: every layer in one call
+        # A few tokens per sequence, whatever the batch: the CPU kernels, every layer in one call and
+        # every op batch-invariant (a verify row computed as a decode step, however many rows).
+        if hasattr(kv, "kernel_cache") and kernels.usable(x, tokens.shape[1]):
             x = kernels.decoder_stack(self).forward(x.contiguous(), cos, sin, *kv.kernel_cache, view == "diffusion")
-        else:
-            for layer in self.model.layers:
-                x = layer(x, cos, sin, kv, view)
+            x = kernels.rmsnorm(x, self.model.norm.weight, self.model.norm.eps)
+            return kernels.linear(x, self.lm_head)[0].float() if logits else x
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, kv, view)
         x = self.model.norm(x)
         return self.lm_head(x).float() if logits else x
 

@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu.cpp")
-# Beyond this many tokens in a pass (a long prefill) MKL's fp32 GEMM beats the few-row tiling; in
-# bf16 the kernels win at any size (aten's bf16 GEMM on AVX2 is several times slower).
-MAX_FP32_TOKENS = 64
+# Beyond this many tokens per sequence (a long prefill) MKL's fp32 GEMM beats the few-row tiling
+# (bf16 weights go through it widened to fp32: aten's own bf16 GEMM on AVX2 is several times
+# slower), and SDPA beats the stack's attention, built for a few queries per sequence.
+MAX_TOKENS = 64
 
 _module = None
 _tried = False
@@ -100,10 +101,11 @@ def module():
 
 
 def usable(x: torch.Tensor, tokens: int) -> bool:
-    """Whether `x`, of a pass over `tokens` tokens, takes the kernels (CPU inference). Decided per
-    pass, so every op of a pass takes the same path."""
+    """Whether `x` takes the kernels (CPU inference): `tokens` is the tokens per sequence of a pass
+    over the cache (decided once per pass, so every op and row of it takes the same path), or the
+    rows of a lone product."""
     dtype = x.dtype
-    return (enabled and (dtype is torch.bfloat16 or (dtype is torch.float32 and tokens <= MAX_FP32_TOKENS))
+    return (enabled and dtype in (torch.float32, torch.bfloat16) and tokens <= MAX_TOKENS
             and not x.is_cuda and not torch.is_grad_enabled()
             and (_module is not None or (not _tried and module() is not None)))
 
