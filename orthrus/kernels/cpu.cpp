@@ -385,8 +385,8 @@ void rope_(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin)
 // layer RMSNorm, q/k/v (+ biases, QK-norms), RoPE, the cache write, attention over the cache, o
 // and the residual, RMSNorm, gate/up, SiLU * up, down and the residual. Activations are stored in
 // the model's dtype between ops (rounded where the plain path rounds) and products accumulate in
-// fp32. Only the products run on both cores (the small ops of a few tokens cost less than waking a
-// thread); a pass of many tokens (a bf16 prefill) splits its norms, RoPE and attention too.
+// fp32. The products and the attention run on both cores; the small ops of a few tokens run inline
+// (they cost less than waking a thread), and split only when a wide batch gives them enough rows.
 
 struct ViewWeights {  // one view's attention: packed q, k, v, o; optional fp32 biases and QK-norm weights
   torch::Tensor q, k, v, o, q_bias, k_bias, v_bias, q_norm, k_norm;
