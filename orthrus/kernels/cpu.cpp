@@ -406,21 +406,34 @@ inline __m256 round8(__m256 v, bf16*) {
   return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
 }
 
+// 8 lanes stored in T's format; `v` already holds values of that format (exact).
+inline void store8(__m256 v, float* p) { _mm256_storeu_ps(p, v); }
+inline void store8(__m256 v, bf16* p) {
+  const __m256i hi = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packus_epi32(_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1)));
+}
+
 // out = silu(gate) * up over n values, each operand and result rounded to T as the plain path
-// stores them; the last partial group of 8 runs through the same lanes, so every value gets the
-// same bits wherever it sits.
+// stores them; the last partial group of 8 runs through the same lanes (zero-padded), so every
+// value gets the same bits wherever it sits.
+template <typename T>
+inline __m256 silu_mul8(__m256 gate, __m256 up, T* like) {
+  const __m256 g = round8(gate, like);
+  const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+  const __m256 a = round8(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e)), like);
+  return round8(_mm256_mul_ps(a, round8(up, like)), like);
+}
+
 template <typename T>
 void silu_mul(const float* gate, const float* up, T* out, int64_t n) {
-  const __m256 one = _mm256_set1_ps(1.f);
-  float g8[8], u8[8], y8[8];
-  for (int64_t i = 0; i < n; i += 8) {
-    const int64_t m = std::min<int64_t>(8, n - i);
-    std::fill_n(g8, 8, 0.f), std::fill_n(u8, 8, 0.f);
-    std::copy_n(gate + i, m, g8), std::copy_n(up + i, m, u8);
-    const __m256 g = round8(_mm256_loadu_ps(g8), out);
-    const __m256 a = round8(_mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g)))), out);
-    _mm256_storeu_ps(y8, round8(_mm256_mul_ps(a, round8(_mm256_loadu_ps(u8), out)), out));
-    for (int64_t j = 0; j < m; ++j) store(y8[j], out + i + j);  // exact: already rounded
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) store8(silu_mul8(_mm256_loadu_ps(gate + i), _mm256_loadu_ps(up + i), out), out + i);
+  if (i < n) {
+    float g8[8] = {}, u8[8] = {}, y8[8];
+    std::copy(gate + i, gate + n, g8), std::copy(up + i, up + n, u8);
+    _mm256_storeu_ps(y8, silu_mul8(_mm256_loadu_ps(g8), _mm256_loadu_ps(u8), out));
+    for (int64_t j = 0; i + j < n; ++j) store(y8[j], out + i + j);  // exact: already rounded
   }
 }
 
