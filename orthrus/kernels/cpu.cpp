@@ -189,15 +189,16 @@ void linear_impl(const Products<W>& p) {
     linear_impl_rows<W, 3>(p);
 }
 
+// The products of x [M, K] with packed weights (each with its fp32 bias, or none), into fp32 outputs.
 template <typename W>
-void run_products(const float* x, int64_t M, int64_t K, const std::vector<torch::Tensor>& ws,
-                  const std::vector<torch::Tensor>& biases, std::vector<torch::Tensor>& ys) {
-  Products<W> p{x, M, K, {}, {}, {}, {}};
-  for (size_t j = 0; j < ws.size(); ++j) {
-    p.w.push_back(ws[j].data_ptr<W>());
-    p.N.push_back(ws[j].size(0));
-    p.bias.push_back(biases[j].defined() ? biases[j].data_ptr<float>() : nullptr);
-    p.y.push_back(ys[j].data_ptr<float>());
+void run_products(const float* x, int64_t M, int64_t K,
+                  const std::vector<std::pair<const torch::Tensor*, const torch::Tensor*>>& weights_and_biases,
+                  const std::vector<float*>& ys) {
+  Products<W> p{x, M, K, {}, {}, {}, ys};
+  for (const auto& [w, b] : weights_and_biases) {
+    p.w.push_back(w->template data_ptr<W>());
+    p.N.push_back(w->size(0));
+    p.bias.push_back(b && b->defined() ? b->template data_ptr<float>() : nullptr);
   }
   linear_impl(p);
 }
@@ -223,10 +224,16 @@ std::vector<torch::Tensor> linear(const torch::Tensor& x, const std::vector<torc
     bs.push_back(b);
     ys.push_back(torch::empty({M, w.size(0)}, xf.options()));
   }
+  std::vector<std::pair<const torch::Tensor*, const torch::Tensor*>> weights_and_biases;
+  std::vector<float*> outs;
+  for (size_t j = 0; j < ws.size(); ++j) {
+    weights_and_biases.emplace_back(&ws[j], &bs[j]);
+    outs.push_back(ys[j].data_ptr<float>());
+  }
   if (ws[0].scalar_type() == at::kFloat)
-    run_products<float>(xf.data_ptr<float>(), M, K, ws, bs, ys);
+    run_products<float>(xf.data_ptr<float>(), M, K, weights_and_biases, outs);
   else if (ws[0].scalar_type() == at::kBFloat16)
-    run_products<bf16>(xf.data_ptr<float>(), M, K, ws, bs, ys);
+    run_products<bf16>(xf.data_ptr<float>(), M, K, weights_and_biases, outs);
   else
     TORCH_CHECK(false, "weights must be fp32 or bf16");
   auto shape = x.sizes().vec();
@@ -520,20 +527,6 @@ class DecoderStack {
 
  private:
   template <typename T>
-  static void products(const float* x, int64_t M, int64_t K, std::initializer_list<std::pair<const torch::Tensor*, const torch::Tensor*>> ws,
-                       std::initializer_list<float*> ys) {
-    Products<T> p{x, M, K, {}, {}, {}, {}};
-    auto y = ys.begin();
-    for (const auto& [w, b] : ws) {
-      p.w.push_back(w->template data_ptr<T>());
-      p.N.push_back(w->size(0));
-      p.bias.push_back(b && b->defined() ? b->template data_ptr<float>() : nullptr);
-      p.y.push_back(*y++);
-    }
-    linear_impl(p);
-  }
-
-  template <typename T>
   void run(T* x, int64_t N, int64_t T_, const float* cos, const float* sin, T* kc, T* vc, at::IntArrayRef cs,
            const int64_t* rows, const int64_t* starts, const int64_t* limits, bool diffusion) const {
     const int64_t M = N * T_, C = layers_[0].post_norm.numel(), I = layers_[0].gate.size(0);
@@ -559,7 +552,7 @@ class DecoderStack {
       const ViewWeights& a = diffusion ? w.diffusion : w.ar;
       rmsnorm_impl(x, w.input_norm.data_ptr<T>(), h.data(), M, C, eps_);
       widen(h.data(), M * C);
-      products<T>(hf.data(), M, C, {{&a.q, &a.q_bias}, {&a.k, &a.k_bias}, {&a.v, &a.v_bias}}, {qf.data(), kf.data(), vf.data()});
+      run_products<T>(hf.data(), M, C, {{&a.q, &a.q_bias}, {&a.k, &a.k_bias}, {&a.v, &a.v_bias}}, {qf.data(), kf.data(), vf.data()});
       round_into(qf.data(), q.data(), M * QD);
       round_into(kf.data(), k.data(), M * KD);
       round_into(vf.data(), v.data(), M * KD);
@@ -582,14 +575,14 @@ class DecoderStack {
       attend_raw<T>(hf.data(), N, T_, H, G, D, kl, vl, cs[1], cs[2], cs[3], rows, limits, scale, qf.data());
       round_into(qf.data(), h.data(), M * QD);  // the heads' output, in the model's dtype
       widen(h.data(), M * QD);
-      products<T>(hf.data(), M, QD, {{&a.o, nullptr}}, {yf.data()});
+      run_products<T>(hf.data(), M, QD, {{&a.o, nullptr}}, {yf.data()});
       add_into(x, yf.data(), h.data(), M * C);
       rmsnorm_impl(x, w.post_norm.data_ptr<T>(), h.data(), M, C, eps_);
       widen(h.data(), M * C);
-      products<T>(hf.data(), M, C, {{&w.gate, nullptr}, {&w.up, nullptr}}, {yf.data(), uf.data()});
+      run_products<T>(hf.data(), M, C, {{&w.gate, nullptr}, {&w.up, nullptr}}, {yf.data(), uf.data()});
       silu_mul(yf.data(), uf.data(), act.data(), M * I);
       widen(act.data(), M * I);
-      products<T>(hf.data(), M, I, {{&w.down, nullptr}}, {yf.data()});
+      run_products<T>(hf.data(), M, I, {{&w.down, nullptr}}, {yf.data()});
       add_into(x, yf.data(), h.data(), M * C);
     }
   }
