@@ -358,7 +358,8 @@ def test_disconnects_free_their_rows(server):
     gone = server.metric("orthrus:requests_total", outcome="disconnect")
     body = {"prompt": PROMPTS[3], "max_tokens": 480, "temperature": 0, "stream": True}
     with server.http.stream("POST", "/v1/completions", json=body) as response:
-        first = next(line for line in response.iter_lines() if line.startswith("data: "))
+        lines = response.iter_lines()  # kept: dropping it would close the stream, a disconnect of its own
+        first = next(line for line in lines if line.startswith("data: "))
         assert json.loads(first[6:])["object"] == "text_completion"
         deadline = time.monotonic() + 10  # the gauge is set after each cycle: the row holds its prompt and more
         slots = server.state.config.max_batch * server.state.engine.max_len
