@@ -600,11 +600,13 @@ class DecoderStack {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "a weight [N, K] in the layout `linear` reads");
-  m.def("linear", &linear, "few-row, batch-invariant x @ w.T (+ bias) for one or more packed weights");
+  m.def("linear", &linear, "few-row, batch-invariant x @ w.T (+ bias) for one or more packed weights",
+        py::call_guard<py::gil_scoped_release>());
   m.def("rmsnorm", &rmsnorm, "RMSNorm over the last dimension");
   m.def("rope_", &rope_, "rotary embedding in place");
   py::class_<DecoderStack>(m, "DecoderStack")
       .def(py::init<const std::vector<std::vector<c10::optional<torch::Tensor>>>&, int64_t, int64_t, int64_t, double>())
       .def("fresh", &DecoderStack::fresh, "whether every weight is unchanged since the stack was built")
-      .def("forward", &DecoderStack::forward, "every decoder layer of one pass");
+      // a pass runs without the GIL, so a server's event loop (another thread) keeps answering meanwhile
+      .def("forward", &DecoderStack::forward, "every decoder layer of one pass", py::call_guard<py::gil_scoped_release>());
 }
