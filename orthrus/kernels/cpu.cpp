@@ -2,9 +2,9 @@
 // for all rows, and attention of a few query rows over the KV cache.
 //
 // Batch invariance: every output element is computed by the same sequence of floating-point
-// operations whatever the number of rows (or which tile it falls in): one 8-lane FMA chain over
-// the reduction dimension in order, a fixed horizontal sum, then the scalar tail and the bias.
-// So row i of a T-row product is bit-identical to the 1-row product of that row, which makes a
+// operations whatever the number of rows (or which tile it falls in): in a product, one FMA chain
+// over the reduction dimension in order, then the bias; in attention, fixed 8-lane chains and a
+// fixed horizontal sum. So row i of a T-row product is bit-identical to the 1-row product of that row, which makes a
 // T-token verify pass compute each token exactly as a 1-token decode step does.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -53,19 +53,23 @@ inline __m256 exp8(__m256 x) {
 }
 inline float exp1(float x) { return _mm256_cvtss_f32(exp8(_mm256_set1_ps(x))); }
 
-// Weights are read in a packed layout (`pack`): output features in panels of PANEL, each panel
-// stored as [K/8][PANEL][8] (8 inputs of each feature in turn) followed by its [PANEL][K%8] tail,
-// so a tile reads one sequential stream instead of PANEL rows far apart (measured: 1-row products
-// stream ~20% faster, 4-row ~1.3x). Features past the last whole panel stay row-major, which is the
-// same layout with a panel of one. Packing reorders storage only: the arithmetic is unchanged.
-constexpr int64_t PANEL = 4;
+// Weights are read in a packed layout (`pack`): output features in panels of 16, each stored input
+// by input ([K][16]: the 16 weights of input 0, then of input 1, ...), so a tile streams one
+// sequential run and multiplies each input value, broadcast, into 16 features at once. In bf16 a
+// panel interleaves features i and 8 + i (elements 2i, 2i + 1), so one 32-byte load widens to two
+// fp32 vectors by a shift and a mask. Features past the last whole panel stay row-major. Packing
+// reorders storage only: the arithmetic is the same whatever the layout.
+constexpr int64_t PANEL = 16;
+
+inline int64_t panel_slot(int64_t i, float*) { return i; }
+inline int64_t panel_slot(int64_t i, bf16*) { return i < 8 ? 2 * i : 2 * (i - 8) + 1; }
 
 template <typename W>
-void pack_panel(const W* w, int64_t K, int64_t C, W* out) {
-  const int64_t K8 = K / 8 * 8;
-  for (int64_t k = 0; k < K8; k += 8)
-    for (int64_t c = 0; c < C; ++c) out = std::copy_n(w + c * K + k, 8, out);
-  for (int64_t c = 0; c < C; ++c) out = std::copy_n(w + c * K + K8, K - K8, out);
+void pack_panel(const W* w, int64_t K, W* out) {
+  for (int64_t i = 0; i < PANEL; ++i) {
+    const int64_t slot = panel_slot(i, out);
+    for (int64_t k = 0; k < K; ++k) out[k * PANEL + slot] = w[i * K + k];
+  }
 }
 
 torch::Tensor pack(const torch::Tensor& w) {
@@ -73,8 +77,8 @@ torch::Tensor pack(const torch::Tensor& w) {
   auto out = torch::empty_like(w);
   const int64_t N = w.size(0), K = w.size(1), full = N / PANEL * PANEL;
   auto run = [&](auto* src, auto* dst) {
-    at::parallel_for(0, N / PANEL, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) pack_panel(src + p * PANEL * K, K, PANEL, dst + p * PANEL * K);
+    at::parallel_for(0, N / PANEL, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) pack_panel(src + p * PANEL * K, K, dst + p * PANEL * K);
     });
     std::copy(src + full * K, src + N * K, dst + full * K);
   };
@@ -87,52 +91,70 @@ torch::Tensor pack(const torch::Tensor& w) {
   return out;
 }
 
-// y[r, c] = x[r] . w[c] (+ bias[c]) for R rows of x and the C features of one packed panel w.
-template <typename W, int R, int C>
-inline void linear_tile(const float* x, int64_t ldx, const W* w, int64_t K, const float* bias, float* y, int64_t ldy) {
-  __m256 acc[R][C];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8, w += 8 * C) {
-    __m256 wv[C];
-    for (int c = 0; c < C; ++c) wv[c] = load8(w + 8 * c);
-    for (int r = 0; r < R; ++r) {
-      __m256 xv = _mm256_loadu_ps(x + r * ldx + k);
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
+// The 16 weights of one input in a panel, as fp32 features 0-7 and 8-15.
+inline void load16(const float* p, __m256& lo, __m256& hi) {
+  lo = _mm256_loadu_ps(p);
+  hi = _mm256_loadu_ps(p + 8);
+}
+inline void load16(const bf16* p, __m256& lo, __m256& hi) {  // bf16 -> fp32 is a 16-bit shift, exact
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  lo = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  hi = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+// y_s[r, f] = x[r] . w_s[f] (+ bias_s[f]) for R rows of x and the 16 features of each of S panels:
+// every output is one FMA chain over the inputs in order, from zero, then the bias. A tile has R x S
+// x 2 chains in flight (8 to 12: enough to hide the FMA latency), and no tile shape changes what an
+// output is computed from or in which order, so any row count gives every row the same bits.
+template <typename W, int R, int S>
+inline void linear_tile(const float* x, int64_t K, const W* const* w, const float* const* bias, float* const* y,
+                        int64_t ldy) {
+  __m256 acc[R][2 * S] = {};
+  for (int64_t k = 0; k < K; ++k) {
+#pragma GCC unroll 4
+    for (int s = 0; s < S; ++s) {
+      __m256 lo, hi;
+      load16(w[s] + k * PANEL, lo, hi);
+#pragma GCC unroll 6
+      for (int r = 0; r < R; ++r) {
+        const __m256 xr = _mm256_broadcast_ss(x + r * K + k);
+        acc[r][2 * s] = _mm256_fmadd_ps(xr, lo, acc[r][2 * s]);
+        acc[r][2 * s + 1] = _mm256_fmadd_ps(xr, hi, acc[r][2 * s + 1]);
+      }
     }
   }
-  const int64_t tail = K - k;
+#pragma GCC unroll 6
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) {
-      float s = hsum(acc[r][c]);
-      for (int64_t t = 0; t < tail; ++t) s = std::fma(x[r * ldx + k + t], to_float(w[c * tail + t]), s);
-      if (bias) s += bias[c];
-      y[r * ldy + c] = s;
+#pragma GCC unroll 4
+    for (int s = 0; s < S; ++s) {
+      __m256 lo = acc[r][2 * s], hi = acc[r][2 * s + 1];
+      if (bias[s]) lo = _mm256_add_ps(lo, _mm256_loadu_ps(bias[s])), hi = _mm256_add_ps(hi, _mm256_loadu_ps(bias[s] + 8));
+      _mm256_storeu_ps(y[s] + r * ldy, lo);
+      _mm256_storeu_ps(y[s] + r * ldy + 8, hi);
     }
 }
 
+// R rows over `count` panels, S at a time (the last few one by one).
+template <typename W, int R, int S>
+inline void linear_panels(const float* x, int64_t K, const W* const* w, const float* const* bias, float* const* y,
+                          int64_t ldy, int count) {
+  int s = 0;
+  for (; s + S <= count; s += S) linear_tile<W, R, S>(x, K, w + s, bias + s, y + s, ldy);
+  for (; s < count; ++s) linear_tile<W, R, 1>(x, K, w + s, bias + s, y + s, ldy);
+}
 
-// Output features [n0, n0 + C) (one panel) of one weight for all M rows, in tiles of up to R rows
-// (the panel stays in cache while the row tiles pass over it).
-template <typename W, int C, int R>
-void linear_rows(const float* x, int64_t M, int64_t K, const W* w, const float* bias, float* y, int64_t N, int64_t n0) {
-  const float* b = bias ? bias + n0 : nullptr;
-  const W* panel = w + n0 * K;
-  int64_t m = 0;
-  for (; m + R <= M; m += R) linear_tile<W, R, C>(x + m * K, K, panel, K, b, y + m * N + n0, N);
-  switch (M - m) {
-#define ORTHRUS_TAIL(r)                                                                      \
-  case r:                                                                                     \
-    if constexpr (r < R) linear_tile<W, r, C>(x + m * K, K, panel, K, b, y + m * N + n0, N); \
-    break;
-    ORTHRUS_TAIL(1) ORTHRUS_TAIL(2)
-#undef ORTHRUS_TAIL
+// Features past the last whole panel (row-major): the same chain per output, one lane at a time.
+template <typename W>
+void linear_feature(const float* x, int64_t M, int64_t K, const W* w, const float* bias, float* y, int64_t ldy) {
+  for (int64_t r = 0; r < M; ++r) {
+    float s = 0.f;
+    for (int64_t k = 0; k < K; ++k) s = std::fma(x[r * K + k], to_float(w[k]), s);
+    y[r * ldy] = bias ? s + *bias : s;
   }
 }
 
-// Several weights that read the same x (q, k, v; gate, up) in one call: their panels form one
-// range that the threads split, so each weight is read by one thread, once.
+// Several weights that read the same x (q, k, v; gate, up) in one call: their panels, in groups of
+// GROUP, form one range that the threads split, so each weight is read by one thread, once.
 template <typename W>
 struct Products {
   const float* x;
@@ -142,6 +164,7 @@ struct Products {
   std::vector<const float*> bias;
   std::vector<float*> y;
 };
+constexpr int GROUP = 4;
 
 // Threads take chunks of blocks from a shared counter rather than fixed halves: a thread that
 // starts late (woken late, or its core briefly taken) does less, and no thread waits on it long.
@@ -158,35 +181,60 @@ void parallel_chunks(int64_t total, int64_t chunk, const F& body) {
   for (int64_t c = next++; c < chunks; c = next++) body(c * chunk, std::min(total, (c + 1) * chunk));
 }
 
-// Tiles: one panel of 4 features x up to 3 rows (at most 12 accumulators; a row alone still has 4
-// independent FMA chains). The tile never changes what an output element is computed from, or in
-// which order, so any row count gives every row the same bits.
-template <typename W, int R>
-void linear_impl_rows(const Products<W>& p) {
+// One group of up to GROUP panels (64 features) for all M rows. Rows go in tiles of 6 or 4 over
+// one panel at a time (12 or 8 chains); the last 1 row over 4 panels at once, 2 or 3 rows over 2
+// (8 to 12 chains). The group stays in L2 while the row tiles pass over it.
+template <typename W>
+void linear_group(const Products<W>& p, const W* const* w, const float* const* bias, float* const* y, int64_t ldy,
+                  int count) {
+  int64_t m = 0;
+  while (m < p.M) {
+    const int64_t rest = p.M - m;
+    const float* x = p.x + m * p.K;
+    float* ym[GROUP];
+    for (int s = 0; s < count; ++s) ym[s] = y[s] + m * ldy;
+    if (rest >= 6 && rest != 8) {
+      linear_panels<W, 6, 1>(x, p.K, w, bias, ym, ldy, count), m += 6;
+    } else if (rest >= 4) {
+      linear_panels<W, 4, 1>(x, p.K, w, bias, ym, ldy, count), m += 4;
+    } else if (rest == 3) {
+      linear_panels<W, 3, 2>(x, p.K, w, bias, ym, ldy, count), m += 3;
+    } else if (rest == 2) {
+      linear_panels<W, 2, 2>(x, p.K, w, bias, ym, ldy, count), m += 2;
+    } else {
+      linear_panels<W, 1, GROUP>(x, p.K, w, bias, ym, ldy, count), m += 1;
+    }
+  }
+}
+
+template <typename W>
+void linear_impl(const Products<W>& p) {
   const int64_t count = static_cast<int64_t>(p.w.size());
-  std::vector<int64_t> first(count + 1, 0);  // first global panel of each weight
-  for (int64_t j = 0; j < count; ++j) first[j + 1] = first[j] + p.N[j] / PANEL;
-  // 8 chunks a thread: long contiguous runs for the prefetchers, yet a late thread still does less
-  const int64_t chunk = std::max<int64_t>(8, first[count] / (8 * at::get_num_threads()));
+  std::vector<int64_t> first(count + 1, 0);  // first global group of each weight
+  for (int64_t j = 0; j < count; ++j) first[j + 1] = first[j] + (p.N[j] / PANEL + GROUP - 1) / GROUP;
+  // ~8 chunks a thread: long contiguous runs for the prefetchers, yet a late thread still does less
+  const int64_t chunk = std::max<int64_t>(1, first[count] / (8 * at::get_num_threads()));
   parallel_chunks(first[count], chunk, [&](int64_t begin, int64_t end) {
     int64_t j = std::upper_bound(first.begin(), first.end(), begin) - first.begin() - 1;
-    for (int64_t blk = begin; blk < end; ++blk) {
-      while (blk >= first[j + 1]) ++j;
-      linear_rows<W, PANEL, R>(p.x, p.M, p.K, p.w[j], p.bias[j], p.y[j], p.N[j], (blk - first[j]) * PANEL);
+    for (int64_t g = begin; g < end; ++g) {
+      while (g >= first[j + 1]) ++j;
+      const int64_t panel0 = (g - first[j]) * GROUP;
+      const int count = static_cast<int>(std::min<int64_t>(GROUP, p.N[j] / PANEL - panel0));
+      const W* w[GROUP];
+      const float* bias[GROUP];
+      float* y[GROUP];
+      for (int s = 0; s < count; ++s) {
+        const int64_t n0 = (panel0 + s) * PANEL;
+        w[s] = p.w[j] + n0 * p.K;
+        bias[s] = p.bias[j] ? p.bias[j] + n0 : nullptr;
+        y[s] = p.y[j] + n0;
+      }
+      linear_group(p, w, bias, y, p.N[j], count);
     }
   });
   for (int64_t j = 0; j < count; ++j)  // features past the last whole panel (row-major)
     for (int64_t n = p.N[j] / PANEL * PANEL; n < p.N[j]; ++n)
-      linear_rows<W, 1, R>(p.x, p.M, p.K, p.w[j], p.bias[j], p.y[j], p.N[j], n);
-}
-
-// Up to 4 rows go in tiles of 2 (4 rows = 2 + 2 beats 3 + 1), more in tiles of 3.
-template <typename W>
-void linear_impl(const Products<W>& p) {
-  if (p.M <= 4)
-    linear_impl_rows<W, 2>(p);
-  else
-    linear_impl_rows<W, 3>(p);
+      linear_feature(p.x, p.M, p.K, p.w[j] + n * p.K, p.bias[j] ? p.bias[j] + n : nullptr, p.y[j] + n, p.N[j]);
 }
 
 // The products of x [M, K] with packed weights (each with its fp32 bias, or none), into fp32 outputs.
