@@ -57,7 +57,8 @@ def position_acceptance(accepted: list[int], block_size: int) -> list[float]:
 
 LOOKUP_NGRAMS = (3, 2)  # suffix lengths prompt lookup matches, longest first
 MAX_LOOKUP_DRAFTS = 7  # the planner verifies fewer when the pass costs say so
-EXPLORE_EVERY = 8  # a row that has not drafted with the drafter for this many cycles tries it again
+EXPLORE_EVERY = 8  # a row that has not drafted with the drafter for this many cycles tries it again,
+MAX_EXPLORE_EVERY = 64  # ... or twice as long after each try in a row that lost to AR steps, up to this
 SOURCES = ("diffusion", "lookup", "ar")
 
 
@@ -153,10 +154,27 @@ def plan_cycle(seqs: list["Sequence"], block_size: int, costs: PassCosts, source
         if not options:
             options.append((0.0, Plan("ar")))  # only lookup allowed and none found
         plan = max(options, key=lambda option: option[0])[1]
-        if plan.source == "ar" and "diffusion" in sources and "diffusion" not in s.stats.sources[-EXPLORE_EVERY:]:
+        if (plan.source == "ar" and "diffusion" in sources
+                and "diffusion" not in s.stats.sources[-exploration_interval(s.stats, block_size, costs):]):
             plan = Plan("diffusion")
         plans.append(plan)
     return plans
+
+
+def exploration_interval(stats: "SequenceStats", block_size: int, costs: PassCosts) -> int:
+    """Cycles between tries of the drafter on a row that takes AR steps: EXPLORE_EVERY, doubled for
+    each of the row's latest drafter cycles in a row that gave fewer tokens a second than AR steps
+    would have (up to MAX_EXPLORE_EVERY). Where drafting does not pay, trying it costs a row ~1/64
+    of its time instead of ~1/8; one winning try brings the interval back."""
+    cycle_seconds, interval = costs.draft + costs.verify_pass(block_size), EXPLORE_EVERY
+    recent = itertools.islice(zip(reversed(stats.accepted), reversed(stats.sources)), 2 * MAX_EXPLORE_EVERY)
+    for accepted, source in recent:
+        if source != "diffusion":
+            continue
+        if interval >= MAX_EXPLORE_EVERY or (1 + accepted) / cycle_seconds >= 1 / costs.verify_pass(1):
+            break
+        interval *= 2
+    return min(interval, MAX_EXPLORE_EVERY)
 
 
 @dataclass

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from orthrus.checkpoint import init_untrained_twins
-from orthrus.engine import SOURCES, PassCosts, Sequence, SequenceStats, lookup_drafts, plan_cycle
+from orthrus.engine import (SOURCES, PassCosts, Sequence, SequenceStats, exploration_interval, lookup_drafts,
+                            plan_cycle)
 
 from .conftest import PROMPTS
 
@@ -110,6 +111,27 @@ def test_the_planner_picks_the_source_with_the_most_tokens_per_second():
     assert plan_cycle([seq], 4, gentle, ("lookup", "ar"), [7])[0].drafts == [9, 1, 2, 3]
     seq.stats = SequenceStats(accepted=[0] * 8, sources=["ar"] * 8, drafted=[0] * 8)
     assert plan_cycle([seq], 4, linear, ("diffusion", "ar"), [7])[0].source == "diffusion"  # tries the drafter again
+
+
+def test_the_planner_tries_a_losing_drafter_less_and_less_often():
+    seq = Sequence([1, 2, 3])
+    flat = PassCosts((0.0,) + (1.0,) * 8, 1.0)  # a drafter cycle is two passes: it must give 2 tokens to pay
+    plan = lambda: plan_cycle([seq], 4, flat, ("diffusion", "ar"), [7])[0].source
+    history = lambda *cycles: SequenceStats(accepted=[a for a, _ in cycles], sources=[s for _, s in cycles],
+                                            drafted=[3 * (s == "diffusion") for _, s in cycles])
+    lost, won, step = (0, "diffusion"), (3, "diffusion"), (0, "ar")
+    seq.stats = history(won, *[step] * 8)
+    assert exploration_interval(seq.stats, 4, flat) == 8 and plan() == "diffusion"  # tried again after 8 steps
+    seq.stats = history(lost, *[step] * 8)
+    assert exploration_interval(seq.stats, 4, flat) == 16 and plan() == "ar"  # a lost try: wait 16
+    seq.stats = history(lost, *[step] * 16)
+    assert plan() == "diffusion"
+    seq.stats = history(lost, *[step] * 16, lost, *[step] * 32, lost, *[step] * 40)
+    assert exploration_interval(seq.stats, 4, flat) == 64 and plan() == "ar"  # three in a row: the cap
+    seq.stats = history(lost, *[step] * 16, lost, *[step] * 32, lost, *[step] * 64)
+    assert plan() == "diffusion"
+    seq.stats = history(lost, *[step] * 16, lost, *[step] * 32, won, *[step] * 8)
+    assert exploration_interval(seq.stats, 4, flat) == 8  # a winning try brings it back
 
 
 def test_pass_costs_are_measured_once_and_kept(qwen3):
