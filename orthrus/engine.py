@@ -57,8 +57,8 @@ def position_acceptance(accepted: list[int], block_size: int) -> list[float]:
 
 LOOKUP_NGRAMS = (3, 2)  # suffix lengths prompt lookup matches, longest first
 MAX_LOOKUP_DRAFTS = 7  # the planner verifies fewer when the pass costs say so
-EXPLORE_EVERY = 8  # a row that has not drafted with the drafter for this many cycles tries it again,
-MAX_EXPLORE_EVERY = 64  # ... or twice as long after each try in a row that lost to AR steps, up to this
+EXPLORE_EVERY = 8  # a row that has not tried the drafter for this many cycles tries it again ...
+MAX_EXPLORE_EVERY = 64  # ... or for up to this many, after tries in a row that lost to AR steps
 SOURCES = ("diffusion", "lookup", "ar")
 
 

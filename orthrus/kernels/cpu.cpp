@@ -4,8 +4,8 @@
 // Batch invariance: every output element is computed by the same sequence of floating-point
 // operations whatever the number of rows (or which tile it falls in): in a product, one FMA chain
 // over the reduction dimension in order, then the bias; in attention, fixed 8-lane chains and a
-// fixed horizontal sum. So row i of a T-row product is bit-identical to the 1-row product of that row, which makes a
-// T-token verify pass compute each token exactly as a 1-token decode step does.
+// fixed horizontal sum. So row i of a T-row product is bit-identical to the 1-row product of that
+// row, which makes a T-token verify pass compute each token exactly as a 1-token decode step does.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
