@@ -79,9 +79,10 @@ class Linear(nn.Linear):
     (`orthrus.kernels`: each weight read once for all rows, every row rounded as if alone)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.usable(x, x.numel() // x.shape[-1]):
+        rows = x.numel() // x.shape[-1]
+        if kernels.usable(x, rows):
             return kernels.linear(x, self)[0]
-        if x.dtype is torch.bfloat16 and x.device.type == "cpu" and x.numel() // x.shape[-1] > kernels.MAX_TOKENS:
+        if x.dtype is torch.bfloat16 and x.device.type == "cpu" and rows > kernels.MAX_TOKENS:
             # many rows (a prefill): aten's bf16 GEMM is slow on CPUs without AMX; MKL's fp32 one, rounded once
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)

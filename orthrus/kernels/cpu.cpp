@@ -305,9 +305,7 @@ inline float dot(const float* q, const KV* k, int64_t D) {
   return s;
 }
 
-// One query head attends to keys [0, limit): scores, softmax and the weighted sum of values run over
-// the keys in order (each output dimension one FMA chain over the keys, held in a register), so a
-// query's result does not depend on how many other queries or rows the call holds.
+// out[0, 8A) = sum over keys s of p[s] * values[s][0, 8A): one FMA chain per dimension, in registers.
 template <int A, typename KV>
 inline void weighted_sum(const float* p, const KV* values, int64_t kv_stride, int64_t limit, float* out) {
   __m256 acc[A];
@@ -319,6 +317,9 @@ inline void weighted_sum(const float* p, const KV* values, int64_t kv_stride, in
   for (int a = 0; a < A; ++a) _mm256_storeu_ps(out + 8 * a, acc[a]);
 }
 
+// One query head attends to keys [0, limit): scores, softmax and the weighted sum of values run over
+// the keys in order (each output dimension one FMA chain over the keys), so a query's result does
+// not depend on how many other queries or rows the call holds.
 template <typename KV>
 void attend_head(const float* q, int64_t D, const KV* keys, const KV* values, int64_t kv_stride, int64_t limit,
                  float scale, float* out, std::vector<float>& scores) {
