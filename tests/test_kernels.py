@@ -186,3 +186,48 @@ def test_a_failed_build_falls_back_to_plain_pytorch_with_one_line(tmp_path, monk
     with torch.inference_mode():
         x = torch.randn(2, 1, 4)
         torch.testing.assert_close(plain(x), layer(x))
+
+
+def pass_logits(folder: str, dtype: str) -> dict[str, torch.Tensor]:
+    """Logits of a 1-token step and of a 7-token pass after a prompt, with the kernels this process
+    built (run under each instruction set by the test below)."""
+    llm = orthrus.load(folder, drafter="none", dtype=dtype, device="cpu")
+    model = llm.model
+    prompt = torch.tensor([llm.encode("Batch-invariant kernels make verification exact. " * 2)])
+    tokens = torch.randint(0, 1000, (1, 7), generator=torch.Generator().manual_seed(6))
+    cache = KVCache(model.config, 1, prompt.shape[1] + 8, next(model.parameters()).dtype, "cpu")
+    rows = torch.tensor([0])
+    out = {}
+    with torch.inference_mode():
+        window = cache.window(rows, prompt.shape[1], bidirectional=False)
+        model(prompt, window.positions, window, "ar", logits=False)
+        cache.lengths[0] = prompt.shape[1]
+        for T in (1, 7):
+            for view in ("ar", "diffusion"):
+                window = cache.window(rows, T, bidirectional=view == "diffusion")
+                out[f"{view}{T}"] = model(tokens[:, :T], window.positions, window, view).float().contiguous()
+    return out
+
+
+@pytest.mark.skipif(kernels.isa() != "avx512", reason="this CPU has no AVX-512: one build only, nothing to compare")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_avx2_and_avx512_builds_give_the_same_bits(request, tmp_path, dtype):
+    """The AVX-512 build holds more rows per tile but computes each output with the AVX2 build's
+    operations in the same order: a model's logits are identical under both, so output does not
+    depend on the CPU it was decoded on."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    for name in ("qwen3_folder", "smollm2_folder"):
+        folder = str(request.getfixturevalue(name))
+        script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from test_kernels import pass_logits; "
+                  f"from safetensors.torch import save_file; save_file(pass_logits({folder!r}, {dtype!r}), {str(tmp_path / 'avx2.st')!r})")
+        subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "ORTHRUS_ISA": "avx2"})
+        avx2, avx512 = load_file(tmp_path / "avx2.st"), pass_logits(folder, dtype)
+        assert avx2.keys() == avx512.keys()
+        for key in avx512:
+            assert torch.equal(avx2[key], avx512[key]), f"{name} {key}"

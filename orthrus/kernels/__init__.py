@@ -1,9 +1,12 @@
 """The CPU hot path: few-row kernels under the model's `Linear`, and every decoder layer of a
 pass over the KV cache in one call (`decoder_stack`: no Python between the ops).
 
-`cpu.cpp` (AVX2 + FMA) is compiled on first use with the machine's C++ compiler and cached
-under `$ORTHRUS_CACHE/kernels` (default `~/.cache/orthrus/kernels`), keyed by the source and the
-torch version, so later runs load it in a fraction of a second; `make install` builds it.
+`cpu.cpp` is compiled on first use with the machine's C++ compiler and cached under
+`$ORTHRUS_CACHE/kernels` (default `~/.cache/orthrus/kernels`), keyed by the source, the torch
+version and the instruction set, so later runs load it in a fraction of a second; `make install`
+builds it. The instruction set is AVX2 + FMA, or AVX-512 where the CPU has it (its products hold
+twice the rows per tile); both compute every output with the same operations in the same order,
+so they give the same bits (`ORTHRUS_ISA=avx2` forces the AVX2 build).
 Products stream each weight from a packed copy (`packed`), made on first use and kept beside the
 weight: it doubles the weights' memory, the price of one sequential stream per tile.
 Every output element is computed with the same reduction order whatever the number of rows, so
@@ -49,9 +52,22 @@ def unavailable_reason() -> str | None:
     return None
 
 
+ISA_FLAGS = {"avx2": ["-mavx2", "-mfma"], "avx512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl"]}
+
+
+def isa() -> str:
+    """The instruction set the kernels are built for: the CPU's best, unless ORTHRUS_ISA names one."""
+    forced = os.environ.get("ORTHRUS_ISA")
+    if forced:
+        if forced not in ISA_FLAGS:
+            raise ValueError(f"ORTHRUS_ISA={forced!r}: use one of {', '.join(ISA_FLAGS)}")
+        return forced
+    return "avx512" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "avx2"
+
+
 def build_id() -> str:
-    """What a build depends on (the source and the torch version), as a short hash."""
-    return hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    """What a build depends on (the source, the torch version, the instruction set), as a short hash."""
+    return hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + isa().encode()).hexdigest()[:12]
 
 
 def _build():
@@ -63,17 +79,17 @@ def _build():
 
     from torch.utils.cpp_extension import load
 
-    name = f"orthrus_cpu_{build_id()}"
+    name = f"orthrus_cpu_{isa()}_{build_id()}"
     library = cache_dir() / f"{name}.so"
     if not library.is_file():
         cache_dir().mkdir(parents=True, exist_ok=True)
         print("orthrus: compiling the CPU kernels (once per machine, about a minute)...", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".build-") as tmp:
-            flags = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off"]
+            flags = ["-O3", *ISA_FLAGS[isa()], "-fopenmp", "-ffp-contract=off"]
             load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=tmp,
                  verbose=False)
             (Path(tmp) / f"{name}.so").rename(library)  # same file system: atomic
-        for old in cache_dir().glob("orthrus_cpu_*.so"):  # builds of older sources or torch versions
+        for old in cache_dir().glob(f"orthrus_cpu_{isa()}_*.so"):  # builds of older sources or torch versions
             if old != library:
                 old.unlink(missing_ok=True)
         if name in sys.modules:

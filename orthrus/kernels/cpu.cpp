@@ -1,4 +1,4 @@
-// Few-row CPU kernels (AVX2 + FMA) for decoding: a matrix product that streams each weight once
+// Few-row CPU kernels (AVX2 + FMA, or AVX-512 for the products where the CPU has it) for decoding: a matrix product that streams each weight once
 // for all rows, and attention of a few query rows over the KV cache.
 //
 // Batch invariance: every output element is computed by the same sequence of floating-point
@@ -91,6 +91,44 @@ torch::Tensor pack(const torch::Tensor& w) {
   return out;
 }
 
+#ifdef __AVX512F__
+// The AVX-512 build (chosen at load time on CPUs that have it): a panel's 16 features fill one
+// 16-lane register, so a tile holds twice the rows or panels in its 32 registers and each weight
+// is read once for up to 6 rows over the whole group, 12 over half of it. Every output is still
+// the same FMA chain over the inputs in order, then the bias: bit-identical to the AVX2 build.
+inline __m512 load16x(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16x(const bf16* p) {  // lanes in storage order (features 0, 8, 1, 9, ...), widened exactly
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+inline __m512 in_feature_order(__m512 v, float*) { return v; }
+inline __m512 in_feature_order(__m512 v, bf16*) {
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15), v);
+}
+
+template <typename W, int R, int S>
+inline void linear_tile(const float* x, int64_t K, const W* const* w, const float* const* bias, float* const* y,
+                        int64_t ldy) {
+  __m512 acc[R][S] = {};
+  for (int64_t k = 0; k < K; ++k) {
+#pragma GCC unroll 4
+    for (int s = 0; s < S; ++s) {
+      const __m512 ws = load16x(w[s] + k * PANEL);
+#pragma GCC unroll 12
+      for (int r = 0; r < R; ++r) acc[r][s] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K + k]), ws, acc[r][s]);
+    }
+  }
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int s = 0; s < S; ++s) {
+      __m512 out = in_feature_order(acc[r][s], static_cast<W*>(nullptr));
+      if (bias[s]) out = _mm512_add_ps(out, _mm512_loadu_ps(bias[s]));
+      _mm512_storeu_ps(y[s] + r * ldy, out);
+    }
+}
+
+#else
 // The 16 weights of one input in a panel, as fp32 features 0-7 and 8-15.
 inline void load16(const float* p, __m256& lo, __m256& hi) {
   lo = _mm256_loadu_ps(p);
@@ -133,6 +171,8 @@ inline void linear_tile(const float* x, int64_t K, const W* const* w, const floa
       _mm256_storeu_ps(y[s] + r * ldy + 8, hi);
     }
 }
+
+#endif
 
 // R rows over `count` panels, S at a time (the last few one by one).
 template <typename W, int R, int S>
@@ -181,6 +221,31 @@ void parallel_chunks(int64_t total, int64_t chunk, const F& body) {
   for (int64_t c = next++; c < chunks; c = next++) body(c * chunk, std::min(total, (c + 1) * chunk));
 }
 
+#ifdef __AVX512F__
+// Up to 6 rows over the group's 4 panels at once (4 to 24 chains), 7 to 12 rows over 2 panels
+// (14 to 24): more rows take 12-row tiles first.
+template <typename W>
+void linear_group(const Products<W>& p, const W* const* w, const float* const* bias, float* const* y, int64_t ldy,
+                  int count) {
+  int64_t m = 0;
+  while (m < p.M) {
+    const int64_t rest = p.M - m;
+    const float* x = p.x + m * p.K;
+    float* ym[GROUP];
+    for (int s = 0; s < count; ++s) ym[s] = y[s] + m * ldy;
+    const int64_t rows = rest <= 6 ? rest : rest <= 12 ? (rest + 1) / 2 : 6;
+    switch (rows) {
+      case 1: linear_panels<W, 1, GROUP>(x, p.K, w, bias, ym, ldy, count); break;
+      case 2: linear_panels<W, 2, GROUP>(x, p.K, w, bias, ym, ldy, count); break;
+      case 3: linear_panels<W, 3, GROUP>(x, p.K, w, bias, ym, ldy, count); break;
+      case 4: linear_panels<W, 4, GROUP>(x, p.K, w, bias, ym, ldy, count); break;
+      case 5: linear_panels<W, 5, GROUP>(x, p.K, w, bias, ym, ldy, count); break;
+      default: linear_panels<W, 6, GROUP>(x, p.K, w, bias, ym, ldy, count); break;
+    }
+    m += rows;
+  }
+}
+#else
 // One group of up to GROUP panels (64 features) for all M rows. Rows go in tiles of 6, 5 or 4 over
 // one panel at a time (12, 10 or 8 chains); the last 1 row over 4 panels at once, 2 or 3 rows over
 // 2 (8 to 12 chains). The group stays in L2 while the row tiles pass over it; 5 rows in one tile
@@ -209,6 +274,8 @@ void linear_group(const Products<W>& p, const W* const* w, const float* const* b
     }
   }
 }
+
+#endif
 
 template <typename W>
 void linear_impl(const Products<W>& p) {
