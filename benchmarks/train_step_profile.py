@@ -5,7 +5,7 @@ order the trainer runs them: the AR pass alone (no graph), the dual pass (that A
 diffusion pass with a graph), the student and teacher heads with their log-softmax, the KL, and
 the backward. Pause any background training first.
 
-    python benchmarks/train_step_profile.py --run-dir smollm2-b4-text --threads 1
+    python benchmarks/train_step_profile.py --run-dir smollm2-b4-text --threads 1 --dtype fp32
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from contextlib import nullcontext
+
 from orthrus.hub import cache_dir
 from orthrus.training import trainer
 from orthrus.training.data import draw_anchors
@@ -28,6 +30,7 @@ def main(argv=None) -> None:
     ap.add_argument("--run-dir", required=True, help="a run folder, or its name under the cache's runs/")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="as `orthrus train --dtype`")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     run = Path(args.run_dir) if Path(args.run_dir).is_dir() else cache_dir() / "runs" / args.run_dir
@@ -37,6 +40,10 @@ def main(argv=None) -> None:
                               seq_len=settings["seq_len"], anchors=settings["anchors"], batch=1)
     _, model = trainer.load_base(cfg, torch.device("cpu"))
     trainer.prepare_model(model)
+    dtype = trainer.train_dtype(args.dtype, torch.device("cpu"))
+    if dtype == "bf16":
+        trainer.backbone_to_bf16(model)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
     packed, order = trainer.epoch_rows(cfg, state["files"], 0)
     rows = packed.select(order[:1])
     anchors, valid = draw_anchors(rows, cfg.anchors, cfg.block_size, 0, order[:1].tolist())
@@ -49,16 +56,17 @@ def main(argv=None) -> None:
         return out
 
     for _ in range(args.repeats):
-        with torch.no_grad():
-            timed("AR pass alone (no graph)", lambda: model(rows.tokens, rows.positions,
-                                                             trainer.RecordingStore(trainer.ar_mask(rows.doc)), "ar", logits=False))
-        student, teacher, ok = timed("dual pass (AR + diffusion forward)",
-                                     lambda: trainer.dual_pass(model, rows, anchors, cfg.block_size))
-        ok &= valid[:, :, None]
-        q_logp = timed("student head + log-softmax", lambda: F.log_softmax(model.lm_head(student[ok]).float(), -1))
-        with torch.no_grad():
-            p_logp = timed("teacher head + log-softmax", lambda: F.log_softmax(model.lm_head(teacher[ok]).float(), -1))
-        loss = timed("KL", lambda: (p_logp.exp() * (p_logp - q_logp)).sum())
+        with autocast:
+            with torch.no_grad():
+                timed("AR pass alone (no graph)", lambda: model(rows.tokens, rows.positions,
+                                                                 trainer.RecordingStore(trainer.ar_mask(rows.doc)), "ar", logits=False))
+            student, teacher, ok = timed("dual pass (AR + diffusion forward)",
+                                         lambda: trainer.dual_pass(model, rows, anchors, cfg.block_size))
+            ok &= valid[:, :, None]
+            q_logp = timed("student head + log-softmax", lambda: F.log_softmax(model.lm_head(student[ok]).float(), -1))
+            with torch.no_grad():
+                p_logp = timed("teacher head + log-softmax", lambda: F.log_softmax(model.lm_head(teacher[ok]).float(), -1))
+            loss = timed("KL", lambda: (p_logp.exp() * (p_logp - q_logp)).sum())
         timed("backward", loss.backward)
         model.zero_grad(set_to_none=True)
     tokens = int((rows.doc >= 0).sum())

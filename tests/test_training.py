@@ -188,12 +188,14 @@ def test_resume_refuses_another_base_or_config(llama_folder, data_folder, tmp_pa
 
 
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(llama_folder, data_folder, tmp_path):
-    """DDP over the twins, and FSDP2 sharding the whole model, each on 2 CPU processes (gloo)."""
-    one = run_cli(train_args(llama_folder, data_folder, tmp_path / "one", "--steps", "2"))
+    """DDP over the twins, and FSDP2 sharding the whole model, each on 2 CPU processes (gloo), in fp32
+    (bf16 rounds sums of a different grouping differently)."""
+    one = run_cli(train_args(llama_folder, data_folder, tmp_path / "one", "--steps", "2", "--dtype", "fp32"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launched = {}
     for parallel in ("ddp", "fsdp"):
-        args = train_args(llama_folder, data_folder, tmp_path / parallel, "--steps", "2", "--batch", "1", "--parallel", parallel)
+        args = train_args(llama_folder, data_folder, tmp_path / parallel, "--steps", "2", "--batch", "1", "--parallel", parallel,
+                          "--dtype", "fp32")
         launched[parallel] = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                                                "2", "-m", "orthrus", "train", *args], env=env, stdout=subprocess.PIPE,
                                               stderr=subprocess.STDOUT, text=True)
@@ -351,3 +353,13 @@ def test_a_run_starts_on_an_empty_cache_from_what_the_repo_holds(smollm2_folder,
     mine = orthrus.load(str(smollm2_folder), drafter=str(tmp_path / "export"), dtype="float32", device="cpu")
     prompt = [{"role": "user", "content": "Name three colours."}]
     assert mine.generate(prompt, max_new_tokens=16).token_ids == llm.generate(prompt, max_new_tokens=16, mode="ar").token_ids
+
+
+def test_auto_precision_trains_in_bf16_only_where_the_hardware_multiplies_bf16(monkeypatch):
+    from orthrus.training import trainer
+
+    cpu = torch.device("cpu")
+    for native, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(trainer, "native_bf16", lambda device, native=native: native)
+        assert trainer.train_dtype("auto", cpu) == want
+        assert trainer.train_dtype("fp32", cpu) == "fp32" and trainer.train_dtype("bf16", cpu) == "bf16"

@@ -43,7 +43,9 @@ def register(sub) -> None:
     t.add_argument("--loss", choices=["kl", "ce"], default="kl")
     t.add_argument("--clip", type=float, default=1.0)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast (GPU); fp32 master twins either way")
+    t.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="bf16: the frozen backbone in bf16 under autocast; auto: bf16 where the hardware multiplies "
+                        "bf16 natively (a GPU, a CPU with AVX512-BF16 or AMX), else fp32; fp32 master twins either way")
     t.add_argument("--device", default="auto")
     t.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp", help="under torchrun: DDP on the twins, or FSDP2 sharding the backbone too")
     t.add_argument("--checkpoint-minutes", type=float, default=5.0)
