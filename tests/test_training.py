@@ -2,6 +2,7 @@
 runs resume exactly after kill -9 and refuse foreign checkpoints, two gloo processes match one,
 distillation resumes, and an exported (int8) drafter loads and decodes losslessly."""
 
+import gzip
 import json
 import os
 import random
@@ -17,7 +18,7 @@ import orthrus
 from orthrus.cache import KVCache
 from orthrus.checkpoint import load_model
 from orthrus.errors import OrthrusError
-from orthrus.training.data import draw_anchors, pack, read_shards
+from orthrus.training.data import draw_anchors, pack, read_shards, shard_files
 from orthrus.training.distill import distill, write_shard
 from orthrus.training.trainer import (TrainConfig, ar_mask, block_mask, draft_loss, dual_pass, prepare_model, train)
 
@@ -275,6 +276,14 @@ def test_distill_writes_the_models_own_replies_and_resumes(qwen3, tmp_path):
         ids = qwen3.encode([{"role": "user", "content": prompts[r["index"]][1]}])
         assert r["tokens"][: r["prompt_len"]] == ids
         assert r["tokens"][r["prompt_len"] :] == qwen3.generate(ids, max_new_tokens=6, mode="ar").token_ids
+    # shards are gzipped; a plain shard (data written before) reads the same, and distilling goes on past it
+    assert [p.name for p in shard_files(tmp_path)] == [f"shard-{i:05d}.jsonl.gz" for i in range(3)]
+    first = shard_files(tmp_path)[0]
+    first.with_name(first.name.removesuffix(".gz")).write_bytes(gzip.decompress(first.read_bytes()))
+    first.unlink()
+    assert read_shards(tmp_path) == rows
+    assert distill(qwen3, tmp_path, 8, mix, rows=2, max_new_tokens=6, flush_rows=2, progress=False) == 2
+    assert [r["index"] for r in read_shards(tmp_path)] == list(range(8)) and len(shard_files(tmp_path)) == 4
     with pytest.raises(OrthrusError, match="other settings"):
         distill(qwen3, tmp_path, 6, mix, rows=2, max_new_tokens=7, progress=False)
 

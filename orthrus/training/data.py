@@ -4,12 +4,14 @@ Prompts (never benchmark prompts): chat = first user turns of ShareGPT (`sharegp
 math = reasoning-gym `gsm_symbolic` problems drawn with training seeds only, code = requests
 built from templates below. A distilled row is one JSON line
 `{"index", "source", "tokens", "prompt_len", "finish"}`: `tokens` = prompt + the base model's
-own reply (or, for `text_rows`, ShareGPT's written reply), the assistant span is `tokens[prompt_len:]`. Shards `shard-*.jsonl` are written
-whole (temp file + rename) and never change afterwards, so a run can name the shards it uses.
+own reply (or, for `text_rows`, ShareGPT's written reply), the assistant span is
+`tokens[prompt_len:]`. Shards `shard-*.jsonl.gz` (or plain `.jsonl`) are written whole (temp
+file + rename) and never change afterwards, so a run can name the shards it uses.
 """
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import json
 import random
@@ -171,7 +173,13 @@ def parse_mix(text: str) -> dict[str, int]:
 # ---- distilled shards --------------------------------------------------------------------------
 
 def shard_files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("shard-*.jsonl"))
+    """The folder's shards in order: `shard-N.jsonl.gz` (what `write_shard` writes: token ids compress
+    ~3x, small enough to keep data in the repo) or plain `shard-N.jsonl` (earlier data)."""
+    return sorted([*folder.glob("shard-*.jsonl"), *folder.glob("shard-*.jsonl.gz")], key=lambda p: p.name.split(".")[0])
+
+
+def shard_lines(path: Path) -> list[str]:
+    return (gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()).splitlines()
 
 
 def read_shards(folder: Path, names: list[str] | None = None) -> list[dict]:
@@ -183,8 +191,7 @@ def read_shards(folder: Path, names: list[str] | None = None) -> list[dict]:
         raise OrthrusError(f"{folder}: shards {missing[:3]} are missing; the run was started on data that has since been removed.")
     rows = []
     for path in paths:
-        for line in path.read_text().splitlines():
-            rows.append(json.loads(line))
+        rows.extend(json.loads(line) for line in shard_lines(path))
     return sorted(rows, key=lambda r: r["index"])
 
 

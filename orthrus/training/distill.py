@@ -7,6 +7,7 @@ index already in a shard. A kill loses at most the rows of one unwritten shard.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import time
@@ -19,11 +20,12 @@ from .data import prompt_mix, read_shards, shard_files, text_rows
 
 
 def write_shard(folder: Path, rows: list[dict]) -> Path:
+    """The next shard, gzipped (no timestamp inside, so the same rows give the same bytes)."""
     number = len(shard_files(folder))
-    path = folder / f"shard-{number:05d}.jsonl"
+    path = folder / f"shard-{number:05d}.jsonl.gz"
     tmp = folder / f".{path.name}.tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+    with open(tmp, "wb") as f:
+        f.write(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode(), compresslevel=9, mtime=0))
         f.flush()
         os.fsync(f.fileno())
     tmp.rename(path)
