@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -362,6 +363,11 @@ def test_a_run_starts_on_an_empty_cache_from_what_the_repo_holds(smollm2_folder,
     mine = orthrus.load(str(smollm2_folder), drafter=str(tmp_path / "export"), dtype="float32", device="cpu")
     prompt = [{"role": "user", "content": "Name three colours."}]
     assert mine.generate(prompt, max_new_tokens=16).token_ids == llm.generate(prompt, max_new_tokens=16, mode="ar").token_ids
+    # the model's own replies are in the repo: a run trains on them as they are
+    repo_data = Path(__file__).parents[1] / "data" / "distill" / "smollm2"
+    self_run = train(TrainConfig(**{**cfg.__dict__, "data": str(repo_data)}), tmp_path / "cache" / "runs" / "b4-self", device="cpu")
+    assert self_run["step"] == 1 and len(self_run["files"]) == len(shard_files(repo_data)) > 0
+    assert len(read_shards(repo_data)) == len({r["index"] for r in read_shards(repo_data)}) >= 500
 
 
 def test_auto_precision_trains_in_bf16_only_where_the_hardware_multiplies_bf16(monkeypatch):
