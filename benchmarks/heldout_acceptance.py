@@ -1,0 +1,57 @@
+"""Held-out acceptance of several drafters on the held-out rows of several data folders, in one
+process (issue 11's data-mix comparison).
+
+A training run measures itself on the held-out rows of its own data only, so a run on ShareGPT's
+text and a run on the model's own replies report numbers that cannot be compared. This measures
+every drafter on every data's held-out rows, with the trainer's own `evaluate` (simulated greedy
+acceptance of anchor blocks whose drafts all lie in a reply), same anchors for every drafter.
+
+    python benchmarks/heldout_acceptance.py --data data/distill/smollm2 sharegpt-text \\
+        --drafters orthrus/drafters/smollm2-135m-instruct /tmp/text-export /tmp/self-export
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+import orthrus
+from orthrus.hub import cache_dir
+from orthrus.training.data import shard_files
+from orthrus.training.trainer import TrainConfig, eval_set, evaluate
+
+
+def data_folder(name: str) -> Path:
+    return Path(name) if Path(name).is_dir() else cache_dir() / "distill" / name
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", nargs="+", required=True, help="data folders (or names under the cache's distill/)")
+    ap.add_argument("--drafters", nargs="+", required=True, help="drafter folders")
+    ap.add_argument("--block-size", type=int, default=4)
+    ap.add_argument("--rows", type=int, default=16, help="held-out packed rows of 512 tokens per data")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    held = {}
+    for name in args.data:
+        folder = data_folder(name)
+        cfg = TrainConfig(data=str(folder), block_size=args.block_size, seq_len=512, anchors=128, eval_rows=args.rows)
+        held[name] = (cfg, eval_set(cfg, [p.name for p in shard_files(folder)]))
+    print("| drafter | " + " | ".join(f"{name} acceptance | per position" for name in args.data) + " |")
+    print("|---|" + "---:|---|" * len(args.data))
+    for drafter in args.drafters:
+        llm = orthrus.load(drafter=drafter, dtype="float32", device="cpu")
+        cells = []
+        for name in args.data:
+            cfg, rows = held[name]
+            result = evaluate(llm.model, rows, cfg)
+            cells.append(f"{result['acceptance']:.3f} ({result['eval_blocks']} blocks) | {result['per_position']}")
+        print(f"| {drafter} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
