@@ -49,6 +49,8 @@ def unavailable_reason() -> str | None:
         return f"{platform.machine()} is not x86-64"
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return "this CPU has no AVX2"
+    if isa() not in runnable_isas():
+        return f"ORTHRUS_ISA={isa()} but this CPU runs {' or '.join(runnable_isas())}"
     return None
 
 
@@ -57,12 +59,12 @@ ISA_FLAGS = {"avx2": ["-mavx2", "-mfma"], "avx512": ["-mavx2", "-mfma", "-mavx51
 
 def isa() -> str:
     """The instruction set the kernels are built for: the CPU's best, unless ORTHRUS_ISA names one."""
-    forced = os.environ.get("ORTHRUS_ISA")
-    if forced:
-        if forced not in ISA_FLAGS:
-            raise ValueError(f"ORTHRUS_ISA={forced!r}: use one of {', '.join(ISA_FLAGS)}")
-        return forced
-    return "avx512" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "avx2"
+    return os.environ.get("ORTHRUS_ISA") or runnable_isas()[-1]
+
+
+def runnable_isas() -> list[str]:
+    """The instruction sets this CPU runs, best last."""
+    return ["avx2", "avx512"] if torch.backends.cpu.get_cpu_capability() == "AVX512" else ["avx2"]
 
 
 def build_id() -> str:

@@ -174,7 +174,7 @@ def parse_mix(text: str) -> dict[str, int]:
 
 def shard_files(folder: Path) -> list[Path]:
     """The folder's shards in order: `shard-N.jsonl.gz` (what `write_shard` writes: token ids compress
-    ~3x, small enough to keep data in the repo) or plain `shard-N.jsonl` (earlier data)."""
+    ~5x, small enough to keep data in the repo) or plain `shard-N.jsonl` (earlier data)."""
     return sorted([*folder.glob("shard-*.jsonl"), *folder.glob("shard-*.jsonl.gz")], key=lambda p: p.name.split(".")[0])
 
 
