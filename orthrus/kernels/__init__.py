@@ -156,6 +156,15 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x
 
 
+def prepare(model) -> None:
+    """Pack the weights and build the decoder stack now (a few tenths of a second, once per model)
+    when the kernels will run its passes, so the first pass of a generation costs what any other does."""
+    weight = model.lm_head.weight
+    if enabled and not weight.is_cuda and weight.dtype in (torch.float32, torch.bfloat16) and module() is not None:
+        decoder_stack(model)
+        packed(model.lm_head)
+
+
 def decoder_stack(model):
     """The model's decoder layers as one compiled call (`DecoderStack`), built on first use and
     kept on the model (per kernel library); rebuilt when a weight changes in place or its data is
