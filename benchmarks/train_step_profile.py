@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-from contextlib import nullcontext
 
 from orthrus.hub import cache_dir
 from orthrus.training import trainer
