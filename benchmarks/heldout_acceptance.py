@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 import orthrus
+from orthrus.checkpoint import load_drafter
 from orthrus.hub import cache_dir
 from orthrus.training.data import shard_files
 from orthrus.training.trainer import TrainConfig, eval_set, evaluate
@@ -43,8 +44,9 @@ def main(argv=None) -> None:
         held[name] = (cfg, eval_set(cfg, [p.name for p in shard_files(folder)]))
     print("| drafter | " + " | ".join(f"{name} acceptance | per position" for name in args.data) + " |")
     print("|---|" + "---:|---|" * len(args.data))
+    llm = orthrus.load(drafter="none", dtype="float32", device="cpu")  # the base once; each drafter swaps its twins in
     for drafter in args.drafters:
-        llm = orthrus.load(drafter=drafter, dtype="float32", device="cpu")
+        load_drafter(llm.model, drafter)
         cells = []
         for name in args.data:
             cfg, rows = held[name]

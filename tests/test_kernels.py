@@ -142,20 +142,27 @@ def test_rmsnorm_and_rotary_match_the_plain_path_and_are_row_invariant(dtype):
     torch.testing.assert_close(fast_rope, plain_rope, rtol=tol, atol=tol)
 
 
+def prefilled(llm, text: str, room: int) -> tuple[KVCache, int]:
+    """A 1-row cache holding `text`'s tokens (committed), with `room` slots after them; and their count."""
+    model = llm.model
+    prompt = torch.tensor([llm.encode(text)])
+    cache = KVCache(model.config, 1, prompt.shape[1] + room, next(model.parameters()).dtype, "cpu")
+    window = cache.window(torch.tensor([0]), prompt.shape[1], bidirectional=False)
+    model(prompt, window.positions, window, "ar", logits=False)
+    cache.lengths[0] = prompt.shape[1]
+    return cache, prompt.shape[1]
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("name", ["qwen3_folder", "smollm2_folder"])
 def test_a_verify_pass_computes_each_token_as_a_decode_step_does(request, name, dtype):
     """Logits of one T-token AR pass == logits of T one-token steps, bit for bit, for T up to 32."""
     llm = orthrus.load(str(request.getfixturevalue(name)), drafter="none", dtype=dtype, device="cpu")
-    model, cfg = llm.model, llm.model.config
-    prompt = torch.tensor([llm.encode("The quick brown fox jumps over the lazy dog. " * 3)])
+    model = llm.model
     tokens = torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(4))
-    cache = KVCache(cfg, 1, prompt.shape[1] + 64, next(model.parameters()).dtype, "cpu")
-    rows = torch.tensor([0])
     with torch.inference_mode():
-        window = cache.window(rows, prompt.shape[1], bidirectional=False)
-        model(prompt, window.positions, window, "ar", logits=False)
-        cache.lengths[0] = prompt.shape[1]
+        cache, prompt_len = prefilled(llm, "The quick brown fox jumps over the lazy dog. " * 3, room=64)
+        rows = torch.tensor([0])
         steps = []
         for t in range(32):  # one token at a time, committing each
             window = cache.window(rows, 1, bidirectional=False)
@@ -163,7 +170,7 @@ def test_a_verify_pass_computes_each_token_as_a_decode_step_does(request, name, 
             cache.lengths[0] += 1
         steps = torch.cat(steps, 1)
         for T in (2, 3, 4, 7, 16, 32):
-            cache.lengths[0] = prompt.shape[1]
+            cache.lengths[0] = prompt_len
             window = cache.window(rows, T, bidirectional=False)
             assert torch.equal(model(tokens[:, :T], window.positions, window, "ar"), steps[:, :T]), f"T={T}"
 
@@ -193,15 +200,11 @@ def pass_logits(folder: str, dtype: str) -> dict[str, torch.Tensor]:
     built (run under each instruction set by the test below)."""
     llm = orthrus.load(folder, drafter="none", dtype=dtype, device="cpu")
     model = llm.model
-    prompt = torch.tensor([llm.encode("Batch-invariant kernels make verification exact. " * 2)])
     tokens = torch.randint(0, 1000, (1, 7), generator=torch.Generator().manual_seed(6))
-    cache = KVCache(model.config, 1, prompt.shape[1] + 8, next(model.parameters()).dtype, "cpu")
     rows = torch.tensor([0])
     out = {}
     with torch.inference_mode():
-        window = cache.window(rows, prompt.shape[1], bidirectional=False)
-        model(prompt, window.positions, window, "ar", logits=False)
-        cache.lengths[0] = prompt.shape[1]
+        cache, _ = prefilled(llm, "Batch-invariant kernels make verification exact. " * 2, room=8)
         for T in (1, 7):
             for view in ("ar", "diffusion"):
                 window = cache.window(rows, T, bidirectional=view == "diffusion")
@@ -220,7 +223,7 @@ def test_the_avx2_and_avx512_builds_give_the_same_bits(request, tmp_path, dtype)
     import sys
     from pathlib import Path
 
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     for name in ("qwen3_folder", "smollm2_folder"):
         folder = str(request.getfixturevalue(name))

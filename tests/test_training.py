@@ -367,7 +367,8 @@ def test_a_run_starts_on_an_empty_cache_from_what_the_repo_holds(smollm2_folder,
     repo_data = Path(__file__).parents[1] / "data" / "distill" / "smollm2"
     self_run = train(TrainConfig(**{**cfg.__dict__, "data": str(repo_data)}), tmp_path / "cache" / "runs" / "b4-self", device="cpu")
     assert self_run["step"] == 1 and len(self_run["files"]) == len(shard_files(repo_data)) > 0
-    assert len(read_shards(repo_data)) == len({r["index"] for r in read_shards(repo_data)}) >= 500
+    repo_rows = read_shards(repo_data)
+    assert len(repo_rows) == len({r["index"] for r in repo_rows}) >= 500
 
 
 def test_auto_precision_trains_in_bf16_only_where_the_hardware_multiplies_bf16(monkeypatch):

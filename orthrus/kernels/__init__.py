@@ -122,9 +122,12 @@ def usable(x: torch.Tensor, tokens: int) -> bool:
     """Whether `x` takes the kernels (CPU inference): `tokens` is the tokens per sequence of a pass
     over the cache (decided once per pass, so every op and row of it takes the same path), or the
     rows of a lone product."""
-    dtype = x.dtype
-    return (enabled and dtype in (torch.float32, torch.bfloat16) and tokens <= MAX_TOKENS
-            and not x.is_cuda and not torch.is_grad_enabled()
+    return tokens <= MAX_TOKENS and not torch.is_grad_enabled() and _kernel_tensor(x)
+
+
+def _kernel_tensor(t: torch.Tensor) -> bool:
+    """Whether the kernels take tensors like `t`: on the CPU, fp32 or bf16, with the kernels built and on."""
+    return (enabled and t.dtype in (torch.float32, torch.bfloat16) and not t.is_cuda
             and (_module is not None or (not _tried and module() is not None)))
 
 
@@ -159,8 +162,7 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 def prepare(model) -> None:
     """Pack the weights and build the decoder stack now (a few tenths of a second, once per model)
     when the kernels will run its passes, so the first pass of a generation costs what any other does."""
-    weight = model.lm_head.weight
-    if enabled and not weight.is_cuda and weight.dtype in (torch.float32, torch.bfloat16) and module() is not None:
+    if _kernel_tensor(model.lm_head.weight):
         decoder_stack(model)
         packed(model.lm_head)
 

@@ -82,8 +82,8 @@ void pack_panel(const W* w, int64_t K, int64_t step, W* out) {
   }
 }
 
-// Where panel s of a group of `count` panels starting at `group` (the group's first element) lives,
-// and the distance between its inputs.
+// Where panel s of a group starting at `group` (the group's first element) lives; and, for a group
+// of `count` panels, the distance between a panel's inputs.
 template <typename W>
 inline W* panel_start(W* group, int64_t K, int s) {
   return INTERLEAVE_GROUPS ? group + s * PANEL : group + s * PANEL * K;
