@@ -26,8 +26,9 @@ def rows_alone(f, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("wdtype", DTYPES)
 @pytest.mark.parametrize("xdtype", DTYPES)
-@pytest.mark.parametrize("shape", [(576, 1536), (1536, 576), (64, 130), (20, 13)])  # (K, N): model shapes, odd tails
+@pytest.mark.parametrize("shape", [(576, 1536), (1536, 576), (64, 130), (20, 13), (33, 40)])  # (K, N): model shapes, odd tails, odd K
 def test_linear_rows_are_bit_identical_to_each_row_alone(wdtype, xdtype, shape):
+    kernels.module()
     K, N = shape
     g = torch.Generator().manual_seed(K * N)
     w = torch.randn(N, K, generator=g).to(wdtype)
@@ -212,12 +213,12 @@ def pass_logits(folder: str, dtype: str) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.skipif(kernels.isa() != "avx512", reason="this CPU has no AVX-512: one build only, nothing to compare")
+@pytest.mark.parametrize("other", ["avx2", "avx512"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_the_avx2_and_avx512_builds_give_the_same_bits(request, tmp_path, dtype):
-    """The AVX-512 build holds more rows per tile but computes each output with the AVX2 build's
-    operations in the same order: a model's logits are identical under both, so output does not
-    depend on the CPU it was decoded on."""
+def test_every_build_gives_the_same_bits(request, tmp_path, dtype, other):
+    """The AVX-512 builds hold more rows per tile, and with AVX512-BF16 multiply bf16 by its dot
+    instruction, but compute each output with the AVX2 build's operations in the same order: a
+    model's logits are identical under each, so output does not depend on the CPU it was decoded on."""
     import os
     import subprocess
     import sys
@@ -225,12 +226,14 @@ def test_the_avx2_and_avx512_builds_give_the_same_bits(request, tmp_path, dtype)
 
     from safetensors.torch import load_file
 
+    if other == kernels.isa() or other not in kernels.runnable_isas():
+        pytest.skip(f"this CPU runs {' and '.join(kernels.runnable_isas())}: no {other} build to compare with {kernels.isa()}")
     for name in ("qwen3_folder", "smollm2_folder"):
         folder = str(request.getfixturevalue(name))
         script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from test_kernels import pass_logits; "
-                  f"from safetensors.torch import save_file; save_file(pass_logits({folder!r}, {dtype!r}), {str(tmp_path / 'avx2.st')!r})")
-        subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "ORTHRUS_ISA": "avx2"})
-        avx2, avx512 = load_file(tmp_path / "avx2.st"), pass_logits(folder, dtype)
-        assert avx2.keys() == avx512.keys()
-        for key in avx512:
-            assert torch.equal(avx2[key], avx512[key]), f"{name} {key}"
+                  f"from safetensors.torch import save_file; save_file(pass_logits({folder!r}, {dtype!r}), {str(tmp_path / 'other.st')!r})")
+        subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "ORTHRUS_ISA": other})
+        theirs, ours = load_file(tmp_path / "other.st"), pass_logits(folder, dtype)
+        assert theirs.keys() == ours.keys()
+        for key in ours:
+            assert torch.equal(theirs[key], ours[key]), f"{name} {key}"

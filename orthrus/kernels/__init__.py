@@ -5,8 +5,10 @@ pass over the KV cache in one call (`decoder_stack`: no Python between the ops).
 `$ORTHRUS_CACHE/kernels` (default `~/.cache/orthrus/kernels`), keyed by the source, the torch
 version and the instruction set, so later runs load it in a fraction of a second; `make install`
 builds it. The instruction set is AVX2 + FMA, or AVX-512 where the CPU has it (its products hold
-twice the rows per tile); both compute every output with the same operations in the same order,
-so they give the same bits (`ORTHRUS_ISA=avx2` forces the AVX2 build).
+twice the rows per tile), with AVX512-BF16 where it has that too (bf16 products by its dot
+instruction, twice the products an instruction); all compute every output with the same
+operations in the same order, so they give the same bits (`ORTHRUS_ISA=avx2` or `avx512` forces
+a build).
 Products stream each weight from a packed copy (`packed`), made on first use and kept beside the
 weight: it doubles the weights' memory, the price of one sequential stream per tile.
 Every output element is computed with the same reduction order whatever the number of rows, so
@@ -54,7 +56,8 @@ def unavailable_reason() -> str | None:
     return None
 
 
-ISA_FLAGS = {"avx2": ["-mavx2", "-mfma"], "avx512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl"]}
+_AVX512 = ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl"]
+ISA_FLAGS = {"avx2": ["-mavx2", "-mfma"], "avx512": _AVX512, "avx512bf16": [*_AVX512, "-mavx512bf16"]}
 
 
 def isa() -> str:
@@ -64,7 +67,18 @@ def isa() -> str:
 
 def runnable_isas() -> list[str]:
     """The instruction sets this CPU runs, best last."""
-    return ["avx2", "avx512"] if torch.backends.cpu.get_cpu_capability() == "AVX512" else ["avx2"]
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return ["avx2"]
+    return ["avx2", "avx512", "avx512bf16"] if "avx512_bf16" in cpu_flags() else ["avx2", "avx512"]
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((set(line.split(":", 1)[1].split()) for line in info if line.startswith("flags")), set())
+    except OSError:
+        return set()
 
 
 def build_id() -> str:

@@ -16,6 +16,7 @@
 #include <c10/util/Optional.h>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -55,103 +56,136 @@ inline __m256 exp8(__m256 x) {
 inline float exp1(float x) { return _mm256_cvtss_f32(exp8(_mm256_set1_ps(x))); }
 
 // Weights are read in a packed layout (`pack`): output features in panels of 16, each stored input
-// by input ([K][16]: the 16 weights of input 0, then of input 1, ...), so a tile streams one
-// sequential run and multiplies each input value, broadcast, into 16 features at once. In bf16 a
-// panel interleaves features i and 8 + i (elements 2i, 2i + 1), so one 32-byte load widens to two
-// fp32 vectors by a shift and a mask. Features past the last whole panel stay row-major. Packing
-// reorders storage only: the arithmetic is the same whatever the layout.
+// by input, so a tile streams one sequential run and multiplies each input value, broadcast, into 16
+// features at once. Features past the last whole panel stay row-major. Packing reorders storage
+// only: the arithmetic is the same whatever the layout.
+//
+// A product of bf16 weights adds its inputs in pairs, the odd one first (1, 0, 3, 2, ..., an odd
+// K's last input last): the order in which AVX512-BF16's dot instruction adds a pair (two fp32
+// FMAs, each product exact), so the builds with and without it give the same bits.
 constexpr int64_t PANEL = 16;
 constexpr int GROUP = 4;  // panels a thread takes at a time (64 features)
+inline int64_t input_order(int64_t k, int64_t, const float*) { return k; }
+inline int64_t input_order(int64_t k, int64_t K, const bf16*) { return (k ^ 1) < K ? k ^ 1 : k; }
+
 #ifdef __AVX512F__
-// The AVX-512 build interleaves the panels of a group input by input ([K][panels][16]), so a 1-row
-// tile over the group streams one sequential run instead of four: more bf16 reads in flight.
-constexpr bool INTERLEAVE_GROUPS = true;
+// AVX-512: a group's panels interleave input by input ([K][panels][16]), so a 1-row tile over the
+// group streams one sequential run instead of four (more reads in flight). bf16 weights go by input
+// pairs ([K/2][panels][16][2]: a feature's weights for inputs 2p and 2p + 1 side by side in one
+// 32-bit lane), the dot instruction's operand; an odd K gets a zero input (`packed_width`).
+template <typename W> constexpr int64_t STEP_INPUTS = 1;  // inputs per step of a panel
+template <> constexpr int64_t STEP_INPUTS<bf16> = 2;
+template <typename W>
+inline int64_t panel_offset(int64_t k, int64_t i, int64_t step) {
+  return k / STEP_INPUTS<W> * step + i * STEP_INPUTS<W> + k % STEP_INPUTS<W>;
+}
+template <typename W>
+inline W* panel_start(W* group, int64_t, int s) { return group + s * PANEL * STEP_INPUTS<std::remove_const_t<W>>; }
+template <typename W>
+inline int64_t panel_step(int count) { return count * PANEL * STEP_INPUTS<W>; }
 #else
-constexpr bool INTERLEAVE_GROUPS = false;
+// AVX2: each panel [K][16] on its own; in bf16 features i and 8 + i side by side (elements 2i, 2i + 1),
+// so one 32-byte load widens to two fp32 vectors by a shift and a mask.
+template <typename W> constexpr int64_t STEP_INPUTS = 1;
+template <typename W>
+inline int64_t panel_offset(int64_t k, int64_t i, int64_t step) {
+  return k * step + (std::is_same_v<W, bf16> ? (i < 8 ? 2 * i : 2 * (i - 8) + 1) : i);
+}
+template <typename W>
+inline W* panel_start(W* group, int64_t Kw, int s) { return group + s * PANEL * Kw; }
+template <typename W>
+inline int64_t panel_step(int) { return PANEL; }
 #endif
 
-inline int64_t panel_slot(int64_t i, float*) { return i; }
-inline int64_t panel_slot(int64_t i, bf16*) { return i < 8 ? 2 * i : 2 * (i - 8) + 1; }
-
-// One panel's 16 rows of w [16, K] into out, input k's 16 weights at out + k * step.
+// The length of a packed weight's rows: K, rounded up to whole steps.
 template <typename W>
-void pack_panel(const W* w, int64_t K, int64_t step, W* out) {
-  for (int64_t i = 0; i < PANEL; ++i) {
-    const int64_t slot = panel_slot(i, out);
-    for (int64_t k = 0; k < K; ++k) out[k * step + slot] = w[i * K + k];
-  }
-}
-
-// Where panel s of a group starting at `group` (the group's first element) lives; and, for a group
-// of `count` panels, the distance between a panel's inputs.
-template <typename W>
-inline W* panel_start(W* group, int64_t K, int s) {
-  return INTERLEAVE_GROUPS ? group + s * PANEL : group + s * PANEL * K;
-}
-inline int64_t panel_step(int count) { return INTERLEAVE_GROUPS ? count * PANEL : PANEL; }
+inline int64_t packed_width(int64_t K) { return (K + STEP_INPUTS<W> - 1) / STEP_INPUTS<W> * STEP_INPUTS<W>; }
 
 torch::Tensor pack(const torch::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && !w.requires_grad(), "pack: a contiguous [N, K] weight");
-  auto out = torch::empty_like(w);
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, "pack: fp32 or bf16 weights");
   const int64_t N = w.size(0), K = w.size(1), panels = N / PANEL, full = panels * PANEL;
-  auto run = [&](auto* src, auto* dst) {
+  torch::Tensor out;
+  auto run = [&](auto* src) {
+    using W = std::remove_pointer_t<decltype(src)>;
+    const int64_t Kw = packed_width<W>(K);
+    out = Kw == K ? torch::empty_like(w) : torch::zeros({N, Kw}, w.options());
+    W* dst = out.data_ptr<W>();
     at::parallel_for(0, (panels + GROUP - 1) / GROUP, 4, [&](int64_t begin, int64_t end) {
       for (int64_t g = begin; g < end; ++g) {
         const int count = static_cast<int>(std::min<int64_t>(GROUP, panels - g * GROUP));
-        for (int s = 0; s < count; ++s)
-          pack_panel(src + (g * GROUP + s) * PANEL * K, K, panel_step(count), panel_start(dst + g * GROUP * PANEL * K, K, s));
+        for (int s = 0; s < count; ++s) {
+          const W* panel = src + (g * GROUP + s) * PANEL * K;
+          W* to = panel_start(dst + g * GROUP * PANEL * Kw, Kw, s);
+          for (int64_t i = 0; i < PANEL; ++i)
+            for (int64_t k = 0; k < K; ++k) to[panel_offset<W>(k, i, panel_step<W>(count))] = panel[i * K + k];
+        }
       }
     });
-    std::copy(src + full * K, src + N * K, dst + full * K);
+    for (int64_t n = full; n < N; ++n) std::copy(src + n * K, src + (n + 1) * K, dst + n * Kw);
   };
   if (w.scalar_type() == at::kFloat)
-    run(w.data_ptr<float>(), out.data_ptr<float>());
-  else if (w.scalar_type() == at::kBFloat16)
-    run(w.data_ptr<bf16>(), out.data_ptr<bf16>());
+    run(w.data_ptr<float>());
   else
-    TORCH_CHECK(false, "pack: fp32 or bf16 weights");
+    run(w.data_ptr<bf16>());
   return out;
 }
 
+// y_s[r, f] = x[r] . w_s[f] (+ bias_s[f]) for R rows of x (ldx apart) and the 16 features of each
+// of S panels: every output is one FMA chain over the inputs in `input_order`, from zero, then the
+// bias. No tile shape changes what an output is computed from or in which order, so any row count
+// gives every row the same bits.
 #ifdef __AVX512F__
 // The AVX-512 build (chosen at load time on CPUs that have it): a panel's 16 features fill one
 // 16-lane register, so with 32 registers a tile covers up to 6 rows over a whole group of 4 panels
-// and each weight is read once for them. Every output is still the same FMA chain over the inputs
-// in order, then the bias: bit-identical to the AVX2 build.
+// and each weight is read once for them.
 // Tiles ask for the weights 8 KB ahead of the ones they multiply (past a weight's end too:
 // prefetches do not fault): with a group's panels in one sequential run, this keeps enough reads
 // in flight to stream faster (the model's bf16 products ~10% faster at 1 row, ~18% at 4 and 8).
+// X is float (x in fp32), or, for bf16 weights on a CPU with AVX512-BF16, uint32_t: x's bf16 pairs
+// (`bf16_pairs`), multiplied by the dot instruction, 32 products an instruction instead of 16.
 constexpr int64_t PREFETCH_BYTES = 8192;
-inline __m512 load16x(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16x(const bf16* p) {  // lanes in storage order (features 0, 8, 1, 9, ...), widened exactly
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-inline __m512 in_feature_order(__m512 v, float*) { return v; }
-inline __m512 in_feature_order(__m512 v, bf16*) {
-  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15), v);
-}
 
-template <typename W, int R, int S>
-inline void linear_tile(const float* x, int64_t K, const W* const* w, int64_t step, const float* const* bias,
+template <typename X, typename W, int R, int S>
+inline void linear_tile(const X* x, int64_t ldx, int64_t K, const W* const* w, int64_t step, const float* const* bias,
                         float* const* y, int64_t ldy) {
   __m512 acc[R][S] = {};
-  const int64_t ahead = PREFETCH_BYTES / (step * static_cast<int64_t>(sizeof(W)));  // in inputs
-  for (int64_t k = 0; k < K; ++k) {
+  constexpr int64_t P = STEP_INPUTS<W>;
+  const int64_t steps = (K + P - 1) / P, ahead = PREFETCH_BYTES / (step * static_cast<int64_t>(sizeof(W)));
+  for (int64_t k = 0; k < steps; ++k) {
     const char* next = reinterpret_cast<const char*>(w[0] + (k + ahead) * step);
-    for (int64_t b = 0; b < S * PANEL * static_cast<int64_t>(sizeof(W)); b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
+    for (int64_t b = 0; b < S * PANEL * P * static_cast<int64_t>(sizeof(W)); b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
 #pragma GCC unroll 4
     for (int s = 0; s < S; ++s) {
-      const __m512 ws = load16x(w[s] + k * step);
+      if constexpr (std::is_same_v<W, float>) {
+        const __m512 ws = _mm512_loadu_ps(w[s] + k * step);
 #pragma GCC unroll 12
-      for (int r = 0; r < R; ++r) acc[r][s] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K + k]), ws, acc[r][s]);
+        for (int r = 0; r < R; ++r) acc[r][s] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k]), ws, acc[r][s]);
+      } else {
+        const __m512i ws = _mm512_loadu_si512(w[s] + k * step);
+        if constexpr (std::is_same_v<X, uint32_t>) {
+#ifdef __AVX512BF16__
+#pragma GCC unroll 12
+          for (int r = 0; r < R; ++r)
+            acc[r][s] = _mm512_dpbf16_ps(acc[r][s], (__m512bh)ws, (__m512bh)_mm512_set1_epi32(static_cast<int>(x[r * ldx + k])));
+#endif
+        } else {  // fp32 x: each pair widened (exactly) and added odd input first, as the dot instruction does
+          const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(ws, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+          const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(ws, 16));
+#pragma GCC unroll 12
+          for (int r = 0; r < R; ++r) {
+            if (2 * k + 1 < K) acc[r][s] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + 2 * k + 1]), odd, acc[r][s]);
+            acc[r][s] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + 2 * k]), even, acc[r][s]);
+          }
+        }
+      }
     }
   }
 #pragma GCC unroll 12
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int s = 0; s < S; ++s) {
-      __m512 out = in_feature_order(acc[r][s], static_cast<W*>(nullptr));
+      __m512 out = acc[r][s];
       if (bias[s]) out = _mm512_add_ps(out, _mm512_loadu_ps(bias[s]));
       _mm512_storeu_ps(y[s] + r * ldy, out);
     }
@@ -169,22 +203,20 @@ inline void load16(const bf16* p, __m256& lo, __m256& hi) {  // bf16 -> fp32 is 
   hi = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
-// y_s[r, f] = x[r] . w_s[f] (+ bias_s[f]) for R rows of x and the 16 features of each of S panels:
-// every output is one FMA chain over the inputs in order, from zero, then the bias. A tile has R x S
-// x 2 chains in flight (8 to 12: enough to hide the FMA latency), and no tile shape changes what an
-// output is computed from or in which order, so any row count gives every row the same bits.
-template <typename W, int R, int S>
-inline void linear_tile(const float* x, int64_t K, const W* const* w, int64_t step, const float* const* bias,
+// A tile has R x S x 2 chains in flight (8 to 12: enough to hide the FMA latency).
+template <typename X, typename W, int R, int S>
+inline void linear_tile(const X* x, int64_t ldx, int64_t K, const W* const* w, int64_t step, const float* const* bias,
                         float* const* y, int64_t ldy) {
   __m256 acc[R][2 * S] = {};
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t n = 0; n < K; ++n) {
+    const int64_t k = input_order(n, K, w[0]);
 #pragma GCC unroll 4
     for (int s = 0; s < S; ++s) {
       __m256 lo, hi;
       load16(w[s] + k * step, lo, hi);
 #pragma GCC unroll 6
       for (int r = 0; r < R; ++r) {
-        const __m256 xr = _mm256_broadcast_ss(x + r * K + k);
+        const __m256 xr = _mm256_broadcast_ss(x + r * ldx + k);
         acc[r][2 * s] = _mm256_fmadd_ps(xr, lo, acc[r][2 * s]);
         acc[r][2 * s + 1] = _mm256_fmadd_ps(xr, hi, acc[r][2 * s + 1]);
       }
@@ -204,13 +236,13 @@ inline void linear_tile(const float* x, int64_t K, const W* const* w, int64_t st
 #endif
 
 // R rows over `count` panels, S at a time (the last few one by one).
-template <typename W, int R, int S>
-inline void linear_panels(const float* x, int64_t K, const W* const* w, const float* const* bias, float* const* y,
-                          int64_t ldy, int count) {
-  const int64_t step = panel_step(count);
+template <typename X, typename W, int R, int S>
+inline void linear_panels(const X* x, int64_t ldx, int64_t K, const W* const* w, const float* const* bias,
+                          float* const* y, int64_t ldy, int count) {
+  const int64_t step = panel_step<W>(count);
   int s = 0;
-  for (; s + S <= count; s += S) linear_tile<W, R, S>(x, K, w + s, step, bias + s, y + s, ldy);
-  for (; s < count; ++s) linear_tile<W, R, 1>(x, K, w + s, step, bias + s, y + s, ldy);
+  for (; s + S <= count; s += S) linear_tile<X, W, R, S>(x, ldx, K, w + s, step, bias + s, y + s, ldy);
+  for (; s < count; ++s) linear_tile<X, W, R, 1>(x, ldx, K, w + s, step, bias + s, y + s, ldy);
 }
 
 // Features past the last whole panel (row-major): the same chain per output, one lane at a time.
@@ -218,16 +250,22 @@ template <typename W>
 void linear_feature(const float* x, int64_t M, int64_t K, const W* w, const float* bias, float* y, int64_t ldy) {
   for (int64_t r = 0; r < M; ++r) {
     float s = 0.f;
-    for (int64_t k = 0; k < K; ++k) s = std::fma(x[r * K + k], to_float(w[k]), s);
+    for (int64_t n = 0; n < K; ++n) {
+      const int64_t k = input_order(n, K, w);
+      s = std::fma(x[r * K + k], to_float(w[k]), s);
+    }
     y[r * ldy] = bias ? s + *bias : s;
   }
 }
 
 // Several weights that read the same x (q, k, v; gate, up) in one call: their panels, in groups of
-// GROUP, form one range that the threads split, so each weight is read by one thread, once.
-template <typename W>
+// GROUP, form one range that the threads split, so each weight is read by one thread, once. The
+// tiles read x as X (ldx apart), the features past the last panel read it in fp32 (xf).
+template <typename X, typename W>
 struct Products {
-  const float* x;
+  const X* x;
+  int64_t ldx;
+  const float* xf;
   int64_t M, K;
   std::vector<const W*> w;
   std::vector<int64_t> N;
@@ -256,17 +294,17 @@ void parallel_chunks(int64_t total, int64_t chunk, const F& body) {
 // Up to 6 rows over the group's 4 panels at once (4 to 24 chains); 7 to 12 rows in two such
 // passes of half each (two passes beat one 12-row pass over 2 panels at a time: 8 bf16 rows
 // 10.7 ms of products against 14.5), more rows 6 at a time.
-template <typename W>
-int64_t linear_rows(const float* x, int64_t K, const W* const* w, const float* const* bias, float* const* y,
+template <typename X, typename W>
+int64_t linear_rows(const X* x, int64_t ldx, int64_t K, const W* const* w, const float* const* bias, float* const* y,
                     int64_t ldy, int count, int64_t rest) {
   const int64_t rows = rest <= 6 ? rest : rest <= 12 ? (rest + 1) / 2 : 6;
   switch (rows) {
-    case 1: linear_panels<W, 1, GROUP>(x, K, w, bias, y, ldy, count); break;
-    case 2: linear_panels<W, 2, GROUP>(x, K, w, bias, y, ldy, count); break;
-    case 3: linear_panels<W, 3, GROUP>(x, K, w, bias, y, ldy, count); break;
-    case 4: linear_panels<W, 4, GROUP>(x, K, w, bias, y, ldy, count); break;
-    case 5: linear_panels<W, 5, GROUP>(x, K, w, bias, y, ldy, count); break;
-    default: linear_panels<W, 6, GROUP>(x, K, w, bias, y, ldy, count); break;
+    case 1: linear_panels<X, W, 1, GROUP>(x, ldx, K, w, bias, y, ldy, count); break;
+    case 2: linear_panels<X, W, 2, GROUP>(x, ldx, K, w, bias, y, ldy, count); break;
+    case 3: linear_panels<X, W, 3, GROUP>(x, ldx, K, w, bias, y, ldy, count); break;
+    case 4: linear_panels<X, W, 4, GROUP>(x, ldx, K, w, bias, y, ldy, count); break;
+    case 5: linear_panels<X, W, 5, GROUP>(x, ldx, K, w, bias, y, ldy, count); break;
+    default: linear_panels<X, W, 6, GROUP>(x, ldx, K, w, bias, y, ldy, count); break;
   }
   return rows;
 }
@@ -275,31 +313,31 @@ int64_t linear_rows(const float* x, int64_t K, const W* const* w, const float* c
 // over 4 panels at once, 2 or 3 rows over 2 (8 to 12 chains). The group stays in L2 while the row
 // tiles pass over it; 5 rows in one tile rather than 4 + 1 save a pass over it (a 5-token fp32
 // pass 9-11% faster).
-template <typename W>
-int64_t linear_rows(const float* x, int64_t K, const W* const* w, const float* const* bias, float* const* y,
+template <typename X, typename W>
+int64_t linear_rows(const X* x, int64_t ldx, int64_t K, const W* const* w, const float* const* bias, float* const* y,
                     int64_t ldy, int count, int64_t rest) {
-  if (rest >= 6 && rest != 8) return linear_panels<W, 6, 1>(x, K, w, bias, y, ldy, count), 6;
-  if (rest == 5) return linear_panels<W, 5, 1>(x, K, w, bias, y, ldy, count), 5;
-  if (rest >= 4) return linear_panels<W, 4, 1>(x, K, w, bias, y, ldy, count), 4;
-  if (rest == 3) return linear_panels<W, 3, 2>(x, K, w, bias, y, ldy, count), 3;
-  if (rest == 2) return linear_panels<W, 2, 2>(x, K, w, bias, y, ldy, count), 2;
-  return linear_panels<W, 1, GROUP>(x, K, w, bias, y, ldy, count), 1;
+  if (rest >= 6 && rest != 8) return linear_panels<X, W, 6, 1>(x, ldx, K, w, bias, y, ldy, count), 6;
+  if (rest == 5) return linear_panels<X, W, 5, 1>(x, ldx, K, w, bias, y, ldy, count), 5;
+  if (rest >= 4) return linear_panels<X, W, 4, 1>(x, ldx, K, w, bias, y, ldy, count), 4;
+  if (rest == 3) return linear_panels<X, W, 3, 2>(x, ldx, K, w, bias, y, ldy, count), 3;
+  if (rest == 2) return linear_panels<X, W, 2, 2>(x, ldx, K, w, bias, y, ldy, count), 2;
+  return linear_panels<X, W, 1, GROUP>(x, ldx, K, w, bias, y, ldy, count), 1;
 }
 #endif
 
-template <typename W>
-void linear_group(const Products<W>& p, const W* const* w, const float* const* bias, float* const* y, int64_t ldy,
+template <typename X, typename W>
+void linear_group(const Products<X, W>& p, const W* const* w, const float* const* bias, float* const* y, int64_t ldy,
                   int count) {
   for (int64_t m = 0; m < p.M;) {
     float* ym[GROUP];
     for (int s = 0; s < count; ++s) ym[s] = y[s] + m * ldy;
-    m += linear_rows(p.x + m * p.K, p.K, w, bias, ym, ldy, count, p.M - m);
+    m += linear_rows(p.x + m * p.ldx, p.ldx, p.K, w, bias, ym, ldy, count, p.M - m);
   }
 }
 
-template <typename W>
-void linear_impl(const Products<W>& p) {
-  const int64_t count = static_cast<int64_t>(p.w.size());
+template <typename X, typename W>
+void linear_impl(const Products<X, W>& p) {
+  const int64_t Kw = packed_width<W>(p.K), count = static_cast<int64_t>(p.w.size());
   std::vector<int64_t> first(count + 1, 0);  // first global group of each weight
   for (int64_t j = 0; j < count; ++j) first[j + 1] = first[j] + (p.N[j] / PANEL + GROUP - 1) / GROUP;
   // ~8 chunks a thread: long contiguous runs for the prefetchers, yet a late thread still does less
@@ -315,7 +353,7 @@ void linear_impl(const Products<W>& p) {
       float* y[GROUP];
       for (int s = 0; s < count; ++s) {
         const int64_t n0 = (panel0 + s) * PANEL;
-        w[s] = panel_start(p.w[j] + panel0 * PANEL * p.K, p.K, s);
+        w[s] = panel_start(p.w[j] + panel0 * PANEL * Kw, Kw, s);
         bias[s] = p.bias[j] ? p.bias[j] + n0 : nullptr;
         y[s] = p.y[j] + n0;
       }
@@ -324,21 +362,47 @@ void linear_impl(const Products<W>& p) {
   });
   for (int64_t j = 0; j < count; ++j)  // features past the last whole panel (row-major)
     for (int64_t n = p.N[j] / PANEL * PANEL; n < p.N[j]; ++n)
-      linear_feature(p.x, p.M, p.K, p.w[j] + n * p.K, p.bias[j] ? p.bias[j] + n : nullptr, p.y[j] + n, p.N[j]);
+      linear_feature(p.xf, p.M, p.K, p.w[j] + n * Kw, p.bias[j] ? p.bias[j] + n : nullptr, p.y[j] + n, p.N[j]);
+}
+
+// x's rows as bf16 pairs, the even input in the low half (the dot instruction's operand; exact
+// when x holds bf16 values), an odd K's last input paired with a zero.
+std::vector<uint32_t> bf16_pairs(const float* x, int64_t M, int64_t K) {
+  const int64_t half = (K + 1) / 2;
+  std::vector<uint32_t> pairs(M * half, 0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) {
+      uint32_t bits;
+      std::memcpy(&bits, x + m * K + k, 4);
+      pairs[m * half + k / 2] |= (bits >> 16) << (16 * (k % 2));
+    }
+  return pairs;
 }
 
 // The products of x [M, K] with packed weights (each with its fp32 bias, or none), into fp32 outputs.
+// `x_in_bf16`: x holds bf16 values (the bf16 model's activations), so bf16 weights may take the
+// dot instruction where the build has it.
 template <typename W>
 void run_products(const float* x, int64_t M, int64_t K,
                   const std::vector<std::pair<const torch::Tensor*, const torch::Tensor*>>& weights_and_biases,
-                  const std::vector<float*>& ys) {
-  Products<W> p{x, M, K, {}, {}, {}, ys};
-  for (const auto& [w, b] : weights_and_biases) {
-    p.w.push_back(w->template data_ptr<W>());
-    p.N.push_back(w->size(0));
-    p.bias.push_back(b && b->defined() ? b->template data_ptr<float>() : nullptr);
+                  const std::vector<float*>& ys, bool x_in_bf16) {
+  auto run = [&](const auto* tile_x, int64_t ldx) {
+    using X = std::remove_const_t<std::remove_pointer_t<decltype(tile_x)>>;
+    Products<X, W> p{tile_x, ldx, x, M, K, {}, {}, {}, ys};
+    for (const auto& [w, b] : weights_and_biases) {
+      p.w.push_back(w->template data_ptr<W>());
+      p.N.push_back(w->size(0));
+      p.bias.push_back(b && b->defined() ? b->template data_ptr<float>() : nullptr);
+    }
+    linear_impl(p);
+  };
+#ifdef __AVX512BF16__
+  if (std::is_same_v<W, bf16> && x_in_bf16) {
+    const auto pairs = bf16_pairs(x, M, K);
+    return run(pairs.data(), (K + 1) / 2);
   }
-  linear_impl(p);
+#endif
+  run(x, K);
 }
 
 // x [..., K] fp32 or bf16; weights [N_j, K] as `pack` returns them, all fp32 or all bf16; biases
@@ -352,8 +416,9 @@ std::vector<torch::Tensor> linear(const torch::Tensor& x, const std::vector<torc
   std::vector<torch::Tensor> ys, bs;
   for (size_t j = 0; j < ws.size(); ++j) {
     const auto& w = ws[j];
-    TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == K, "weights: contiguous [N, K]");
     TORCH_CHECK(w.scalar_type() == ws[0].scalar_type(), "weights: one dtype");
+    TORCH_CHECK(w.dim() == 2 && w.is_contiguous() &&
+                w.size(1) == (w.scalar_type() == at::kBFloat16 ? packed_width<bf16>(K) : K), "weights: as `pack` returns them for x [..., K]");
     torch::Tensor b;
     if (biases[j] && biases[j]->defined()) {
       TORCH_CHECK(biases[j]->numel() == w.size(0), "bias: [N]");
@@ -369,9 +434,9 @@ std::vector<torch::Tensor> linear(const torch::Tensor& x, const std::vector<torc
     outs.push_back(ys[j].data_ptr<float>());
   }
   if (ws[0].scalar_type() == at::kFloat)
-    run_products<float>(xf.data_ptr<float>(), M, K, weights_and_biases, outs);
+    run_products<float>(xf.data_ptr<float>(), M, K, weights_and_biases, outs, false);
   else if (ws[0].scalar_type() == at::kBFloat16)
-    run_products<bf16>(xf.data_ptr<float>(), M, K, weights_and_biases, outs);
+    run_products<bf16>(xf.data_ptr<float>(), M, K, weights_and_biases, outs, x.scalar_type() == at::kBFloat16);
   else
     TORCH_CHECK(false, "weights must be fp32 or bf16");
   auto shape = x.sizes().vec();
@@ -671,6 +736,7 @@ class DecoderStack {
     const int64_t M = N * T_, C = layers_[0].post_norm.numel(), I = layers_[0].gate.size(0);
     const int64_t H = heads_, G = kv_heads_, D = head_dim_, QD = H * D, KD = G * D;
     const float scale = 1.f / std::sqrt(static_cast<float>(D));
+    constexpr bool IN_BF16 = std::is_same_v<T, bf16>;  // the products' inputs are activations in T
     std::vector<T> h(M * std::max(C, QD)), q(M * QD), k(M * KD), v(M * KD), act(M * I);
     std::vector<float> hf(M * std::max({C, QD, I})), qf(M * QD), kf(M * KD), vf(M * KD), yf(M * std::max(C, I)),
         uf(M * I);
@@ -691,7 +757,7 @@ class DecoderStack {
       const ViewWeights& a = diffusion ? w.diffusion : w.ar;
       rmsnorm_impl(x, w.input_norm.data_ptr<T>(), h.data(), M, C, eps_);
       widen(h.data(), M * C);
-      run_products<T>(hf.data(), M, C, {{&a.q, &a.q_bias}, {&a.k, &a.k_bias}, {&a.v, &a.v_bias}}, {qf.data(), kf.data(), vf.data()});
+      run_products<T>(hf.data(), M, C, {{&a.q, &a.q_bias}, {&a.k, &a.k_bias}, {&a.v, &a.v_bias}}, {qf.data(), kf.data(), vf.data()}, IN_BF16);
       round_into(qf.data(), q.data(), M * QD);
       round_into(kf.data(), k.data(), M * KD);
       round_into(vf.data(), v.data(), M * KD);
@@ -714,14 +780,14 @@ class DecoderStack {
       attend_raw<T>(hf.data(), N, T_, H, G, D, kl, vl, cs[1], cs[2], cs[3], rows, limits, scale, qf.data());
       round_into(qf.data(), h.data(), M * QD);  // the heads' output, in the model's dtype
       widen(h.data(), M * QD);
-      run_products<T>(hf.data(), M, QD, {{&a.o, nullptr}}, {yf.data()});
+      run_products<T>(hf.data(), M, QD, {{&a.o, nullptr}}, {yf.data()}, IN_BF16);
       add_into(x, yf.data(), h.data(), M * C);
       rmsnorm_impl(x, w.post_norm.data_ptr<T>(), h.data(), M, C, eps_);
       widen(h.data(), M * C);
-      run_products<T>(hf.data(), M, C, {{&w.gate, nullptr}, {&w.up, nullptr}}, {yf.data(), uf.data()});
+      run_products<T>(hf.data(), M, C, {{&w.gate, nullptr}, {&w.up, nullptr}}, {yf.data(), uf.data()}, IN_BF16);
       silu_mul(yf.data(), uf.data(), act.data(), M * I);
       widen(act.data(), M * I);
-      run_products<T>(hf.data(), M, I, {{&w.down, nullptr}}, {yf.data()});
+      run_products<T>(hf.data(), M, I, {{&w.down, nullptr}}, {yf.data()}, IN_BF16);
       add_into(x, yf.data(), h.data(), M * C);
     }
   }

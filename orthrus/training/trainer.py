@@ -33,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..checkpoint import base_fingerprint, load_drafter, publish_folder, save_drafter, staging_folder
+from .. import kernels
 from ..errors import OrthrusError
 from ..model import OrthrusLM
 from .data import PackedRows, draw_anchors, pack, read_shards, shard_files, split_held_out
@@ -306,11 +307,7 @@ def native_bf16(device: torch.device) -> bool:
     (oneDNN then runs bf16 products ~1.75x faster than fp32; on an AVX2-only CPU bf16 is far slower)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & kernels.cpu_flags())
 
 
 def train_dtype(requested: str, device: torch.device) -> str:
