@@ -153,6 +153,7 @@ class Orthrus:
         identity = {"config": repr(self.model.config), "dtype": str(param.dtype), "device": str(param.device),
                     "threads": torch.get_num_threads(), "block": block_size, "torch": torch.__version__,
                     "kernels": kernels.module() is not None and kernels.enabled and kernels.build_id(),
+                    "int8_drafts": self.model.int8_drafts,
                     "cpu": platform.processor() or platform.machine()}
         key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
         return identity, cache_dir() / "calibration" / f"{key}.json"
@@ -265,12 +266,17 @@ def parse_device(device: str) -> torch.device:
 
 
 def load(model: str | None = None, drafter: str | None = None, dtype: str | torch.dtype = "auto",
-         device: str = "auto", block_size: int | None = None) -> Orthrus:
+         device: str = "auto", block_size: int | None = None, draft_dtype: str = "auto") -> Orthrus:
     """Load a base model (default: SmolLM2-135M-Instruct) and a drafter.
 
     `drafter`: a drafter folder, a full Orthrus folder, "none" for the untrained twin copy, or
     None for the model's own twins (an official Orthrus folder) or else the shipped default drafter.
+    `draft_dtype`: "int8" computes the drafts with int8 weights and activations where the CPU
+    kernels run (verification keeps the model's own weights, so the output is the same), "model"
+    with the model's own; "auto" picks int8 where the CPU has integer dot instructions (VNNI).
     """
+    if draft_dtype not in ("auto", "int8", "model"):
+        raise OrthrusError(f"draft_dtype must be 'auto', 'int8' or 'model', got {draft_dtype!r}")
     from transformers import AutoTokenizer
 
     folder = resolve_model(model)
@@ -281,6 +287,7 @@ def load(model: str | None = None, drafter: str | None = None, dtype: str | torc
     spare = len(tokenizer)  # the first id past the tokenizer: a free embedding row if the vocab has one
     dev = parse_device(device)
     net, trained = load_model(folder, parse_dtype(dtype, dev), dev, mask_token_id=spare, block_size=block_size)
+    net.int8_drafts = draft_dtype == "int8" or (draft_dtype == "auto" and dev.type == "cpu" and kernels.fast_int8())
     drafter_name = str(folder) if trained else None
     if drafter is None and not trained and drafter_fits(net, DEFAULT_DRAFTER):  # the shipped drafter, for its base
         drafter = str(DEFAULT_DRAFTER)

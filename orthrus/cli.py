@@ -17,6 +17,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (bf16 on CUDA and where the CPU kernels run, else fp32)")
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
     p.add_argument("--block-size", type=int, default=None, help="draft block size (default: the drafter's)")
+    p.add_argument("--draft-dtype", choices=["auto", "int8", "model"], default="auto",
+                   help="what the drafts are computed with on the CPU kernels: int8 weights and activations (half of "
+                        "bf16's bytes to read) or the model's own dtype; auto = int8 where the CPU has VNNI. Verification "
+                        "always uses the model's weights, so the output is the same"),
     p.add_argument("--draft-confidence", type=float, default=0.0,
                    help="verify drafts only up to the first one whose draft probability is below this (0 = all)")
 
@@ -49,7 +53,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 def load_from_args(args):
     from .api import load
 
-    llm = load(args.model, drafter=args.drafter, dtype=args.dtype, device=args.device, block_size=args.block_size)
+    llm = load(args.model, drafter=args.drafter, dtype=args.dtype, device=args.device, block_size=args.block_size,
+                draft_dtype=args.draft_dtype)
     if args.mode == "orthrus" and not llm.drafter_trained:
         print("orthrus: no trained drafter; drafting with the untrained twin copy (output is exact, but few drafts are accepted)",
               file=sys.stderr)
@@ -120,7 +125,8 @@ def cmd_calibrate(args) -> None:
 
     from .api import load
 
-    llm = load(args.model, drafter=args.drafter, dtype=args.dtype, device=args.device, block_size=args.block_size)
+    llm = load(args.model, drafter=args.drafter, dtype=args.dtype, device=args.device, block_size=args.block_size,
+                draft_dtype=args.draft_dtype)
     block = args.block_size or llm.block_size
     costs = llm.pass_costs(block, refresh=True)
     step = costs.verify[1]

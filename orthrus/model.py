@@ -188,6 +188,10 @@ class OrthrusLM(nn.Module):
         self.model = Backbone(cfg)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        # Drafts (the diffusion view) from int8 copies of the weights where the CPU kernels run: half
+        # the bytes of bf16 to stream for nearly the same drafts; verification keeps the model's own
+        # weights, so the output is the same either way.
+        self.int8_drafts = False
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -217,7 +221,7 @@ class OrthrusLM(nn.Module):
         if hasattr(kv, "kernel_cache") and kernels.usable(x, tokens.shape[1]):
             x = kernels.decoder_stack(self).forward(x.contiguous(), cos, sin, *kv.kernel_cache, view == "diffusion")
             x = kernels.rmsnorm(x, self.model.norm.weight, self.model.norm.eps)
-            return kernels.linear(x, self.lm_head)[0].float() if logits else x
+            return kernels.linear(x, self.lm_head, int8=self.int8_drafts and view == "diffusion")[0].float() if logits else x
         for layer in self.model.layers:
             x = layer(x, cos, sin, kv, view)
         x = self.model.norm(x)

@@ -43,22 +43,33 @@ def smollm2_folder() -> Path:
 
 @pytest.fixture(scope="session")
 def qwen3(qwen3_folder):
-    return orthrus.load(str(qwen3_folder), drafter="none", dtype="float32", device="cpu")
+    return orthrus.load(str(qwen3_folder), drafter="none", dtype="float32", device="cpu", draft_dtype="model")
 
 
 @pytest.fixture(scope="session")
 def smollm2(smollm2_folder):
-    return orthrus.load(str(smollm2_folder), drafter="none", dtype="float32", device="cpu")
+    return orthrus.load(str(smollm2_folder), drafter="none", dtype="float32", device="cpu", draft_dtype="model")
 
 
 @pytest.fixture(scope="session")
 def qwen3_bf16(qwen3_folder):
-    return orthrus.load(str(qwen3_folder), drafter="none", dtype="bfloat16", device="cpu")
+    return orthrus.load(str(qwen3_folder), drafter="none", dtype="bfloat16", device="cpu", draft_dtype="model")
 
 
 @pytest.fixture(scope="session")
 def smollm2_bf16(smollm2_folder):
-    return orthrus.load(str(smollm2_folder), drafter="none", dtype="bfloat16", device="cpu")
+    return orthrus.load(str(smollm2_folder), drafter="none", dtype="bfloat16", device="cpu", draft_dtype="model")
+
+
+# Drafts from int8 weights and activations (`--draft-dtype int8`), whatever this CPU would pick.
+@pytest.fixture(scope="session")
+def qwen3_int8_drafts(qwen3_folder):
+    return orthrus.load(str(qwen3_folder), drafter="none", dtype="float32", device="cpu", draft_dtype="int8")
+
+
+@pytest.fixture(scope="session")
+def smollm2_bf16_int8_drafts(smollm2_folder):
+    return orthrus.load(str(smollm2_folder), drafter="none", dtype="bfloat16", device="cpu", draft_dtype="int8")
 
 
 @pytest.fixture

@@ -41,6 +41,8 @@ def randomize_twins(llm, seed=0):
     ("qwen3", 8, "kernels"), ("smollm2", 6, "kernels"),
     # bf16: exact only because every kernel is batch-invariant (a verify row rounds as a decode step)
     ("qwen3_bf16", 8, "kernels"), ("smollm2_bf16", 6, "kernels"),
+    # drafts from int8 weights and activations: other drafts, the same output
+    ("qwen3_int8_drafts", 8, "kernels"), ("smollm2_bf16_int8_drafts", 6, "kernels"),
     ("qwen3", 8, "plain"), ("smollm2", 6, "plain"),  # the fallback where the kernels cannot be built
 ])
 def test_greedy_orthrus_equals_ar_with_three_drafters(request, name, block, path):

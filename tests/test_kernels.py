@@ -46,6 +46,38 @@ def test_linear_rows_are_bit_identical_to_each_row_alone(wdtype, xdtype, shape):
         assert alone.dtype == xdtype
 
 
+def w8a8_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """What an int8 product computes: weights per output feature and x per row over their largest
+    magnitude, x 127, rounded; the integer dot, then (dot * x's scale) * the weight's scale + bias."""
+    def quantize(t):
+        top = t.float().abs().amax(1)
+        inv = torch.where(top > 0, torch.full_like(top, 127) / top, torch.zeros_like(top))
+        return torch.round(t.float() * inv[:, None]), top / 127
+
+    q, w_scale = quantize(w)
+    xq, x_scale = quantize(x)
+    y = (xq.double() @ q.double().T).float() * x_scale[:, None] * w_scale
+    return y + bias.float() if bias is not None else y
+
+
+@pytest.mark.parametrize("xdtype", DTYPES)
+@pytest.mark.parametrize("shape", [(576, 1536), (1536, 576), (33, 40), (7, 16)])  # (K, N): K not a multiple of 4, tails
+def test_int8_products_compute_w8a8_exactly_and_each_row_as_if_alone(xdtype, shape):
+    """Drafts' products (`int8=True`): exactly the W8A8 reference, and every row bit for bit what it
+    is alone (integer sums: the same in every build, checked across builds below)."""
+    kernels.module()
+    K, N = shape
+    g = torch.Generator().manual_seed(K + N)
+    layer = torch.nn.Linear(K, N)
+    layer.weight.data, layer.bias.data = torch.randn(N, K, generator=g), torch.randn(N, generator=g)
+    x = torch.randn(13, K, generator=g).to(xdtype)
+    with torch.inference_mode():
+        together = kernels.linear(x, layer, int8=True)[0]
+        alone = rows_alone(lambda r: kernels.linear(r, layer, int8=True)[0], x)
+    assert torch.equal(together, alone) and together.dtype == xdtype
+    assert torch.equal(together, w8a8_reference(x, layer.weight, layer.bias).to(xdtype))
+
+
 def test_several_weights_in_one_call_equal_one_call_each():
     g = torch.Generator().manual_seed(1)
     layers = [torch.nn.Linear(96, n, bias=b) for n, b in ((64, False), (32, True), (8, False))]
@@ -114,6 +146,44 @@ def test_the_decoder_stack_is_right_and_each_row_is_computed_as_if_alone(request
     torch.testing.assert_close(logits, plain, rtol=tol, atol=tol)
     for k, plain_k in zip(keys, plain_keys):
         torch.testing.assert_close(k, plain_k, rtol=tol, atol=tol)
+
+
+def test_int8_drafts_are_the_diffusion_view_on_w8a8_products(qwen3_int8_drafts, qwen3):
+    """With int8 drafts the stack's diffusion view computes what the plain path computes when every
+    product takes int8 weights and activations (close: roundings of the two paths differ slightly),
+    while the AR view, which verifies, is untouched (bit for bit the model-dtype stack's)."""
+    import copy
+
+    plain_model = copy.deepcopy(qwen3_int8_drafts.model)
+    drafting = []  # non-empty during a diffusion pass: only drafts take int8 products
+
+    def product(x, m):
+        if not drafting:
+            return torch.nn.Linear.forward(m, x)
+        return w8a8_reference(x.reshape(-1, x.shape[-1]), m.weight, m.bias).reshape(*x.shape[:-1], -1)
+
+    for module in plain_model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.forward = lambda x, m=module: product(x, m)
+    model_forward = plain_model.forward
+
+    def forward(tokens, positions, kv, view="ar", logits=True):
+        drafting[:] = [True] if view == "diffusion" else []
+        return model_forward(tokens, positions, kv, view, logits)
+
+    plain_model.forward = forward
+    plain = copy.copy(qwen3_int8_drafts)
+    plain.model = plain_model
+    int8_logits, _ = ragged_pass(qwen3_int8_drafts, "diffusion", [2, 0])
+    exact_logits, _ = ragged_pass(qwen3, "diffusion", [2, 0])
+    kernels.enabled = False
+    try:
+        plain_logits, _ = ragged_pass(plain, "diffusion", [2, 0])
+    finally:
+        kernels.enabled = True
+    torch.testing.assert_close(int8_logits, plain_logits, rtol=1e-2, atol=1e-2)
+    assert not torch.allclose(int8_logits, exact_logits, rtol=1e-3, atol=1e-3)  # int8 drafts really ran
+    assert torch.equal(ragged_pass(qwen3_int8_drafts, "ar", [2, 0])[0], ragged_pass(qwen3, "ar", [2, 0])[0])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -197,9 +267,9 @@ def test_a_failed_build_falls_back_to_plain_pytorch_with_one_line(tmp_path, monk
 
 
 def pass_logits(folder: str, dtype: str) -> dict[str, torch.Tensor]:
-    """Logits of a 1-token step and of a 7-token pass after a prompt, with the kernels this process
-    built (run under each instruction set by the test below)."""
-    llm = orthrus.load(folder, drafter="none", dtype=dtype, device="cpu")
+    """Logits of a 1-token step and of a 7-token pass after a prompt (drafts from int8 products),
+    with the kernels this process built (run under each instruction set by the test below)."""
+    llm = orthrus.load(folder, drafter="none", dtype=dtype, device="cpu", draft_dtype="int8")
     model = llm.model
     tokens = torch.randint(0, 1000, (1, 7), generator=torch.Generator().manual_seed(6))
     rows = torch.tensor([0])

@@ -43,7 +43,8 @@ def cmd_bench(args) -> None:
         gguf = Path(args.gguf) if args.gguf else (default_gguf() if args.model in (None, DEFAULT_MODEL) else None)
         if gguf is None:
             raise OrthrusError("the llama.cpp method needs the model as a GGUF file: give --gguf PATH")
-    llm = load(str(folder), drafter=args.drafter, dtype=args.dtype, device=args.device, block_size=args.block_size)
+    llm = load(str(folder), drafter=args.drafter, dtype=args.dtype, device=args.device, block_size=args.block_size,
+               draft_dtype=args.draft_dtype)
     runner = Runner(llm, folder, methods, args.max_new_tokens, args.temperature, args.seed, args.block_size,
                     args.draft_confidence, gguf)
     log = (lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True))
@@ -53,6 +54,7 @@ def cmd_bench(args) -> None:
     drafter = llm.drafter if llm.drafter_trained else "untrained twin copy"
     config = {"model": str(args.model or llm.name), "drafter": drafter, "dtype": str(param.dtype).removeprefix("torch."),
               "device": str(param.device), "block_size": llm.block_size,
+              "draft_dtype": "int8" if llm.model.int8_drafts else str(param.dtype).removeprefix("torch."),
               "draft_confidence": args.draft_confidence, "methods": runner.methods,
               "sets": [s.name for s in sets], "prompts_per_set": args.num_prompts, "max_new_tokens": args.max_new_tokens,
               "temperature": args.temperature, "seed": args.seed, "machine": machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -57,7 +57,7 @@ def unavailable_reason() -> str | None:
 
 
 _AVX512 = ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl"]
-ISA_FLAGS = {"avx2": ["-mavx2", "-mfma"], "avx512": _AVX512, "avx512bf16": [*_AVX512, "-mavx512bf16"]}
+ISA_FLAGS = {"avx2": ["-mavx2", "-mfma"], "avx512": _AVX512, "avx512bf16": [*_AVX512, "-mavx512bf16", "-mavx512vnni"]}
 
 
 def isa() -> str:
@@ -69,7 +69,13 @@ def runnable_isas() -> list[str]:
     """The instruction sets this CPU runs, best last."""
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         return ["avx2"]
-    return ["avx2", "avx512", "avx512bf16"] if "avx512_bf16" in cpu_flags() else ["avx2", "avx512"]
+    return ["avx2", "avx512", "avx512bf16"] if {"avx512_bf16", "avx512_vnni"} <= cpu_flags() else ["avx2", "avx512"]
+
+
+def fast_int8() -> bool:
+    """Whether int8 products run on integer dot instructions here (the AVX512-VNNI build): there
+    int8 drafts cost about half of bf16 ones; elsewhere they are exact but no faster."""
+    return isa() == "avx512bf16" and module() is not None
 
 
 def cpu_flags() -> set[str]:
@@ -145,21 +151,25 @@ def _kernel_tensor(t: torch.Tensor) -> bool:
             and (_module is not None or (not _tried and module() is not None)))
 
 
-def linear(x: torch.Tensor, *layers: torch.nn.Linear) -> list[torch.Tensor]:
+def linear(x: torch.Tensor, *layers: torch.nn.Linear, int8: bool = False) -> list[torch.Tensor]:
     """x @ W.T + b for each layer, for a few rows of x ([..., K]), in one call; fp32 accumulation,
-    outputs in x's dtype."""
-    return _module.linear(x, [packed(m) for m in layers], [m.bias for m in layers])
+    outputs in x's dtype. `int8`: multiply by int8 copies of the weights (`quantize`), for drafts."""
+    weights = [packed(m, int8) for m in layers]
+    return _module.linear(x, [w[0] for w in weights], [m.bias for m in layers], [w[1] for w in weights])
 
 
-def packed(layer: torch.nn.Linear) -> torch.Tensor:
-    """The layer's weight in the layout the kernel streams, made on first use and kept beside the
-    weight (outside the parameters, so state dicts, training and the plain path never see it);
-    remade when the weight is replaced or changed in place (its version counter moves)."""
+def packed(layer: torch.nn.Linear, int8: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The layer's weight in the layout the kernel streams (and its scales when `int8`), made on
+    first use and kept beside the weight (outside the parameters, so state dicts, training and the
+    plain path never see it); remade when the weight is replaced or changed in place (its version
+    counter moves)."""
     w = layer._parameters["weight"]  # not `layer.weight`: Module.__getattr__ costs more than the check
-    kept = layer.__dict__.get("_packed_weight")
+    key = "_int8_weight" if int8 else "_packed_weight"
+    kept = layer.__dict__.get(key)
     if kept is None or kept[0] is not w or kept[1] != w._version or kept[2] != w.data_ptr():
-        kept = (w, w._version, w.data_ptr(), _module.pack(w.detach()))
-        layer.__dict__["_packed_weight"] = kept
+        made = _module.quantize(w.detach()) if int8 else (_module.pack(w.detach()), None)
+        kept = (w, w._version, w.data_ptr(), tuple(made))
+        layer.__dict__[key] = kept
     return kept[3]
 
 
@@ -179,17 +189,20 @@ def prepare(model) -> None:
     if _kernel_tensor(model.lm_head.weight):
         decoder_stack(model)
         packed(model.lm_head)
+        if model.int8_drafts:
+            packed(model.lm_head, int8=True)
 
 
 def decoder_stack(model):
     """The model's decoder layers as one compiled call (`DecoderStack`), built on first use and
-    kept on the model (per kernel library); rebuilt when a weight changes in place or its data is
-    swapped."""
+    kept on the model (per kernel library and draft precision); rebuilt when a weight changes in
+    place or its data is swapped. With `model.int8_drafts` the diffusion view runs on int8 copies."""
     stacks = model.__dict__.setdefault("_decoder_stacks", {})
-    stack = stacks.get(_module)
+    key = (_module, model.int8_drafts)
+    stack = stacks.get(key)
     if stack is None or not stack.fresh():
         cfg = model.config
-        stack = stacks[_module] = _module.DecoderStack([layer.kernel_weights() for layer in model.model.layers],
-                                                       cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-                                                       cfg.rms_norm_eps)
+        stack = stacks[key] = _module.DecoderStack([layer.kernel_weights() for layer in model.model.layers],
+                                                   cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                                                   cfg.rms_norm_eps, model.int8_drafts)
     return stack

@@ -30,6 +30,7 @@ inline __m256 load8(const bf16* p) {  // bf16 -> fp32 is a 16-bit shift, exact
 }
 inline float to_float(float v) { return v; }
 inline float to_float(bf16 v) { return static_cast<float>(v); }
+inline float to_float(int8_t v) { return static_cast<float>(v); }
 
 inline float hsum(__m256 v) {  // fixed order: (lo + hi), then pairs, then the last two
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -66,19 +67,19 @@ inline float exp1(float x) { return _mm256_cvtss_f32(exp8(_mm256_set1_ps(x))); }
 constexpr int64_t PANEL = 16;
 constexpr int GROUP = 4;  // panels a thread takes at a time (64 features)
 inline int64_t input_order(int64_t k, int64_t, const float*) { return k; }
+inline int64_t input_order(int64_t k, int64_t, const int8_t*) { return k; }
 inline int64_t input_order(int64_t k, int64_t K, const bf16*) { return (k ^ 1) < K ? k ^ 1 : k; }
 
+// int8 weights (drafts) go by input quads in every build ([K/4][16][4]: a feature's weights for
+// inputs 4p .. 4p + 3 in one 32-bit lane), the operand of the integer dot instructions.
+template <typename W> constexpr int64_t STEP_INPUTS = 1;  // inputs per step of a panel
+template <> constexpr int64_t STEP_INPUTS<int8_t> = 4;
 #ifdef __AVX512F__
-// AVX-512: a group's panels interleave input by input ([K][panels][16]), so a 1-row tile over the
+// AVX-512: a group's panels interleave step by step ([K][panels][16]), so a 1-row tile over the
 // group streams one sequential run instead of four (more reads in flight). bf16 weights go by input
 // pairs ([K/2][panels][16][2]: a feature's weights for inputs 2p and 2p + 1 side by side in one
-// 32-bit lane), the dot instruction's operand; an odd K gets a zero input (`packed_width`).
-template <typename W> constexpr int64_t STEP_INPUTS = 1;  // inputs per step of a panel
+// 32-bit lane), the dot instruction's operand.
 template <> constexpr int64_t STEP_INPUTS<bf16> = 2;
-template <typename W>
-inline int64_t panel_offset(int64_t k, int64_t i, int64_t step) {
-  return k / STEP_INPUTS<W> * step + i * STEP_INPUTS<W> + k % STEP_INPUTS<W>;
-}
 template <typename W>
 inline W* panel_start(W* group, int64_t, int s) { return group + s * PANEL * STEP_INPUTS<std::remove_const_t<W>>; }
 template <typename W>
@@ -86,24 +87,29 @@ inline int64_t panel_step(int count) { return count * PANEL * STEP_INPUTS<W>; }
 #else
 // AVX2: each panel [K][16] on its own; in bf16 features i and 8 + i side by side (elements 2i, 2i + 1),
 // so one 32-byte load widens to two fp32 vectors by a shift and a mask.
-template <typename W> constexpr int64_t STEP_INPUTS = 1;
-template <typename W>
-inline int64_t panel_offset(int64_t k, int64_t i, int64_t step) {
-  return k * step + (std::is_same_v<W, bf16> ? (i < 8 ? 2 * i : 2 * (i - 8) + 1) : i);
-}
 template <typename W>
 inline W* panel_start(W* group, int64_t Kw, int s) { return group + s * PANEL * Kw; }
 template <typename W>
-inline int64_t panel_step(int) { return PANEL; }
+inline int64_t panel_step(int) { return PANEL * STEP_INPUTS<W>; }
 #endif
+template <typename W>
+inline int64_t panel_offset(int64_t k, int64_t i, int64_t step) {
+  constexpr int64_t P = STEP_INPUTS<W>;
+  if (P == 1 && std::is_same_v<W, bf16>) return k * step + (i < 8 ? 2 * i : 2 * (i - 8) + 1);  // AVX2 bf16
+  return k / P * step + i * P + k % P;
+}
 
-// The length of a packed weight's rows: K, rounded up to whole steps.
+// The length of a packed weight's rows: K, rounded up to whole steps (zero inputs fill the rest).
 template <typename W>
 inline int64_t packed_width(int64_t K) { return (K + STEP_INPUTS<W> - 1) / STEP_INPUTS<W> * STEP_INPUTS<W>; }
+inline int64_t packed_width(at::ScalarType dtype, int64_t K) {
+  return dtype == at::kBFloat16 ? packed_width<bf16>(K) : dtype == at::kChar ? packed_width<int8_t>(K) : K;
+}
 
 torch::Tensor pack(const torch::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && !w.requires_grad(), "pack: a contiguous [N, K] weight");
-  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, "pack: fp32 or bf16 weights");
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kChar,
+              "pack: fp32, bf16 or int8 weights");
   const int64_t N = w.size(0), K = w.size(1), panels = N / PANEL, full = panels * PANEL;
   torch::Tensor out;
   auto run = [&](auto* src) {
@@ -126,15 +132,49 @@ torch::Tensor pack(const torch::Tensor& w) {
   };
   if (w.scalar_type() == at::kFloat)
     run(w.data_ptr<float>());
-  else
+  else if (w.scalar_type() == at::kBFloat16)
     run(w.data_ptr<bf16>());
+  else
+    run(w.data_ptr<int8_t>());
   return out;
 }
 
-// y_s[r, f] = x[r] . w_s[f] (+ bias_s[f]) for R rows of x (ldx apart) and the 16 features of each
-// of S panels: every output is one FMA chain over the inputs in `input_order`, from zero, then the
-// bias. No tile shape changes what an output is computed from or in which order, so any row count
-// gives every row the same bits.
+// int8 weights for drafting: each output feature's weights over their largest magnitude (x 127,
+// rounded to q in [-127, 127]), and the scale that takes them back. Stored as q + 128 (an unsigned
+// byte, the operand VNNI's dot takes unsigned). Returns the packed weight and the fp32 scales [N].
+std::vector<torch::Tensor> quantize(const torch::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2, "quantize: a weight [N, K]");
+  const auto wf = w.detach().to(at::kFloat).contiguous();
+  const int64_t N = wf.size(0), K = wf.size(1);
+  auto q = torch::empty({N, K}, wf.options().dtype(at::kChar));
+  auto scale = torch::empty({N}, wf.options());
+  const float* src = wf.data_ptr<float>();
+  int8_t* dst = q.data_ptr<int8_t>();
+  float* sp = scale.data_ptr<float>();
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      float top = 0.f;
+      for (int64_t k = 0; k < K; ++k) top = std::max(top, std::fabs(src[n * K + k]));
+      sp[n] = top / 127.f;
+      const float inv = top > 0.f ? 127.f / top : 0.f;
+      for (int64_t k = 0; k < K; ++k)
+        dst[n * K + k] = static_cast<int8_t>(static_cast<uint8_t>(std::nearbyint(src[n * K + k] * inv) + 128));
+    }
+  });
+  return {pack(q), scale};
+}
+
+// Where a panel's 16 outputs go: y (rows ldy apart), after the int8 scale and the bias, where given.
+struct PanelOut {
+  const float* scale;
+  const float* bias;
+  float* y;
+};
+
+// y_s[r, f] = x[r] . w_s[f] (x scale_s[f]) (+ bias_s[f]) for R rows of x (ldx apart) and the 16
+// features of each of S panels: every output is one FMA chain over the inputs in `input_order`,
+// from zero, then the scale and the bias. No tile shape changes what an output is computed from or
+// in which order, so any row count gives every row the same bits.
 #ifdef __AVX512F__
 // The AVX-512 build (chosen at load time on CPUs that have it): a panel's 16 features fill one
 // 16-lane register, so with 32 registers a tile covers up to 6 rows over a whole group of 4 panels
@@ -147,8 +187,8 @@ torch::Tensor pack(const torch::Tensor& w) {
 constexpr int64_t PREFETCH_BYTES = 8192;
 
 template <typename X, typename W, int R, int S>
-inline void linear_tile(const X* x, int64_t ldx, int64_t K, const W* const* w, int64_t step, const float* const* bias,
-                        float* const* y, int64_t ldy) {
+inline void linear_tile(const X* x, int64_t ldx, int64_t K, const W* const* w, int64_t step, const PanelOut* out,
+                        int64_t ldy) {
   __m512 acc[R][S] = {};
   constexpr int64_t P = STEP_INPUTS<W>;
   const int64_t steps = (K + P - 1) / P, ahead = PREFETCH_BYTES / (step * static_cast<int64_t>(sizeof(W)));
@@ -185,9 +225,10 @@ inline void linear_tile(const X* x, int64_t ldx, int64_t K, const W* const* w, i
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int s = 0; s < S; ++s) {
-      __m512 out = acc[r][s];
-      if (bias[s]) out = _mm512_add_ps(out, _mm512_loadu_ps(bias[s]));
-      _mm512_storeu_ps(y[s] + r * ldy, out);
+      __m512 v = acc[r][s];
+      if (out[s].scale) v = _mm512_mul_ps(v, _mm512_loadu_ps(out[s].scale));
+      if (out[s].bias) v = _mm512_add_ps(v, _mm512_loadu_ps(out[s].bias));
+      _mm512_storeu_ps(out[s].y + r * ldy, v);
     }
 }
 
@@ -205,8 +246,8 @@ inline void load16(const bf16* p, __m256& lo, __m256& hi) {  // bf16 -> fp32 is 
 
 // A tile has R x S x 2 chains in flight (8 to 12: enough to hide the FMA latency).
 template <typename X, typename W, int R, int S>
-inline void linear_tile(const X* x, int64_t ldx, int64_t K, const W* const* w, int64_t step, const float* const* bias,
-                        float* const* y, int64_t ldy) {
+inline void linear_tile(const X* x, int64_t ldx, int64_t K, const W* const* w, int64_t step, const PanelOut* out,
+                        int64_t ldy) {
   __m256 acc[R][2 * S] = {};
   for (int64_t n = 0; n < K; ++n) {
     const int64_t k = input_order(n, K, w[0]);
@@ -227,22 +268,123 @@ inline void linear_tile(const X* x, int64_t ldx, int64_t K, const W* const* w, i
 #pragma GCC unroll 4
     for (int s = 0; s < S; ++s) {
       __m256 lo = acc[r][2 * s], hi = acc[r][2 * s + 1];
-      if (bias[s]) lo = _mm256_add_ps(lo, _mm256_loadu_ps(bias[s])), hi = _mm256_add_ps(hi, _mm256_loadu_ps(bias[s] + 8));
-      _mm256_storeu_ps(y[s] + r * ldy, lo);
-      _mm256_storeu_ps(y[s] + r * ldy + 8, hi);
+      if (const float* c = out[s].scale) lo = _mm256_mul_ps(lo, _mm256_loadu_ps(c)), hi = _mm256_mul_ps(hi, _mm256_loadu_ps(c + 8));
+      if (const float* b = out[s].bias) lo = _mm256_add_ps(lo, _mm256_loadu_ps(b)), hi = _mm256_add_ps(hi, _mm256_loadu_ps(b + 8));
+      _mm256_storeu_ps(out[s].y + r * ldy, lo);
+      _mm256_storeu_ps(out[s].y + r * ldy + 8, hi);
     }
 }
 
 #endif
 
+// int8 products (drafts): x's rows quantized like the weights (`int8_quads`), the dot of each row
+// with each feature's weights an exact integer sum, then (float(dot) * x's scale) * the weight's
+// scale (+ bias). Integer sums do not depend on order, so every build and tile gives the same bits.
+// x: per row `steps` words of 4 int8 inputs, then the row's scale (fp32 bits) and the sum of its
+// quantized inputs (weights are stored + 128 for VNNI, whose dot takes one operand unsigned).
+inline float row_scale(const uint32_t* row, int64_t steps) {
+  float v;
+  std::memcpy(&v, row + steps, 4);
+  return v;
+}
+inline int32_t row_sum(const uint32_t* row, int64_t steps) { return static_cast<int32_t>(row[steps + 1]); }
+
+#ifdef __AVX512VNNI__
+// VNNI: one instruction multiplies a word of 4 unsigned weight bytes by 4 signed inputs and adds the
+// four products to a 32-bit lane: 64 products an instruction, so a few rows cost what one does.
+template <int R, int S>
+inline void int8_tile(const uint32_t* x, int64_t ldx, int64_t steps, const int8_t* const* w, int64_t step,
+                      const PanelOut* out, int64_t ldy) {
+  __m512i acc[R][S] = {};
+  const int64_t ahead = PREFETCH_BYTES / step;
+  for (int64_t k = 0; k < steps; ++k) {
+    const char* next = reinterpret_cast<const char*>(w[0] + (k + ahead) * step);
+    for (int64_t b = 0; b < S * PANEL * 4; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
+#pragma GCC unroll 4
+    for (int s = 0; s < S; ++s) {
+      const __m512i ws = _mm512_loadu_si512(w[s] + k * step);
+#pragma GCC unroll 12
+      for (int r = 0; r < R; ++r)
+        acc[r][s] = _mm512_dpbusd_epi32(acc[r][s], ws, _mm512_set1_epi32(static_cast<int>(x[r * ldx + k])));
+    }
+  }
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r) {
+    const __m512i offset = _mm512_set1_epi32(128 * row_sum(x + r * ldx, steps));  // the + 128, taken back
+    const __m512 scale = _mm512_set1_ps(row_scale(x + r * ldx, steps));
+#pragma GCC unroll 4
+    for (int s = 0; s < S; ++s) {
+      __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][s], offset)), scale);
+      v = _mm512_mul_ps(v, _mm512_loadu_ps(out[s].scale));
+      if (out[s].bias) v = _mm512_add_ps(v, _mm512_loadu_ps(out[s].bias));
+      _mm512_storeu_ps(out[s].y + r * ldy, v);
+    }
+  }
+}
+#else
+// Without VNNI (AVX2): |x| times the weight with x's sign, 2 products a 16-bit lane (at most
+// 2 * 127 * 127: no saturation), then pairs of lanes into 32 bits.
+template <int R, int S>
+inline void int8_tile(const uint32_t* x, int64_t ldx, int64_t steps, const int8_t* const* w, int64_t step,
+                      const PanelOut* out, int64_t ldy) {
+  __m256i acc[R][2 * S] = {};
+  const __m256i unsigned_to_signed = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
+  for (int64_t k = 0; k < steps; ++k) {
+    __m256i xs[R], xa[R];
+    for (int r = 0; r < R; ++r) {
+      xs[r] = _mm256_set1_epi32(static_cast<int>(x[r * ldx + k]));
+      xa[r] = _mm256_abs_epi8(xs[r]);
+    }
+    for (int s = 0; s < S; ++s)
+      for (int h = 0; h < 2; ++h) {
+        const __m256i q = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[s] + k * step + 32 * h)),
+                                           unsigned_to_signed);
+        for (int r = 0; r < R; ++r)
+          acc[r][2 * s + h] = _mm256_add_epi32(
+              acc[r][2 * s + h], _mm256_madd_epi16(_mm256_maddubs_epi16(xa[r], _mm256_sign_epi8(q, xs[r])), ones));
+      }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m256 scale = _mm256_set1_ps(row_scale(x + r * ldx, steps));
+    for (int s = 0; s < S; ++s)
+      for (int h = 0; h < 2; ++h) {
+        __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][2 * s + h]), scale);
+        v = _mm256_mul_ps(v, _mm256_loadu_ps(out[s].scale + 8 * h));
+        if (out[s].bias) v = _mm256_add_ps(v, _mm256_loadu_ps(out[s].bias + 8 * h));
+        _mm256_storeu_ps(out[s].y + r * ldy + 8 * h, v);
+      }
+  }
+}
+#endif
+
+// A feature past the last whole panel (row-major, + 128): the same integer dot and epilogue.
+inline void int8_feature(const uint32_t* x, int64_t ldx, int64_t M, int64_t K, const int8_t* w, float scale,
+                         const float* bias, float* y, int64_t ldy) {
+  const int64_t steps = (K + 3) / 4;
+  for (int64_t r = 0; r < M; ++r) {
+    const auto* xq = reinterpret_cast<const int8_t*>(x + r * ldx);
+    int32_t dot = 0;
+    // q = the stored byte with its top bit flipped (- 128); written as (uint8 - 128) * int8, GCC 12
+    // vectorizes this loop with VNNI wrongly (K = 33: a wrong sum)
+    for (int64_t k = 0; k < K; ++k) dot += static_cast<int32_t>(static_cast<int8_t>(w[k] ^ 0x80)) * xq[k];
+    const float v = static_cast<float>(dot) * row_scale(x + r * ldx, steps) * scale;
+    y[r * ldy] = bias ? v + *bias : v;
+  }
+}
+
 // R rows over `count` panels, S at a time (the last few one by one).
 template <typename X, typename W, int R, int S>
-inline void linear_panels(const X* x, int64_t ldx, int64_t K, const W* const* w, const float* const* bias,
-                          float* const* y, int64_t ldy, int count) {
+inline void linear_panels(const X* x, int64_t ldx, int64_t K, const W* const* w, const PanelOut* out, int64_t ldy,
+                          int count) {
   const int64_t step = panel_step<W>(count);
   int s = 0;
-  for (; s + S <= count; s += S) linear_tile<X, W, R, S>(x, ldx, K, w + s, step, bias + s, y + s, ldy);
-  for (; s < count; ++s) linear_tile<X, W, R, 1>(x, ldx, K, w + s, step, bias + s, y + s, ldy);
+  if constexpr (std::is_same_v<W, int8_t>) {
+    for (; s + S <= count; s += S) int8_tile<R, S>(x, ldx, (K + 3) / 4, w + s, step, out + s, ldy);
+    for (; s < count; ++s) int8_tile<R, 1>(x, ldx, (K + 3) / 4, w + s, step, out + s, ldy);
+  } else {
+    for (; s + S <= count; s += S) linear_tile<X, W, R, S>(x, ldx, K, w + s, step, out + s, ldy);
+    for (; s < count; ++s) linear_tile<X, W, R, 1>(x, ldx, K, w + s, step, out + s, ldy);
+  }
 }
 
 // Features past the last whole panel (row-major): the same chain per output, one lane at a time.
@@ -269,7 +411,7 @@ struct Products {
   int64_t M, K;
   std::vector<const W*> w;
   std::vector<int64_t> N;
-  std::vector<const float*> bias;
+  std::vector<const float*> scale, bias;
   std::vector<float*> y;
 };
 
@@ -295,16 +437,22 @@ void parallel_chunks(int64_t total, int64_t chunk, const F& body) {
 // passes of half each (two passes beat one 12-row pass over 2 panels at a time: 8 bf16 rows
 // 10.7 ms of products against 14.5), more rows 6 at a time.
 template <typename X, typename W>
-int64_t linear_rows(const X* x, int64_t ldx, int64_t K, const W* const* w, const float* const* bias, float* const* y,
+int64_t linear_rows(const X* x, int64_t ldx, int64_t K, const W* const* w, const PanelOut* out,
                     int64_t ldy, int count, int64_t rest) {
+#ifndef __AVX512VNNI__
+  if constexpr (std::is_same_v<W, int8_t>) {  // 256-bit integer tiles: 2 rows over 2 panels, or 1 over 4 (8 sums)
+    if (rest >= 2) return linear_panels<X, W, 2, 2>(x, ldx, K, w, out, ldy, count), 2;
+    return linear_panels<X, W, 1, GROUP>(x, ldx, K, w, out, ldy, count), 1;
+  }
+#endif
   const int64_t rows = rest <= 6 ? rest : rest <= 12 ? (rest + 1) / 2 : 6;
   switch (rows) {
-    case 1: linear_panels<X, W, 1, GROUP>(x, ldx, K, w, bias, y, ldy, count); break;
-    case 2: linear_panels<X, W, 2, GROUP>(x, ldx, K, w, bias, y, ldy, count); break;
-    case 3: linear_panels<X, W, 3, GROUP>(x, ldx, K, w, bias, y, ldy, count); break;
-    case 4: linear_panels<X, W, 4, GROUP>(x, ldx, K, w, bias, y, ldy, count); break;
-    case 5: linear_panels<X, W, 5, GROUP>(x, ldx, K, w, bias, y, ldy, count); break;
-    default: linear_panels<X, W, 6, GROUP>(x, ldx, K, w, bias, y, ldy, count); break;
+    case 1: linear_panels<X, W, 1, GROUP>(x, ldx, K, w, out, ldy, count); break;
+    case 2: linear_panels<X, W, 2, GROUP>(x, ldx, K, w, out, ldy, count); break;
+    case 3: linear_panels<X, W, 3, GROUP>(x, ldx, K, w, out, ldy, count); break;
+    case 4: linear_panels<X, W, 4, GROUP>(x, ldx, K, w, out, ldy, count); break;
+    case 5: linear_panels<X, W, 5, GROUP>(x, ldx, K, w, out, ldy, count); break;
+    default: linear_panels<X, W, 6, GROUP>(x, ldx, K, w, out, ldy, count); break;
   }
   return rows;
 }
@@ -314,24 +462,29 @@ int64_t linear_rows(const X* x, int64_t ldx, int64_t K, const W* const* w, const
 // tiles pass over it; 5 rows in one tile rather than 4 + 1 save a pass over it (a 5-token fp32
 // pass 9-11% faster).
 template <typename X, typename W>
-int64_t linear_rows(const X* x, int64_t ldx, int64_t K, const W* const* w, const float* const* bias, float* const* y,
+int64_t linear_rows(const X* x, int64_t ldx, int64_t K, const W* const* w, const PanelOut* out,
                     int64_t ldy, int count, int64_t rest) {
-  if (rest >= 6 && rest != 8) return linear_panels<X, W, 6, 1>(x, ldx, K, w, bias, y, ldy, count), 6;
-  if (rest == 5) return linear_panels<X, W, 5, 1>(x, ldx, K, w, bias, y, ldy, count), 5;
-  if (rest >= 4) return linear_panels<X, W, 4, 1>(x, ldx, K, w, bias, y, ldy, count), 4;
-  if (rest == 3) return linear_panels<X, W, 3, 2>(x, ldx, K, w, bias, y, ldy, count), 3;
-  if (rest == 2) return linear_panels<X, W, 2, 2>(x, ldx, K, w, bias, y, ldy, count), 2;
-  return linear_panels<X, W, 1, GROUP>(x, ldx, K, w, bias, y, ldy, count), 1;
+#ifndef __AVX512VNNI__
+  if constexpr (std::is_same_v<W, int8_t>) {  // 256-bit integer tiles: 2 rows over 2 panels, or 1 over 4 (8 sums)
+    if (rest >= 2) return linear_panels<X, W, 2, 2>(x, ldx, K, w, out, ldy, count), 2;
+    return linear_panels<X, W, 1, GROUP>(x, ldx, K, w, out, ldy, count), 1;
+  }
+#endif
+  if (rest >= 6 && rest != 8) return linear_panels<X, W, 6, 1>(x, ldx, K, w, out, ldy, count), 6;
+  if (rest == 5) return linear_panels<X, W, 5, 1>(x, ldx, K, w, out, ldy, count), 5;
+  if (rest >= 4) return linear_panels<X, W, 4, 1>(x, ldx, K, w, out, ldy, count), 4;
+  if (rest == 3) return linear_panels<X, W, 3, 2>(x, ldx, K, w, out, ldy, count), 3;
+  if (rest == 2) return linear_panels<X, W, 2, 2>(x, ldx, K, w, out, ldy, count), 2;
+  return linear_panels<X, W, 1, GROUP>(x, ldx, K, w, out, ldy, count), 1;
 }
 #endif
 
 template <typename X, typename W>
-void linear_group(const Products<X, W>& p, const W* const* w, const float* const* bias, float* const* y, int64_t ldy,
-                  int count) {
+void linear_group(const Products<X, W>& p, const W* const* w, const PanelOut* out, int64_t ldy, int count) {
   for (int64_t m = 0; m < p.M;) {
-    float* ym[GROUP];
-    for (int s = 0; s < count; ++s) ym[s] = y[s] + m * ldy;
-    m += linear_rows(p.x + m * p.ldx, p.ldx, p.K, w, bias, ym, ldy, count, p.M - m);
+    PanelOut rows[GROUP];
+    for (int s = 0; s < count; ++s) rows[s] = {out[s].scale, out[s].bias, out[s].y + m * ldy};
+    m += linear_rows(p.x + m * p.ldx, p.ldx, p.K, w, rows, ldy, count, p.M - m);
   }
 }
 
@@ -349,20 +502,21 @@ void linear_impl(const Products<X, W>& p) {
       const int64_t panel0 = (g - first[j]) * GROUP;
       const int count = static_cast<int>(std::min<int64_t>(GROUP, p.N[j] / PANEL - panel0));
       const W* w[GROUP];
-      const float* bias[GROUP];
-      float* y[GROUP];
+      PanelOut out[GROUP];
       for (int s = 0; s < count; ++s) {
         const int64_t n0 = (panel0 + s) * PANEL;
         w[s] = panel_start(p.w[j] + panel0 * PANEL * Kw, Kw, s);
-        bias[s] = p.bias[j] ? p.bias[j] + n0 : nullptr;
-        y[s] = p.y[j] + n0;
+        out[s] = {p.scale[j] ? p.scale[j] + n0 : nullptr, p.bias[j] ? p.bias[j] + n0 : nullptr, p.y[j] + n0};
       }
-      linear_group(p, w, bias, y, p.N[j], count);
+      linear_group(p, w, out, p.N[j], count);
     }
   });
   for (int64_t j = 0; j < count; ++j)  // features past the last whole panel (row-major)
     for (int64_t n = p.N[j] / PANEL * PANEL; n < p.N[j]; ++n)
-      linear_feature(p.xf, p.M, p.K, p.w[j] + n * Kw, p.bias[j] ? p.bias[j] + n : nullptr, p.y[j] + n, p.N[j]);
+      if constexpr (std::is_same_v<W, int8_t>)
+        int8_feature(p.x, p.ldx, p.M, p.K, p.w[j] + n * Kw, p.scale[j][n], p.bias[j] ? p.bias[j] + n : nullptr, p.y[j] + n, p.N[j]);
+      else
+        linear_feature(p.xf, p.M, p.K, p.w[j] + n * Kw, p.bias[j] ? p.bias[j] + n : nullptr, p.y[j] + n, p.N[j]);
 }
 
 // x's rows as bf16 pairs, the even input in the low half (the dot instruction's operand; exact
@@ -379,66 +533,113 @@ std::vector<uint32_t> bf16_pairs(const float* x, int64_t M, int64_t K) {
   return pairs;
 }
 
-// The products of x [M, K] with packed weights (each with its fp32 bias, or none), into fp32 outputs.
-// `x_in_bf16`: x holds bf16 values (the bf16 model's activations), so bf16 weights may take the
-// dot instruction where the build has it.
+// x's rows for int8 weights: each row over its largest magnitude (x 127, rounded to [-127, 127]), 4
+// inputs a word (a last partial word zero-padded), then the row's scale (fp32 bits) and the sum of
+// its quantized inputs (see `int8_tile`).
+std::vector<uint32_t> int8_quads(const float* x, int64_t M, int64_t K) {
+  const int64_t steps = (K + 3) / 4, ld = steps + 2;
+  std::vector<uint32_t> quads(M * ld, 0);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = x + m * K;
+    float top = 0.f;
+    for (int64_t k = 0; k < K; ++k) top = std::max(top, std::fabs(row[k]));
+    const float inv = top > 0.f ? 127.f / top : 0.f, scale = top / 127.f;
+    int32_t sum = 0;
+    uint32_t* out = quads.data() + m * ld;
+    for (int64_t k = 0; k < K; ++k) {
+      const int32_t q = static_cast<int32_t>(std::nearbyint(row[k] * inv));
+      sum += q;
+      out[k / 4] |= static_cast<uint32_t>(static_cast<uint8_t>(q)) << (8 * (k % 4));
+    }
+    std::memcpy(out + steps, &scale, 4);
+    out[steps + 1] = static_cast<uint32_t>(sum);
+  }
+  return quads;
+}
+
+// One weight of a product: packed (fp32, bf16 or int8), with its fp32 scales (int8 only) and fp32
+// bias; a null or undefined tensor where there is none.
+struct Operand {
+  const torch::Tensor* w;
+  const torch::Tensor* scale;
+  const torch::Tensor* bias;
+};
+
+inline const float* floats_or_null(const torch::Tensor* t) { return t && t->defined() ? t->data_ptr<float>() : nullptr; }
+
+// The products of x [M, K] with weights of one dtype W, into fp32 outputs. `x_in_bf16`: x holds bf16
+// values (the bf16 model's activations), so bf16 weights may take the dot instruction where the
+// build has it.
 template <typename W>
-void run_products(const float* x, int64_t M, int64_t K,
-                  const std::vector<std::pair<const torch::Tensor*, const torch::Tensor*>>& weights_and_biases,
-                  const std::vector<float*>& ys, bool x_in_bf16) {
+void run_products(const float* x, int64_t M, int64_t K, const std::vector<Operand>& operands, const std::vector<float*>& ys,
+                  bool x_in_bf16) {
   auto run = [&](const auto* tile_x, int64_t ldx) {
     using X = std::remove_const_t<std::remove_pointer_t<decltype(tile_x)>>;
-    Products<X, W> p{tile_x, ldx, x, M, K, {}, {}, {}, ys};
-    for (const auto& [w, b] : weights_and_biases) {
-      p.w.push_back(w->template data_ptr<W>());
-      p.N.push_back(w->size(0));
-      p.bias.push_back(b && b->defined() ? b->template data_ptr<float>() : nullptr);
+    Products<X, W> p{tile_x, ldx, x, M, K, {}, {}, {}, {}, ys};
+    for (const Operand& o : operands) {
+      p.w.push_back(o.w->template data_ptr<W>());
+      p.N.push_back(o.w->size(0));
+      p.scale.push_back(floats_or_null(o.scale));
+      p.bias.push_back(floats_or_null(o.bias));
     }
     linear_impl(p);
   };
+  if constexpr (std::is_same_v<W, int8_t>) {
+    const auto quads = int8_quads(x, M, K);
+    run(quads.data(), (K + 3) / 4 + 2);
+  } else {
 #ifdef __AVX512BF16__
-  if (std::is_same_v<W, bf16> && x_in_bf16) {
-    const auto pairs = bf16_pairs(x, M, K);
-    return run(pairs.data(), (K + 1) / 2);
-  }
+    if (std::is_same_v<W, bf16> && x_in_bf16) {
+      const auto pairs = bf16_pairs(x, M, K);
+      return run(pairs.data(), (K + 1) / 2);
+    }
 #endif
-  run(x, K);
+    run(x, K);
+  }
 }
 
-// x [..., K] fp32 or bf16; weights [N_j, K] as `pack` returns them, all fp32 or all bf16; biases
-// [N_j] or None -> [..., N_j] each, in x's dtype (accumulated in fp32, rounded once).
+void products(const float* x, int64_t M, int64_t K, const std::vector<Operand>& operands, const std::vector<float*>& ys,
+              bool x_in_bf16) {
+  switch (operands.at(0).w->scalar_type()) {
+    case at::kFloat: return run_products<float>(x, M, K, operands, ys, x_in_bf16);
+    case at::kBFloat16: return run_products<bf16>(x, M, K, operands, ys, x_in_bf16);
+    case at::kChar: return run_products<int8_t>(x, M, K, operands, ys, x_in_bf16);
+    default: TORCH_CHECK(false, "weights must be fp32, bf16 or int8");
+  }
+}
+
+// x [..., K] fp32 or bf16; weights [N_j, K] as `pack` or `quantize` returns them, all of one dtype;
+// int8 weights with their scales [N_j]; biases [N_j] or None -> [..., N_j] each, in x's dtype
+// (accumulated in fp32, rounded once).
 std::vector<torch::Tensor> linear(const torch::Tensor& x, const std::vector<torch::Tensor>& ws,
-                                  const std::vector<c10::optional<torch::Tensor>>& biases) {
+                                  const std::vector<c10::optional<torch::Tensor>>& biases,
+                                  const std::vector<c10::optional<torch::Tensor>>& scales) {
   TORCH_CHECK(x.dim() >= 1 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16), "x: fp32 or bf16 [..., K]");
-  TORCH_CHECK(!ws.empty() && biases.size() == ws.size(), "one bias (or None) per weight");
+  TORCH_CHECK(!ws.empty() && biases.size() == ws.size() && scales.size() == ws.size(), "one bias and one scale (or None) per weight");
   const int64_t K = x.size(-1), M = x.numel() / K;
   const auto xf = x.to(at::kFloat).contiguous();  // no copy when x is contiguous fp32
-  std::vector<torch::Tensor> ys, bs;
+  std::vector<torch::Tensor> ys(ws.size()), bs(ws.size()), cs(ws.size());
+  std::vector<Operand> operands;
+  std::vector<float*> outs;
   for (size_t j = 0; j < ws.size(); ++j) {
     const auto& w = ws[j];
     TORCH_CHECK(w.scalar_type() == ws[0].scalar_type(), "weights: one dtype");
     TORCH_CHECK(w.dim() == 2 && w.is_contiguous() &&
-                w.size(1) == (w.scalar_type() == at::kBFloat16 ? packed_width<bf16>(K) : K), "weights: as `pack` returns them for x [..., K]");
-    torch::Tensor b;
+                w.size(1) == packed_width(w.scalar_type(), K), "weights: as `pack` returns them for x [..., K]");
     if (biases[j] && biases[j]->defined()) {
       TORCH_CHECK(biases[j]->numel() == w.size(0), "bias: [N]");
-      b = biases[j]->to(at::kFloat).contiguous();
+      bs[j] = biases[j]->to(at::kFloat).contiguous();
     }
-    bs.push_back(b);
-    ys.push_back(torch::empty({M, w.size(0)}, xf.options()));
-  }
-  std::vector<std::pair<const torch::Tensor*, const torch::Tensor*>> weights_and_biases;
-  std::vector<float*> outs;
-  for (size_t j = 0; j < ws.size(); ++j) {
-    weights_and_biases.emplace_back(&ws[j], &bs[j]);
+    TORCH_CHECK((w.scalar_type() == at::kChar) == (scales[j] && scales[j]->defined()), "int8 weights, and only they, take scales");
+    if (w.scalar_type() == at::kChar) {
+      TORCH_CHECK(scales[j]->scalar_type() == at::kFloat && scales[j]->numel() == w.size(0) && scales[j]->is_contiguous(), "scale: fp32 [N]");
+      cs[j] = *scales[j];
+    }
+    ys[j] = torch::empty({M, w.size(0)}, xf.options());
+    operands.push_back({&ws[j], &cs[j], &bs[j]});
     outs.push_back(ys[j].data_ptr<float>());
   }
-  if (ws[0].scalar_type() == at::kFloat)
-    run_products<float>(xf.data_ptr<float>(), M, K, weights_and_biases, outs, false);
-  else if (ws[0].scalar_type() == at::kBFloat16)
-    run_products<bf16>(xf.data_ptr<float>(), M, K, weights_and_biases, outs, x.scalar_type() == at::kBFloat16);
-  else
-    TORCH_CHECK(false, "weights must be fp32 or bf16");
+  products(xf.data_ptr<float>(), M, K, operands, outs, x.scalar_type() == at::kBFloat16);
   auto shape = x.sizes().vec();
   for (size_t j = 0; j < ys.size(); ++j) {
     shape.back() = ws[j].size(0);
@@ -599,12 +800,20 @@ void rope_(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin)
 // fp32. The products and the attention run on both cores; the small ops of a few tokens run inline
 // (they cost less than waking a thread), and split only when a wide batch gives them enough rows.
 
-struct ViewWeights {  // one view's attention: packed q, k, v, o; optional fp32 biases and QK-norm weights
-  torch::Tensor q, k, v, o, q_bias, k_bias, v_bias, q_norm, k_norm;
+struct Weight {  // a product's weight, packed; with its scales when int8
+  torch::Tensor packed, scale;
+};
+inline Operand operand(const Weight& w, const torch::Tensor* bias = nullptr) { return {&w.packed, &w.scale, bias}; }
+
+// One view's weights: its attention's q, k, v, o (optional fp32 biases and QK-norm weights) and the
+// MLP's gate, up, down, shared by the views unless the drafts take int8 copies.
+struct ViewWeights {
+  Weight q, k, v, o, gate, up, down;
+  torch::Tensor q_bias, k_bias, v_bias, q_norm, k_norm;
 };
 
 struct LayerWeights {
-  torch::Tensor input_norm, post_norm, gate, up, down;  // gate, up, down packed
+  torch::Tensor input_norm, post_norm;
   ViewWeights ar, diffusion;
 };
 
@@ -653,42 +862,55 @@ class DecoderStack {
   // layers: per layer [input_norm, post_norm, gate, up, down] then, for the AR view and then the
   // diffusion view, [q, k, v, o, q_bias, k_bias, v_bias, q_norm, k_norm] (None where absent), as
   // the model holds them (unpacked). `fresh` tells whether they are still what the model holds.
+  // `int8_drafts`: the diffusion view (the drafts) multiplies by int8 copies of its weights, half
+  // the bytes of bf16 to stream; the AR view, which verifies, keeps the model's own.
   DecoderStack(const std::vector<std::vector<c10::optional<torch::Tensor>>>& layers, int64_t heads, int64_t kv_heads,
-               int64_t head_dim, double eps)
+               int64_t head_dim, double eps, bool int8_drafts)
       : heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim), eps_(static_cast<float>(eps)) {
-    auto get = [&](const std::vector<c10::optional<torch::Tensor>>& l, size_t i, bool product) -> torch::Tensor {
+    auto get = [&](const std::vector<c10::optional<torch::Tensor>>& l, size_t i) -> torch::Tensor {
       if (!l[i] || !l[i]->defined()) return {};
       const torch::Tensor& t = *l[i];
       sources_.push_back(t);
       versions_.push_back(t._version());
       pointers_.push_back(t.data_ptr());
-      return product ? pack(t.detach()) : t.detach().contiguous();
+      return t.detach().contiguous();
+    };
+    auto product = [&](const std::vector<c10::optional<torch::Tensor>>& l, size_t i, bool int8) -> Weight {
+      const torch::Tensor t = get(l, i);
+      if (!int8) return {pack(t), {}};
+      const auto q = quantize(t);
+      return {q[0], q[1]};
     };
     for (const auto& l : layers) {
       TORCH_CHECK(l.size() == 23, "DecoderStack: 23 entries per layer");
       LayerWeights w;
-      w.input_norm = get(l, 0, false);
-      w.post_norm = get(l, 1, false);
-      w.gate = get(l, 2, true);
-      w.up = get(l, 3, true);
-      w.down = get(l, 4, true);
+      w.input_norm = get(l, 0);
+      w.post_norm = get(l, 1);
       for (int v = 0; v < 2; ++v) {
         ViewWeights& a = v == 0 ? w.ar : w.diffusion;
+        const bool int8 = v == 1 && int8_drafts;
         const size_t b = 5 + 9 * v;
-        a.q = get(l, b, true);
-        a.k = get(l, b + 1, true);
-        a.v = get(l, b + 2, true);
-        a.o = get(l, b + 3, true);
+        if (v == 0 || int8) {
+          a.gate = product(l, 2, int8);
+          a.up = product(l, 3, int8);
+          a.down = product(l, 4, int8);
+        } else {
+          a.gate = w.ar.gate, a.up = w.ar.up, a.down = w.ar.down;  // shared, not copied
+        }
+        a.q = product(l, b, int8);
+        a.k = product(l, b + 1, int8);
+        a.v = product(l, b + 2, int8);
+        a.o = product(l, b + 3, int8);
         for (auto [dst, i] : {std::pair{&a.q_bias, b + 4}, {&a.k_bias, b + 5}, {&a.v_bias, b + 6}}) {
-          *dst = get(l, i, false);
+          *dst = get(l, i);
           if (dst->defined()) *dst = dst->to(at::kFloat).contiguous();
         }
-        a.q_norm = get(l, b + 7, false);
-        a.k_norm = get(l, b + 8, false);
+        a.q_norm = get(l, b + 7);
+        a.k_norm = get(l, b + 8);
       }
       layers_.push_back(std::move(w));
     }
-    dtype_ = layers_.at(0).gate.scalar_type();
+    dtype_ = layers_.at(0).post_norm.scalar_type();
   }
 
   bool fresh() const {  // in-place updates move the version, `.data` swaps the pointer
@@ -733,7 +955,7 @@ class DecoderStack {
   template <typename T>
   void run(T* x, int64_t N, int64_t T_, const float* cos, const float* sin, T* kc, T* vc, at::IntArrayRef cs,
            const int64_t* rows, const int64_t* starts, const int64_t* limits, bool diffusion) const {
-    const int64_t M = N * T_, C = layers_[0].post_norm.numel(), I = layers_[0].gate.size(0);
+    const int64_t M = N * T_, C = layers_[0].post_norm.numel(), I = layers_[0].ar.gate.packed.size(0);
     const int64_t H = heads_, G = kv_heads_, D = head_dim_, QD = H * D, KD = G * D;
     const float scale = 1.f / std::sqrt(static_cast<float>(D));
     constexpr bool IN_BF16 = std::is_same_v<T, bf16>;  // the products' inputs are activations in T
@@ -757,7 +979,8 @@ class DecoderStack {
       const ViewWeights& a = diffusion ? w.diffusion : w.ar;
       rmsnorm_impl(x, w.input_norm.data_ptr<T>(), h.data(), M, C, eps_);
       widen(h.data(), M * C);
-      run_products<T>(hf.data(), M, C, {{&a.q, &a.q_bias}, {&a.k, &a.k_bias}, {&a.v, &a.v_bias}}, {qf.data(), kf.data(), vf.data()}, IN_BF16);
+      products(hf.data(), M, C, {operand(a.q, &a.q_bias), operand(a.k, &a.k_bias), operand(a.v, &a.v_bias)},
+               {qf.data(), kf.data(), vf.data()}, IN_BF16);
       round_into(qf.data(), q.data(), M * QD);
       round_into(kf.data(), k.data(), M * KD);
       round_into(vf.data(), v.data(), M * KD);
@@ -780,14 +1003,14 @@ class DecoderStack {
       attend_raw<T>(hf.data(), N, T_, H, G, D, kl, vl, cs[1], cs[2], cs[3], rows, limits, scale, qf.data());
       round_into(qf.data(), h.data(), M * QD);  // the heads' output, in the model's dtype
       widen(h.data(), M * QD);
-      run_products<T>(hf.data(), M, QD, {{&a.o, nullptr}}, {yf.data()}, IN_BF16);
+      products(hf.data(), M, QD, {operand(a.o)}, {yf.data()}, IN_BF16);
       add_into(x, yf.data(), h.data(), M * C);
       rmsnorm_impl(x, w.post_norm.data_ptr<T>(), h.data(), M, C, eps_);
       widen(h.data(), M * C);
-      run_products<T>(hf.data(), M, C, {{&w.gate, nullptr}, {&w.up, nullptr}}, {yf.data(), uf.data()}, IN_BF16);
+      products(hf.data(), M, C, {operand(a.gate), operand(a.up)}, {yf.data(), uf.data()}, IN_BF16);
       silu_mul(yf.data(), uf.data(), act.data(), M * I);
       widen(act.data(), M * I);
-      run_products<T>(hf.data(), M, I, {{&w.down, nullptr}}, {yf.data()}, IN_BF16);
+      products(hf.data(), M, I, {operand(a.down)}, {yf.data()}, IN_BF16);
       add_into(x, yf.data(), h.data(), M * C);
     }
   }
@@ -805,12 +1028,13 @@ class DecoderStack {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "a weight [N, K] in the layout `linear` reads");
+  m.def("quantize", &quantize, "a weight [N, K] as packed int8 and its fp32 scales [N]");
   m.def("linear", &linear, "few-row, batch-invariant x @ w.T (+ bias) for one or more packed weights",
         py::call_guard<py::gil_scoped_release>());
   m.def("rmsnorm", &rmsnorm, "RMSNorm over the last dimension");
   m.def("rope_", &rope_, "rotary embedding in place");
   py::class_<DecoderStack>(m, "DecoderStack")
-      .def(py::init<const std::vector<std::vector<c10::optional<torch::Tensor>>>&, int64_t, int64_t, int64_t, double>())
+      .def(py::init<const std::vector<std::vector<c10::optional<torch::Tensor>>>&, int64_t, int64_t, int64_t, double, bool>())
       .def("fresh", &DecoderStack::fresh, "whether every weight is unchanged since the stack was built")
       // a pass runs without the GIL, so a server's event loop (another thread) keeps answering meanwhile
       .def("forward", &DecoderStack::forward, "every decoder layer of one pass", py::call_guard<py::gil_scoped_release>());
