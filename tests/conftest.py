@@ -41,35 +41,40 @@ def smollm2_folder() -> Path:
     return default_model_folder()
 
 
+def untrained(folder: Path, dtype: str, draft_dtype: str = "model"):
+    """A test model with the untrained twin copy on the CPU."""
+    return orthrus.load(str(folder), drafter="none", dtype=dtype, device="cpu", draft_dtype=draft_dtype)
+
+
 @pytest.fixture(scope="session")
 def qwen3(qwen3_folder):
-    return orthrus.load(str(qwen3_folder), drafter="none", dtype="float32", device="cpu", draft_dtype="model")
+    return untrained(qwen3_folder, "float32")
 
 
 @pytest.fixture(scope="session")
 def smollm2(smollm2_folder):
-    return orthrus.load(str(smollm2_folder), drafter="none", dtype="float32", device="cpu", draft_dtype="model")
+    return untrained(smollm2_folder, "float32")
 
 
 @pytest.fixture(scope="session")
 def qwen3_bf16(qwen3_folder):
-    return orthrus.load(str(qwen3_folder), drafter="none", dtype="bfloat16", device="cpu", draft_dtype="model")
+    return untrained(qwen3_folder, "bfloat16")
 
 
 @pytest.fixture(scope="session")
 def smollm2_bf16(smollm2_folder):
-    return orthrus.load(str(smollm2_folder), drafter="none", dtype="bfloat16", device="cpu", draft_dtype="model")
+    return untrained(smollm2_folder, "bfloat16")
 
 
 # Drafts from int8 weights and activations (`--draft-dtype int8`), whatever this CPU would pick.
 @pytest.fixture(scope="session")
 def qwen3_int8_drafts(qwen3_folder):
-    return orthrus.load(str(qwen3_folder), drafter="none", dtype="float32", device="cpu", draft_dtype="int8")
+    return untrained(qwen3_folder, "float32", "int8")
 
 
 @pytest.fixture(scope="session")
 def smollm2_bf16_int8_drafts(smollm2_folder):
-    return orthrus.load(str(smollm2_folder), drafter="none", dtype="bfloat16", device="cpu", draft_dtype="int8")
+    return untrained(smollm2_folder, "bfloat16", "int8")
 
 
 @pytest.fixture

@@ -10,6 +10,8 @@ import orthrus
 from orthrus import kernels
 from orthrus.cache import KVCache
 
+from .conftest import untrained
+
 # Only a machine that cannot run them (not x86, no AVX2) skips; where they should build, a failed build fails.
 pytestmark = pytest.mark.skipif(kernels.unavailable_reason() is not None, reason=str(kernels.unavailable_reason()))
 
@@ -152,7 +154,7 @@ def test_int8_drafts_are_the_diffusion_view_on_w8a8_products(qwen3_int8_drafts, 
     """With int8 drafts the stack's diffusion view computes what the plain path computes when every
     product takes int8 weights and activations (close: roundings of the two paths differ slightly),
     while the AR view, which verifies, is untouched (bit for bit the model-dtype stack's)."""
-    plain = orthrus.load(str(qwen3_folder), drafter="none", dtype="float32", device="cpu", draft_dtype="model")
+    plain = untrained(qwen3_folder, "float32")
     plain_model = plain.model
     drafting = []  # non-empty during a diffusion pass: only drafts take int8 products
 
@@ -297,7 +299,7 @@ def test_every_build_gives_the_same_bits(request, tmp_path, dtype, other):
         pytest.skip(f"this CPU runs {' and '.join(kernels.runnable_isas())}: no {other} build to compare with {kernels.isa()}")
     for name in ("qwen3_folder", "smollm2_folder"):
         folder = str(request.getfixturevalue(name))
-        script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from test_kernels import pass_logits; "
+        script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent.parent)!r}); from tests.test_kernels import pass_logits; "
                   f"from safetensors.torch import save_file; save_file(pass_logits({folder!r}, {dtype!r}), {str(tmp_path / 'other.st')!r})")
         subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "ORTHRUS_ISA": other})
         theirs, ours = load_file(tmp_path / "other.st"), pass_logits(folder, dtype)

@@ -1,12 +1,13 @@
-// Few-row CPU kernels (AVX2 + FMA; the products in AVX-512 where the CPU has it) for decoding: a
-// matrix product that streams each weight once for all rows, and attention of a few query rows
-// over the KV cache.
+// Few-row CPU kernels (AVX2 + FMA; the products in AVX-512, and on AVX512-BF16/VNNI's dot
+// instructions, where the CPU has them) for decoding: a matrix product that streams each weight
+// once for all rows, and attention of a few query rows over the KV cache.
 //
 // Batch invariance: every output element is computed by the same sequence of floating-point
 // operations whatever the number of rows (or which tile it falls in): in a product, one FMA chain
-// over the reduction dimension in order, then the bias; in attention, fixed 8-lane chains and a
-// fixed horizontal sum. So row i of a T-row product is bit-identical to the 1-row product of that
-// row, which makes a T-token verify pass compute each token exactly as a 1-token decode step does.
+// over the reduction dimension in a fixed order, then the bias (int8 products: an exact integer
+// dot, then the scales); in attention, fixed 8-lane chains and a fixed horizontal sum. So row i of
+// a T-row product is bit-identical to the 1-row product of that row, which makes a T-token verify
+// pass compute each token exactly as a 1-token decode step does.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -30,7 +31,6 @@ inline __m256 load8(const bf16* p) {  // bf16 -> fp32 is a 16-bit shift, exact
 }
 inline float to_float(float v) { return v; }
 inline float to_float(bf16 v) { return static_cast<float>(v); }
-inline float to_float(int8_t v) { return static_cast<float>(v); }
 
 inline float hsum(__m256 v) {  // fixed order: (lo + hi), then pairs, then the last two
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -67,7 +67,6 @@ inline float exp1(float x) { return _mm256_cvtss_f32(exp8(_mm256_set1_ps(x))); }
 constexpr int64_t PANEL = 16;
 constexpr int GROUP = 4;  // panels a thread takes at a time (64 features)
 inline int64_t input_order(int64_t k, int64_t, const float*) { return k; }
-inline int64_t input_order(int64_t k, int64_t, const int8_t*) { return k; }
 inline int64_t input_order(int64_t k, int64_t K, const bf16*) { return (k ^ 1) < K ? k ^ 1 : k; }
 
 // int8 weights (drafts) go by input quads in every build ([K/4][16][4]: a feature's weights for
@@ -164,17 +163,17 @@ std::vector<torch::Tensor> quantize(const torch::Tensor& w) {
   return {pack(q), scale};
 }
 
-// Where a panel's 16 outputs go: y (rows ldy apart), after the int8 scale and the bias, where given.
+// Where a panel's 16 outputs go: y (rows ldy apart), after the int8 weights' scales and the bias, where given.
 struct PanelOut {
   const float* scale;
   const float* bias;
   float* y;
 };
 
-// y_s[r, f] = x[r] . w_s[f] (x scale_s[f]) (+ bias_s[f]) for R rows of x (ldx apart) and the 16
-// features of each of S panels: every output is one FMA chain over the inputs in `input_order`,
-// from zero, then the scale and the bias. No tile shape changes what an output is computed from or
-// in which order, so any row count gives every row the same bits.
+// y_s[r, f] = x[r] . w_s[f] (+ bias_s[f]) for R rows of x (ldx apart) and the 16 features of each
+// of S panels: every output is one FMA chain over the inputs in `input_order`, from zero, then the
+// bias. No tile shape changes what an output is computed from or in which order, so any row count
+// gives every row the same bits.
 #ifdef __AVX512F__
 // The AVX-512 build (chosen at load time on CPUs that have it): a panel's 16 features fill one
 // 16-lane register, so with 32 registers a tile covers up to 6 rows over a whole group of 4 panels
@@ -226,7 +225,6 @@ inline void linear_tile(const X* x, int64_t ldx, int64_t K, const W* const* w, i
 #pragma GCC unroll 4
     for (int s = 0; s < S; ++s) {
       __m512 v = acc[r][s];
-      if (out[s].scale) v = _mm512_mul_ps(v, _mm512_loadu_ps(out[s].scale));
       if (out[s].bias) v = _mm512_add_ps(v, _mm512_loadu_ps(out[s].bias));
       _mm512_storeu_ps(out[s].y + r * ldy, v);
     }
@@ -268,7 +266,6 @@ inline void linear_tile(const X* x, int64_t ldx, int64_t K, const W* const* w, i
 #pragma GCC unroll 4
     for (int s = 0; s < S; ++s) {
       __m256 lo = acc[r][2 * s], hi = acc[r][2 * s + 1];
-      if (const float* c = out[s].scale) lo = _mm256_mul_ps(lo, _mm256_loadu_ps(c)), hi = _mm256_mul_ps(hi, _mm256_loadu_ps(c + 8));
       if (const float* b = out[s].bias) lo = _mm256_add_ps(lo, _mm256_loadu_ps(b)), hi = _mm256_add_ps(hi, _mm256_loadu_ps(b + 8));
       _mm256_storeu_ps(out[s].y + r * ldy, lo);
       _mm256_storeu_ps(out[s].y + r * ldy + 8, hi);
