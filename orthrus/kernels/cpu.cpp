@@ -536,17 +536,34 @@ std::vector<uint32_t> bf16_pairs(const float* x, int64_t M, int64_t K) {
 std::vector<uint32_t> int8_quads(const float* x, int64_t M, int64_t K) {
   const int64_t steps = (K + 3) / 4, ld = steps + 2;
   std::vector<uint32_t> quads(M * ld, 0);
+  const __m256 no_sign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   for (int64_t m = 0; m < M; ++m) {
     const float* row = x + m * K;
-    float top = 0.f;
-    for (int64_t k = 0; k < K; ++k) top = std::max(top, std::fabs(row[k]));
+    __m256 top8 = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) top8 = _mm256_max_ps(top8, _mm256_and_ps(_mm256_loadu_ps(row + k), no_sign));
+    float lanes[8], top = 0.f;
+    _mm256_storeu_ps(lanes, top8);
+    for (float v : lanes) top = std::max(top, v);
+    for (; k < K; ++k) top = std::max(top, std::fabs(row[k]));
     const float inv = top > 0.f ? 127.f / top : 0.f, scale = top / 127.f;
-    int32_t sum = 0;
     uint32_t* out = quads.data() + m * ld;
-    for (int64_t k = 0; k < K; ++k) {
+    auto* bytes = reinterpret_cast<int8_t*>(out);
+    // x * inv rounded to nearest even (the conversion's default mode, as std::nearbyint), 8 at a time
+    __m256i sum8 = _mm256_setzero_si256();
+    for (k = 0; k + 8 <= K; k += 8) {
+      const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + k), _mm256_set1_ps(inv)));
+      sum8 = _mm256_add_epi32(sum8, q);
+      const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(bytes + k), _mm_packs_epi16(q16, q16));
+    }
+    int32_t sums[8], sum = 0;
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(sums), sum8);
+    for (int32_t v : sums) sum += v;
+    for (; k < K; ++k) {
       const int32_t q = static_cast<int32_t>(std::nearbyint(row[k] * inv));
       sum += q;
-      out[k / 4] |= static_cast<uint32_t>(static_cast<uint8_t>(q)) << (8 * (k % 4));
+      bytes[k] = static_cast<int8_t>(q);
     }
     std::memcpy(out + steps, &scale, 4);
     out[steps + 1] = static_cast<uint32_t>(sum);
