@@ -20,7 +20,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-dtype", choices=["auto", "int8", "model"], default="auto",
                    help="what the drafts are computed with on the CPU kernels: int8 weights and activations (half of "
                         "bf16's bytes to read) or the model's own dtype; auto = int8 where the CPU has VNNI. Verification "
-                        "always uses the model's weights, so the output is the same"),
+                        "always uses the model's weights, so the output is the same")
     p.add_argument("--draft-confidence", type=float, default=0.0,
                    help="verify drafts only up to the first one whose draft probability is below this (0 = all)")
 

@@ -5,10 +5,10 @@ pass over the KV cache in one call (`decoder_stack`: no Python between the ops).
 `$ORTHRUS_CACHE/kernels` (default `~/.cache/orthrus/kernels`), keyed by the source, the torch
 version and the instruction set, so later runs load it in a fraction of a second; `make install`
 builds it. The instruction set is AVX2 + FMA, or AVX-512 where the CPU has it (its products hold
-twice the rows per tile), with AVX512-BF16 where it has that too (bf16 products by its dot
-instruction, twice the products an instruction); all compute every output with the same
-operations in the same order, so they give the same bits (`ORTHRUS_ISA=avx2` or `avx512` forces
-a build).
+twice the rows per tile), with AVX512-BF16 and VNNI where it has those too (bf16 products by
+the BF16 dot instruction; the int8 products of drafts, `linear(..., int8=True)` and the stack's
+int8 diffusion view, by VNNI's); all compute every output with the same operations in the same
+order, so they give the same bits (`ORTHRUS_ISA=avx2` or `avx512` forces a build).
 Products stream each weight from a packed copy (`packed`), made on first use and kept beside the
 weight: it doubles the weights' memory, the price of one sequential stream per tile.
 Every output element is computed with the same reduction order whatever the number of rows, so
