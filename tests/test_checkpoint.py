@@ -89,6 +89,8 @@ def test_learned_mask_embedding_is_saved_with_the_drafter(smollm2_folder, tmp_pa
 def test_bad_checkpoints_give_clear_errors(qwen3_folder, tmp_path):
     with pytest.raises(OrthrusError, match="no such model folder"):
         load_model(tmp_path / "missing")
+    with pytest.raises(OrthrusError, match="draft_dtype must be"):
+        orthrus.load(str(qwen3_folder), draft_dtype="int4")
     broken = tmp_path / "broken"
     shutil.copytree(qwen3_folder, broken)
     weights = broken / "model.safetensors"
