@@ -1,0 +1,83 @@
+"""Two builds of the CPU kernels side by side in one process, alternating pass by pass (so machine
+noise hits both alike): the way to time a kernel change on a shared machine.
+
+Build each source into its own cache (a build of one source deletes other builds of its instruction
+set from the cache folder, so copy the .so files somewhere else first), then:
+
+    git worktree add /tmp/old HEAD~1
+    (cd /tmp/old && ORTHRUS_CACHE=/tmp/old-cache PYTHONPATH=/tmp/old python -c "from orthrus import kernels; kernels.module()")
+    python benchmarks/kernel_ab.py /tmp/old-cache/kernels/orthrus_cpu_*.so ~/.cache/orthrus/kernels/orthrus_cpu_*.so \\
+        --view diffusion --tokens 4 --draft-dtype int8
+
+The two builds must share the Python interface of this checkout (the decoder stack, `linear`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import orthrus
+from orthrus import kernels
+from orthrus.cache import KVCache
+
+
+def load_build(path: str):
+    spec = importlib.util.spec_from_file_location(Path(path).name.split(".")[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("a", help="the first build (.so)")
+    ap.add_argument("b", help="the second build (.so)")
+    ap.add_argument("--view", choices=["ar", "diffusion"], default="ar")
+    ap.add_argument("--tokens", type=int, default=4, help="tokens per pass")
+    ap.add_argument("--context", type=int, default=256, help="cached tokens before each pass")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--draft-dtype", default="int8", help="auto | int8 | model (for --view diffusion)")
+    ap.add_argument("--passes", type=int, default=60, help="passes per build")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    builds = {"A": load_build(args.a), "B": load_build(args.b)}
+    kernels.module()
+    llm = orthrus.load(None, dtype=args.dtype, device="cpu", draft_dtype=args.draft_dtype)
+    model = llm.model
+    cache = KVCache(model.config, 1, args.context + args.tokens, next(model.parameters()).dtype, "cpu")
+    rows = torch.tensor([0])
+    with torch.inference_mode():
+        window = cache.window(rows, args.context, bidirectional=False)
+        model(torch.randint(0, 1000, (1, args.context)), window.positions, window, "ar", logits=False)
+    cache.lengths[0] = args.context
+
+    def one_pass() -> float:
+        tokens = torch.randint(0, 1000, (1, args.tokens))
+        with torch.inference_mode():
+            start = time.perf_counter()
+            window = cache.window(rows, args.tokens, bidirectional=args.view == "diffusion")
+            model(tokens, window.positions, window, args.view)
+            return (time.perf_counter() - start) * 1e3
+
+    times = {"A": [], "B": []}
+    for i in range(args.passes + 1):  # the first round warms both up (packing, the stacks) and is dropped
+        for name in ("A", "B") if i % 2 else ("B", "A"):
+            kernels._module = builds[name]
+            took = one_pass()
+            if i:
+                times[name].append(took)
+    a, b = statistics.median(times["A"]), statistics.median(times["B"])
+    print(f"{args.view} pass of {args.tokens} tokens after {args.context}, {args.dtype}: "
+          f"A median {a:.2f} ms (min {min(times['A']):.2f}), B median {b:.2f} ms (min {min(times['B']):.2f}), B / A {b / a:.3f}")
+
+
+if __name__ == "__main__":
+    main()
