@@ -141,6 +141,38 @@ torch::Tensor pack(const torch::Tensor& w) {
 // int8 weights for drafting: each output feature's weights over their largest magnitude (x 127,
 // rounded to q in [-127, 127]), and the scale that takes them back. Stored as q + 128 (an unsigned
 // byte, the operand VNNI's dot takes unsigned). Returns the packed weight and the fp32 scales [N].
+// One row of K values over its largest magnitude: q = v * 127 / max rounded to nearest even (the
+// conversion's default mode, as std::nearbyint), in [-127, 127], into out, 8 at a time; adds the
+// q's to *sum and returns the scale that takes them back (max / 127). Weights and activations
+// are quantized by this one rule.
+inline float quantize_row(const float* row, int64_t K, int8_t* out, int32_t* sum) {
+  const __m256 no_sign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 top8 = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) top8 = _mm256_max_ps(top8, _mm256_and_ps(_mm256_loadu_ps(row + k), no_sign));
+  float lanes[8], top = 0.f;
+  _mm256_storeu_ps(lanes, top8);
+  for (float v : lanes) top = std::max(top, v);
+  for (; k < K; ++k) top = std::max(top, std::fabs(row[k]));
+  const float inv = top > 0.f ? 127.f / top : 0.f;
+  __m256i sum8 = _mm256_setzero_si256();
+  for (k = 0; k + 8 <= K; k += 8) {
+    const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + k), _mm256_set1_ps(inv)));
+    sum8 = _mm256_add_epi32(sum8, q);
+    const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + k), _mm_packs_epi16(q16, q16));
+  }
+  int32_t sums[8];
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(sums), sum8);
+  for (int32_t v : sums) *sum += v;
+  for (; k < K; ++k) {
+    const int32_t q = static_cast<int32_t>(std::nearbyint(row[k] * inv));
+    *sum += q;
+    out[k] = static_cast<int8_t>(q);
+  }
+  return top / 127.f;
+}
+
 std::vector<torch::Tensor> quantize(const torch::Tensor& w) {
   TORCH_CHECK(w.dim() == 2, "quantize: a weight [N, K]");
   const auto wf = w.detach().to(at::kFloat).contiguous();
@@ -152,12 +184,9 @@ std::vector<torch::Tensor> quantize(const torch::Tensor& w) {
   float* sp = scale.data_ptr<float>();
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      float top = 0.f;
-      for (int64_t k = 0; k < K; ++k) top = std::max(top, std::fabs(src[n * K + k]));
-      sp[n] = top / 127.f;
-      const float inv = top > 0.f ? 127.f / top : 0.f;
-      for (int64_t k = 0; k < K; ++k)
-        dst[n * K + k] = static_cast<int8_t>(static_cast<uint8_t>(std::nearbyint(src[n * K + k] * inv) + 128));
+      int32_t sum = 0;  // not needed for weights
+      sp[n] = quantize_row(src + n * K, K, dst + n * K, &sum);
+      for (int64_t k = 0; k < K; ++k) dst[n * K + k] ^= static_cast<int8_t>(0x80);  // q + 128 as an unsigned byte
     }
   });
   return {pack(q), scale};
@@ -436,12 +465,6 @@ void parallel_chunks(int64_t total, int64_t chunk, const F& body) {
 template <typename X, typename W>
 int64_t linear_rows(const X* x, int64_t ldx, int64_t K, const W* const* w, const PanelOut* out,
                     int64_t ldy, int count, int64_t rest) {
-#ifndef __AVX512VNNI__
-  if constexpr (std::is_same_v<W, int8_t>) {  // 256-bit integer tiles: 2 rows over 2 panels, or 1 over 4 (8 sums)
-    if (rest >= 2) return linear_panels<X, W, 2, 2>(x, ldx, K, w, out, ldy, count), 2;
-    return linear_panels<X, W, 1, GROUP>(x, ldx, K, w, out, ldy, count), 1;
-  }
-#endif
   const int64_t rows = rest <= 6 ? rest : rest <= 12 ? (rest + 1) / 2 : 6;
   switch (rows) {
     case 1: linear_panels<X, W, 1, GROUP>(x, ldx, K, w, out, ldy, count); break;
@@ -461,12 +484,6 @@ int64_t linear_rows(const X* x, int64_t ldx, int64_t K, const W* const* w, const
 template <typename X, typename W>
 int64_t linear_rows(const X* x, int64_t ldx, int64_t K, const W* const* w, const PanelOut* out,
                     int64_t ldy, int count, int64_t rest) {
-#ifndef __AVX512VNNI__
-  if constexpr (std::is_same_v<W, int8_t>) {  // 256-bit integer tiles: 2 rows over 2 panels, or 1 over 4 (8 sums)
-    if (rest >= 2) return linear_panels<X, W, 2, 2>(x, ldx, K, w, out, ldy, count), 2;
-    return linear_panels<X, W, 1, GROUP>(x, ldx, K, w, out, ldy, count), 1;
-  }
-#endif
   if (rest >= 6 && rest != 8) return linear_panels<X, W, 6, 1>(x, ldx, K, w, out, ldy, count), 6;
   if (rest == 5) return linear_panels<X, W, 5, 1>(x, ldx, K, w, out, ldy, count), 5;
   if (rest >= 4) return linear_panels<X, W, 4, 1>(x, ldx, K, w, out, ldy, count), 4;
@@ -476,11 +493,28 @@ int64_t linear_rows(const X* x, int64_t ldx, int64_t K, const W* const* w, const
 }
 #endif
 
+#ifndef __AVX512VNNI__
+// int8 products without VNNI (AVX2, or AVX-512 without it) run 256-bit integer tiles: 2 rows over
+// 2 panels, or 1 over 4 (8 sums in registers).
+template <typename X>
+int64_t int8_rows(const X* x, int64_t ldx, int64_t K, const int8_t* const* w, const PanelOut* out, int64_t ldy,
+                  int count, int64_t rest) {
+  if (rest >= 2) return linear_panels<X, int8_t, 2, 2>(x, ldx, K, w, out, ldy, count), 2;
+  return linear_panels<X, int8_t, 1, GROUP>(x, ldx, K, w, out, ldy, count), 1;
+}
+#endif
+
 template <typename X, typename W>
 void linear_group(const Products<X, W>& p, const W* const* w, const PanelOut* out, int64_t ldy, int count) {
   for (int64_t m = 0; m < p.M;) {
     PanelOut rows[GROUP];
     for (int s = 0; s < count; ++s) rows[s] = {out[s].scale, out[s].bias, out[s].y + m * ldy};
+#ifndef __AVX512VNNI__
+    if constexpr (std::is_same_v<W, int8_t>) {
+      m += int8_rows(p.x + m * p.ldx, p.ldx, p.K, w, rows, ldy, count, p.M - m);
+      continue;
+    }
+#endif
     m += linear_rows(p.x + m * p.ldx, p.ldx, p.K, w, rows, ldy, count, p.M - m);
   }
 }
@@ -536,35 +570,10 @@ std::vector<uint32_t> bf16_pairs(const float* x, int64_t M, int64_t K) {
 std::vector<uint32_t> int8_quads(const float* x, int64_t M, int64_t K) {
   const int64_t steps = (K + 3) / 4, ld = steps + 2;
   std::vector<uint32_t> quads(M * ld, 0);
-  const __m256 no_sign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   for (int64_t m = 0; m < M; ++m) {
-    const float* row = x + m * K;
-    __m256 top8 = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 8 <= K; k += 8) top8 = _mm256_max_ps(top8, _mm256_and_ps(_mm256_loadu_ps(row + k), no_sign));
-    float lanes[8], top = 0.f;
-    _mm256_storeu_ps(lanes, top8);
-    for (float v : lanes) top = std::max(top, v);
-    for (; k < K; ++k) top = std::max(top, std::fabs(row[k]));
-    const float inv = top > 0.f ? 127.f / top : 0.f, scale = top / 127.f;
     uint32_t* out = quads.data() + m * ld;
-    auto* bytes = reinterpret_cast<int8_t*>(out);
-    // x * inv rounded to nearest even (the conversion's default mode, as std::nearbyint), 8 at a time
-    __m256i sum8 = _mm256_setzero_si256();
-    for (k = 0; k + 8 <= K; k += 8) {
-      const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + k), _mm256_set1_ps(inv)));
-      sum8 = _mm256_add_epi32(sum8, q);
-      const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(bytes + k), _mm_packs_epi16(q16, q16));
-    }
-    int32_t sums[8], sum = 0;
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(sums), sum8);
-    for (int32_t v : sums) sum += v;
-    for (; k < K; ++k) {
-      const int32_t q = static_cast<int32_t>(std::nearbyint(row[k] * inv));
-      sum += q;
-      bytes[k] = static_cast<int8_t>(q);
-    }
+    int32_t sum = 0;
+    const float scale = quantize_row(x + m * K, K, reinterpret_cast<int8_t*>(out), &sum);
     std::memcpy(out + steps, &scale, 4);
     out[steps + 1] = static_cast<uint32_t>(sum);
   }
