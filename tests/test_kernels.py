@@ -6,7 +6,6 @@ decode step does, so greedy Orthrus equals greedy AR in bf16 too (tests/test_dec
 import pytest
 import torch
 
-import orthrus
 from orthrus import kernels
 from orthrus.cache import KVCache
 
@@ -227,7 +226,7 @@ def prefilled(llm, text: str, room: int) -> tuple[KVCache, int]:
 @pytest.mark.parametrize("name", ["qwen3_folder", "smollm2_folder"])
 def test_a_verify_pass_computes_each_token_as_a_decode_step_does(request, name, dtype):
     """Logits of one T-token AR pass == logits of T one-token steps, bit for bit, for T up to 32."""
-    llm = orthrus.load(str(request.getfixturevalue(name)), drafter="none", dtype=dtype, device="cpu")
+    llm = untrained(request.getfixturevalue(name), dtype)
     model = llm.model
     tokens = torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
@@ -268,7 +267,7 @@ def test_a_failed_build_falls_back_to_plain_pytorch_with_one_line(tmp_path, monk
 def pass_logits(folder: str, dtype: str) -> dict[str, torch.Tensor]:
     """Logits of a 1-token step and of a 7-token pass after a prompt (drafts from int8 products),
     with the kernels this process built (run under each instruction set by the test below)."""
-    llm = orthrus.load(folder, drafter="none", dtype=dtype, device="cpu", draft_dtype="int8")
+    llm = untrained(folder, dtype, "int8")
     model = llm.model
     tokens = torch.randint(0, 1000, (1, 7), generator=torch.Generator().manual_seed(6))
     rows = torch.tensor([0])
