@@ -87,6 +87,12 @@ def cpu_flags() -> set[str]:
         return set()
 
 
+def compile_flags() -> list[str]:
+    """The C++ flags of a build for this machine's instruction set (no contraction of a * b + c into
+    an FMA the source does not ask for: the order of every rounding is the source's)."""
+    return ["-O3", *ISA_FLAGS[isa()], "-fopenmp", "-ffp-contract=off"]
+
+
 def build_id() -> str:
     """What a build depends on (the source, the torch version, the instruction set), as a short hash."""
     return hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + isa().encode()).hexdigest()[:12]
@@ -107,8 +113,7 @@ def _build():
         cache_dir().mkdir(parents=True, exist_ok=True)
         print("orthrus: compiling the CPU kernels (once per machine, about a minute)...", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".build-") as tmp:
-            flags = ["-O3", *ISA_FLAGS[isa()], "-fopenmp", "-ffp-contract=off"]
-            load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=tmp,
+            load(name=name, sources=[str(SOURCE)], extra_cflags=compile_flags(), extra_ldflags=["-fopenmp"], build_directory=tmp,
                  verbose=False)
             (Path(tmp) / f"{name}.so").rename(library)  # same file system: atomic
         for old in cache_dir().glob(f"orthrus_cpu_{isa()}_*.so"):  # builds of older sources or torch versions

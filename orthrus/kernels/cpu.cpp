@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <c10/util/Optional.h>
 #include <cmath>
 #include <cstring>
@@ -880,6 +881,33 @@ void silu_mul(const float* gate, const float* up, T* out, int64_t n) {
   }
 }
 
+// Where a pass's time goes, phase by phase, when built with -DORTHRUS_PHASES
+// (`benchmarks/pass_phases.py`); the normal build has none of this.
+#ifdef ORTHRUS_PHASES
+enum Phase { SMALL_OPS, QKV, ATTENTION, O_PROJ, GATE_UP, DOWN, PHASES };
+double phase_ms[PHASES] = {};
+struct PhaseClock {  // adds the time since the last tick to the phase that was running
+  std::chrono::steady_clock::time_point last = std::chrono::steady_clock::now();
+  Phase running = SMALL_OPS;
+  void tick(Phase next) {
+    const auto now = std::chrono::steady_clock::now();
+    phase_ms[running] += std::chrono::duration<double, std::milli>(now - last).count();
+    last = now, running = next;
+  }
+  ~PhaseClock() { tick(SMALL_OPS); }
+};
+std::vector<double> take_phases() {  // ms per phase since the last call: small ops, qkv, attention, o, gate/up, down
+  std::vector<double> taken(phase_ms, phase_ms + PHASES);
+  std::fill_n(phase_ms, PHASES, 0.0);
+  return taken;
+}
+#define PHASE_CLOCK PhaseClock phase_clock
+#define PHASE(p) phase_clock.tick(p)
+#else
+#define PHASE_CLOCK
+#define PHASE(p)
+#endif
+
 class DecoderStack {
  public:
   // layers: per layer [input_norm, post_norm, gate, up, down] then, for the AR view and then the
@@ -997,13 +1025,16 @@ class DecoderStack {
         store(to_float(x[i]) + to_float(tmp[i]), x + i);
       }
     };
+    PHASE_CLOCK;
     for (size_t l = 0; l < layers_.size(); ++l) {
       const LayerWeights& w = layers_[l];
       const ViewWeights& a = diffusion ? w.diffusion : w.ar;
       rmsnorm_impl(x, w.input_norm.data_ptr<T>(), h.data(), M, C, eps_);
       widen(h.data(), M * C);
+      PHASE(QKV);
       products(hf.data(), M, C, {operand(a.q, &a.q_bias), operand(a.k, &a.k_bias), operand(a.v, &a.v_bias)},
                {qf.data(), kf.data(), vf.data()}, IN_BF16);
+      PHASE(SMALL_OPS);
       round_into(qf.data(), q.data(), M * QD);
       round_into(kf.data(), k.data(), M * KD);
       round_into(vf.data(), v.data(), M * KD);
@@ -1023,17 +1054,25 @@ class DecoderStack {
             std::copy_n(v.data() + from, D, vl + at);
           }
       widen(q.data(), M * QD);
+      PHASE(ATTENTION);
       attend_raw<T>(hf.data(), N, T_, H, G, D, kl, vl, cs[1], cs[2], cs[3], rows, limits, scale, qf.data());
+      PHASE(SMALL_OPS);
       round_into(qf.data(), h.data(), M * QD);  // the heads' output, in the model's dtype
       widen(h.data(), M * QD);
+      PHASE(O_PROJ);
       products(hf.data(), M, QD, {operand(a.o)}, {yf.data()}, IN_BF16);
+      PHASE(SMALL_OPS);
       add_into(x, yf.data(), h.data(), M * C);
       rmsnorm_impl(x, w.post_norm.data_ptr<T>(), h.data(), M, C, eps_);
       widen(h.data(), M * C);
+      PHASE(GATE_UP);
       products(hf.data(), M, C, {operand(a.gate), operand(a.up)}, {yf.data(), uf.data()}, IN_BF16);
+      PHASE(SMALL_OPS);
       silu_mul(yf.data(), uf.data(), act.data(), M * I);
       widen(act.data(), M * I);
+      PHASE(DOWN);
       products(hf.data(), M, I, {operand(a.down)}, {yf.data()}, IN_BF16);
+      PHASE(SMALL_OPS);
       add_into(x, yf.data(), h.data(), M * C);
     }
   }
@@ -1050,6 +1089,9 @@ class DecoderStack {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+#ifdef ORTHRUS_PHASES
+  m.def("take_phases", &take_phases, "ms per phase of the decoder stack since the last call");
+#endif
   m.def("pack", &pack, "a weight [N, K] in the layout `linear` reads");
   m.def("quantize", &quantize, "a weight [N, K] as packed int8 and its fp32 scales [N]");
   m.def("linear", &linear, "few-row, batch-invariant x @ w.T (+ bias) for one or more packed weights",
