@@ -69,7 +69,7 @@ def main(argv=None) -> None:
                 x = kernels.decoder_stack(model).forward(x, cos, sin, *window.kernel_cache, view == "diffusion")
                 head_start = time.perf_counter()
                 x = kernels.rmsnorm(x, model.model.norm.weight, model.model.norm.eps)
-                kernels.linear(x, model.lm_head, int8=model.int8_drafts and view == "diffusion")[0].float()
+                kernels.linear(x, model.lm_head, int8=model.int8_drafts and view == "diffusion", float_out=True)
                 end = time.perf_counter()
             phases = kernels._module.take_phases()
             if i >= 2:

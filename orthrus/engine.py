@@ -39,7 +39,7 @@ import torch
 from .cache import KVCache
 from .errors import OrthrusError
 from .model import OrthrusLM
-from .sampling import SamplingParams, sample, sampling_probs, speculative_accept
+from .sampling import SamplingParams, greedy_accept, sample, sampling_probs, speculative_accept
 
 Mode = Literal["orthrus", "ar"]
 PREFILL_CHUNK = 1024  # prompt tokens per prefill forward: bounds attention memory on long prompts
@@ -372,12 +372,14 @@ class Engine:
         most = max(b - 1, MAX_LOOKUP_DRAFTS)  # uniforms per row: drafts, accepts, the next token
         u = self._uniforms(seqs, 2 * most + 1)
         u_accept, u_next = u[:, most : 2 * most], u[:, 2 * most]
+        greedy = all(p.greedy for p in params)  # argmaxes alone decide: no vocabulary-wide distributions
         if self.mode == "ar":
             window = self.cache.window(rows, 1, bidirectional=False)
-            p = sampling_probs(self.model(anchors[:, None], window.positions, window, "ar"), params)
+            logits = self.model(anchors[:, None], window.positions, window, "ar")[:, 0]
             self.forwards += 1
             self.cache.lengths[rows] += 1
-            return [0] * len(seqs), [[t] for t in sample(p[:, 0], u[:, 0]).tolist()], ["ar"] * len(seqs), [0] * len(seqs)
+            tokens = logits.argmax(-1) if greedy else sample(sampling_probs(logits[:, None], params)[:, 0], u[:, 0])
+            return [0] * len(seqs), [[t] for t in tokens.tolist()], ["ar"] * len(seqs), [0] * len(seqs)
         # lookup drafts a row may take: the verify pass is as wide as its widest row for every row, so
         # it must fit the fullest row's cache slots; and none past the row's own token budget
         slots = self.max_len - 1 - int(self.cache.lengths[rows].max())
@@ -386,12 +388,13 @@ class Engine:
         diffuse = [i for i, plan in enumerate(plans) if plan.source == "diffusion"]
         width = max([len(plan.drafts) for plan in plans] + [b - 1] * bool(diffuse))  # drafts any row may verify
         drafts = torch.zeros(len(seqs), width, dtype=torch.long, device=self.device)
-        q = torch.zeros(len(seqs), width, self.model.config.vocab_size, device=self.device)
+        q = None if greedy else torch.zeros(len(seqs), width, self.model.config.vocab_size, device=self.device)
         lengths = torch.tensor([len(plan.drafts) for plan in plans], device=self.device)
         for i, plan in enumerate(plans):
             if plan.drafts:
                 drafts[i, : len(plan.drafts)] = torch.tensor(plan.drafts, device=self.device)
-                q[i, range(len(plan.drafts)), plan.drafts] = 1.0  # a deterministic proposal
+                if q is not None:
+                    q[i, range(len(plan.drafts)), plan.drafts] = 1.0  # a deterministic proposal
         if diffuse:
             # draft: one diffusion pass over [anchor, MASK...] for the rows the planner gave the
             # drafter; row j predicts position anchor + j + 1
@@ -400,8 +403,11 @@ class Engine:
             block[:, 0] = anchors[picked]
             window = self.cache.window(rows[picked.cpu()], b, bidirectional=True)
             draft_logits = self.model(block, window.positions, window, "diffusion")[:, :-1]
-            q[picked, : b - 1] = sampling_probs(draft_logits, [params[i] for i in diffuse])
-            drafts[picked, : b - 1] = sample(q[picked, : b - 1], u[picked, : b - 1])
+            if greedy:
+                drafts[picked, : b - 1] = draft_logits.argmax(-1)
+            else:
+                q[picked, : b - 1] = sampling_probs(draft_logits, [params[i] for i in diffuse])
+                drafts[picked, : b - 1] = sample(q[picked, : b - 1], u[picked, : b - 1])
             kept = torch.full((len(diffuse),), b - 1, device=self.device)
             if self.draft_confidence > 0:  # verify through the first unsure draft
                 sure = draft_logits.softmax(-1).amax(-1) >= self.draft_confidence
@@ -409,13 +415,17 @@ class Engine:
             lengths[picked] = kept
             self.forwards += 1
         k = int(lengths.max())
-        drafts, q = drafts[:, :k], q[:, :k]
+        drafts = drafts[:, :k]
         # verify: one AR pass over [anchor, drafts] for every row, writing the cache
         window = self.cache.window(rows, k + 1, bidirectional=False)
         verify_tokens = torch.cat([anchors[:, None], drafts], 1)
-        p = sampling_probs(self.model(verify_tokens, window.positions, window, "ar"), params)
+        logits = self.model(verify_tokens, window.positions, window, "ar")
         self.forwards += 1
-        accepted, next_tokens = speculative_accept(p, q, drafts, u_accept[:, :k], u_next, lengths)
+        if greedy:
+            accepted, next_tokens = greedy_accept(logits.argmax(-1), drafts, lengths)
+        else:
+            p = sampling_probs(logits, params)
+            accepted, next_tokens = speculative_accept(p, q[:, :k], drafts, u_accept[:, :k], u_next, lengths)
         self.cache.lengths[rows] += accepted.cpu() + 1  # commit the anchor and the accepted drafts
         drafts, accepted, next_tokens = drafts.tolist(), accepted.tolist(), next_tokens.tolist()
         new_tokens = [d[:a] + [t] for d, a, t in zip(drafts, accepted, next_tokens)]

@@ -221,7 +221,9 @@ class OrthrusLM(nn.Module):
         if hasattr(kv, "kernel_cache") and kernels.usable(x, tokens.shape[1]):
             x = kernels.decoder_stack(self).forward(x.contiguous(), cos, sin, *kv.kernel_cache, view == "diffusion")
             x = kernels.rmsnorm(x, self.model.norm.weight, self.model.norm.eps)
-            return kernels.linear(x, self.lm_head, int8=self.int8_drafts and view == "diffusion")[0].float() if logits else x
+            if not logits:
+                return x
+            return kernels.linear(x, self.lm_head, int8=self.int8_drafts and view == "diffusion", float_out=True)[0]
         for layer in self.model.layers:
             x = layer(x, cos, sin, kv, view)
         x = self.model.norm(x)

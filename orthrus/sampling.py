@@ -105,3 +105,15 @@ def speculative_accept(
     residual = (p_a - q_a).clamp_(min=0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_a)  # p == q: nothing to correct
     return accepted, sample(residual, u_next)
+
+
+def greedy_accept(targets: torch.Tensor, drafts: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`speculative_accept` when every distribution is one-hot (greedy rows): targets [N, K+1] are the
+    verify pass's argmaxes, drafts [N, K] with lengths [N] real drafts per row. A draft is accepted
+    while it equals the target at its position; the next token is the target after the last accepted
+    draft. Returns (accepted count [N], next token [N]), what `speculative_accept` gives for one-hot p
+    and q, without building vocabulary-wide distributions."""
+    n, k = drafts.shape
+    real = torch.arange(k, device=drafts.device) < lengths[:, None]
+    accepted = ((drafts == targets[:, :k]) & real).long().cumprod(-1).sum(-1)
+    return accepted, targets[torch.arange(n, device=drafts.device), accepted]

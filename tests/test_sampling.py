@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from orthrus.errors import OrthrusError
-from orthrus.sampling import SamplingParams, sample, sampling_probs, speculative_accept
+from orthrus.sampling import SamplingParams, greedy_accept, sample, sampling_probs, speculative_accept
 
 
 def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
@@ -74,6 +74,20 @@ def test_greedy_is_the_one_hot_special_case():
     for r in (1, 2):
         a = int(accepted[r])
         assert torch.equal(drafts[r, :a], p[r, :a].argmax(-1)) and nxt[r] == p[r, a].argmax()
+
+
+def test_greedy_accept_is_speculative_accept_on_one_hot_distributions():
+    g = torch.Generator().manual_seed(3)
+    n, k, vocab = 64, 4, 6  # a small vocabulary: drafts often match, rows end at every position
+    p = sampling_probs(torch.randn(n, k + 1, vocab, generator=g), [SamplingParams()] * n)
+    drafts = torch.randint(0, vocab, (n, k), generator=g)
+    drafts[::3] = p[::3, :k].argmax(-1)  # every third row: all drafts right
+    lengths = torch.randint(0, k + 1, (n,), generator=g)
+    q = torch.zeros(n, k, vocab).scatter_(-1, drafts[..., None], 1.0)
+    want = speculative_accept(p, q, drafts, torch.rand(n, k, generator=g), torch.rand(n, generator=g), lengths)
+    got = greedy_accept(p.argmax(-1), drafts, lengths)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert set(got[0].tolist()) >= {0, k}  # both ends seen
 
 
 def test_top_k_top_p_temperature():

@@ -156,11 +156,12 @@ def _kernel_tensor(t: torch.Tensor) -> bool:
             and (_module is not None or (not _tried and module() is not None)))
 
 
-def linear(x: torch.Tensor, *layers: torch.nn.Linear, int8: bool = False) -> list[torch.Tensor]:
+def linear(x: torch.Tensor, *layers: torch.nn.Linear, int8: bool = False, float_out: bool = False) -> list[torch.Tensor]:
     """x @ W.T + b for each layer, for a few rows of x ([..., K]), in one call; fp32 accumulation,
-    outputs in x's dtype. `int8`: multiply by int8 copies of the weights (`quantize`), for drafts."""
+    outputs in x's dtype. `int8`: multiply by int8 copies of the weights (`quantize`), for drafts.
+    `float_out`: the same values as fp32 tensors (what `.float()` of the outputs gives, without its copy)."""
     weights = [packed(m, int8) for m in layers]
-    return _module.linear(x, [w[0] for w in weights], [m.bias for m in layers], [w[1] for w in weights])
+    return _module.linear(x, [w[0] for w in weights], [m.bias for m in layers], [w[1] for w in weights], float_out)
 
 
 def packed(layer: torch.nn.Linear, int8: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:

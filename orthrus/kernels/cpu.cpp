@@ -581,6 +581,15 @@ std::vector<uint32_t> int8_quads(const float* x, int64_t M, int64_t K) {
   return quads;
 }
 
+// Rounding to the dtype a value is stored in, on 8 lanes (bf16: to nearest, ties to even).
+inline __m256 round8(__m256 v, float*) { return v; }
+inline __m256 round8(__m256 v, bf16*) {
+  const __m256i i = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(i, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_add_epi32(i, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
+  return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
 // One weight of a product: packed (fp32, bf16 or int8), with its fp32 scales (int8 only) and fp32
 // bias; a null or undefined tensor where there is none.
 struct Operand {
@@ -634,10 +643,11 @@ void products(const float* x, int64_t M, int64_t K, const std::vector<Operand>& 
 
 // x [..., K] fp32 or bf16; weights [N_j, K] as `pack` or `quantize` returns them, all of one dtype;
 // int8 weights with their scales [N_j]; biases [N_j] or None -> [..., N_j] each, in x's dtype
-// (accumulated in fp32, rounded once).
+// (accumulated in fp32, rounded once); with `float_out` in fp32 holding those values (a bf16
+// model's logits as `.float()` of its bf16 logits has them, without the two copies).
 std::vector<torch::Tensor> linear(const torch::Tensor& x, const std::vector<torch::Tensor>& ws,
                                   const std::vector<c10::optional<torch::Tensor>>& biases,
-                                  const std::vector<c10::optional<torch::Tensor>>& scales) {
+                                  const std::vector<c10::optional<torch::Tensor>>& scales, bool float_out) {
   TORCH_CHECK(x.dim() >= 1 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16), "x: fp32 or bf16 [..., K]");
   TORCH_CHECK(!ws.empty() && biases.size() == ws.size() && scales.size() == ws.size(), "one bias and one scale (or None) per weight");
   const int64_t K = x.size(-1), M = x.numel() / K;
@@ -667,7 +677,16 @@ std::vector<torch::Tensor> linear(const torch::Tensor& x, const std::vector<torc
   auto shape = x.sizes().vec();
   for (size_t j = 0; j < ys.size(); ++j) {
     shape.back() = ws[j].size(0);
-    ys[j] = ys[j].view(shape).to(x.scalar_type());
+    ys[j] = ys[j].view(shape);
+    if (x.scalar_type() == at::kBFloat16 && float_out) {  // bf16 values, kept in fp32
+      float* y = ys[j].data_ptr<float>();
+      const int64_t n = ys[j].numel();
+      int64_t i = 0;
+      for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, round8(_mm256_loadu_ps(y + i), static_cast<bf16*>(nullptr)));
+      for (; i < n; ++i) y[i] = static_cast<float>(static_cast<bf16>(y[i]));
+    } else {
+      ys[j] = ys[j].to(x.scalar_type());
+    }
   }
   return ys;
 }
@@ -902,15 +921,6 @@ struct LayerWeights {
   torch::Tensor input_norm, post_norm;
   ViewWeights ar, diffusion;
 };
-
-// Rounding to the dtype a value is stored in, on 8 lanes (bf16: to nearest, ties to even).
-inline __m256 round8(__m256 v, float*) { return v; }
-inline __m256 round8(__m256 v, bf16*) {
-  const __m256i i = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(i, 16), _mm256_set1_epi32(1));
-  const __m256i r = _mm256_add_epi32(i, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
-  return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
-}
 
 // 8 lanes stored in T's format; `v` already holds values of that format (exact).
 inline void store8(__m256 v, float* p) { _mm256_storeu_ps(p, v); }
