@@ -701,37 +701,99 @@ inline float dot(const float* q, const KV* k, int64_t D) {
   return s;
 }
 
-// out[0, 8A) = sum over keys s of p[s] * values[s][0, 8A): one FMA chain per dimension, in registers.
-template <int A, typename KV>
-inline void weighted_sum(const float* p, const KV* values, int64_t kv_stride, int64_t limit, float* out) {
-  __m256 acc[A];
-  for (int a = 0; a < A; ++a) acc[a] = _mm256_setzero_ps();
-  for (int64_t s = 0; s < limit; ++s) {
-    const __m256 w = _mm256_set1_ps(p[s]);
-    for (int a = 0; a < A; ++a) acc[a] = _mm256_fmadd_ps(w, load8(values + s * kv_stride + 8 * a), acc[a]);
-  }
-  for (int a = 0; a < A; ++a) _mm256_storeu_ps(out + 8 * a, acc[a]);
+// hsum of each of 8 vectors, as one vector: the same tree per vector ((lo + hi), then pairs, then
+// the last two), the 8 reductions sharing their shuffles.
+inline __m256 hsum8(const __m256* v) {
+  __m256 lo_hi[4];  // [v(2i) lo + hi | v(2i+1) lo + hi]
+  for (int i = 0; i < 4; ++i)
+    lo_hi[i] = _mm256_add_ps(_mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x20),
+                             _mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x31));
+  __m256 pairs[2];  // per 128-bit lane, the pair sums of two reductions
+  for (int i = 0; i < 2; ++i)
+    pairs[i] = _mm256_add_ps(_mm256_shuffle_ps(lo_hi[2 * i], lo_hi[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm256_shuffle_ps(lo_hi[2 * i], lo_hi[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m256 sums = _mm256_add_ps(_mm256_shuffle_ps(pairs[0], pairs[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm256_shuffle_ps(pairs[0], pairs[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm256_permutevar8x32_ps(sums, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));  // [0 2 4 6 | 1 3 5 7] in order
 }
 
-// One query head attends to keys [0, limit): scores, softmax and the weighted sum of values run over
-// the keys in order (each output dimension one FMA chain over the keys), so a query's result does
-// not depend on how many other queries or rows the call holds.
+// q's dot products with 8 keys (`stride` apart), each the same ops in the same order as `dot` (D a
+// multiple of 8): 8 independent chains, and one reduction for all 8.
+template <typename KV>
+inline __m256 dot8(const float* q, const KV* k, int64_t stride, int64_t D) {
+  __m256 acc[8];
+  for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) {
+    const __m256 qd = load8(q + d);
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qd, load8(k + j * stride + d), acc[j]);
+  }
+  return hsum8(acc);
+}
+
+// out[0, W*A) = sum over keys s of p[s] * values[s][0, W*A), W the widest vector the build has: one
+// FMA chain per dimension, in registers (each dimension's chain is the same at any width).
+#ifdef __AVX512F__
+using Wide = __m512;
+constexpr int WIDE = 16;
+inline Wide wide_load(const float* p) { return _mm512_loadu_ps(p); }
+inline Wide wide_load(const bf16* p) {  // bf16 -> fp32 is a 16-bit shift, exact
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+inline Wide wide_set1(float v) { return _mm512_set1_ps(v); }
+inline Wide wide_fma(Wide a, Wide b, Wide c) { return _mm512_fmadd_ps(a, b, c); }
+inline void wide_store(float* p, Wide v) { _mm512_storeu_ps(p, v); }
+#else
+using Wide = __m256;
+constexpr int WIDE = 8;
+template <typename KV>
+inline Wide wide_load(const KV* p) { return load8(p); }
+inline Wide wide_set1(float v) { return _mm256_set1_ps(v); }
+inline Wide wide_fma(Wide a, Wide b, Wide c) { return _mm256_fmadd_ps(a, b, c); }
+inline void wide_store(float* p, Wide v) { _mm256_storeu_ps(p, v); }
+#endif
+
+template <int A, typename KV>
+inline void weighted_sum(const float* p, const KV* values, int64_t kv_stride, int64_t limit, float* out) {
+  Wide acc[A];
+  for (int a = 0; a < A; ++a) acc[a] = wide_set1(0.f);
+  for (int64_t s = 0; s < limit; ++s) {
+    const Wide w = wide_set1(p[s]);
+    for (int a = 0; a < A; ++a) acc[a] = wide_fma(w, wide_load(values + s * kv_stride + WIDE * a), acc[a]);
+  }
+  for (int a = 0; a < A; ++a) wide_store(out + WIDE * a, acc[a]);
+}
+
+// One query head attends to keys [0, limit): scores (8 keys at a time), softmax and the weighted sum
+// of values run over the keys in a fixed order (each output dimension one FMA chain over the keys),
+// so a query's result does not depend on how many other queries or rows the call holds.
 template <typename KV>
 void attend_head(const float* q, int64_t D, const KV* keys, const KV* values, int64_t kv_stride, int64_t limit,
                  float scale, float* out, std::vector<float>& scores) {
   scores.resize(limit);
   float* sc = scores.data();
-  float top = -INFINITY;
-  for (int64_t s = 0; s < limit; ++s) top = std::max(top, sc[s] = dot(q, keys + s * kv_stride, D) * scale);
   int64_t s = 0;
-  for (; s + 8 <= limit; s += 8)
-    _mm256_storeu_ps(sc + s, exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + s), _mm256_set1_ps(top))));
-  for (; s < limit; ++s) sc[s] = exp1(sc[s] - top);
-  float total = 0.f;
-  for (s = 0; s < limit; ++s) total += sc[s];
+  __m256 top8 = _mm256_set1_ps(-INFINITY);
+  if (D % 8 == 0)
+    for (; s + 8 <= limit; s += 8) {
+      const __m256 block = _mm256_mul_ps(dot8(q, keys + s * kv_stride, kv_stride, D), _mm256_set1_ps(scale));
+      _mm256_storeu_ps(sc + s, block);
+      top8 = _mm256_max_ps(top8, block);
+    }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, top8);
+  float top = *std::max_element(lanes, lanes + 8);
+  for (; s < limit; ++s) top = std::max(top, sc[s] = dot(q, keys + s * kv_stride, D) * scale);
+  __m256 total8 = _mm256_setzero_ps();  // key s adds into lane s % 8, in key order; then hsum's tree
+  for (s = 0; s + 8 <= limit; s += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + s), _mm256_set1_ps(top)));
+    _mm256_storeu_ps(sc + s, e);
+    total8 = _mm256_add_ps(total8, e);
+  }
+  float total = hsum(total8);
+  for (; s < limit; ++s) total += sc[s] = exp1(sc[s] - top);
   int64_t d = 0;
-  for (; d + 64 <= D; d += 64) weighted_sum<8>(sc, values + d, kv_stride, limit, out + d);
-  for (; d + 8 <= D; d += 8) weighted_sum<1>(sc, values + d, kv_stride, limit, out + d);
+  for (; d + 4 * WIDE <= D; d += 4 * WIDE) weighted_sum<4>(sc, values + d, kv_stride, limit, out + d);
+  for (; d + WIDE <= D; d += WIDE) weighted_sum<1>(sc, values + d, kv_stride, limit, out + d);
   for (; d < D; ++d) {
     float o = 0.f;
     for (s = 0; s < limit; ++s) o = std::fma(sc[s], to_float(values[s * kv_stride + d]), o);
