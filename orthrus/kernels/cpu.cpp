@@ -752,68 +752,98 @@ inline Wide wide_fma(Wide a, Wide b, Wide c) { return _mm256_fmadd_ps(a, b, c); 
 inline void wide_store(float* p, Wide v) { _mm256_storeu_ps(p, v); }
 #endif
 
+// out[0, W*A) += sum over keys s < count of p[s] * values[s][0, W*A): each dimension's FMA chain
+// continued, in key order, from what out holds.
 template <int A, typename KV>
-inline void weighted_sum(const float* p, const KV* values, int64_t kv_stride, int64_t limit, float* out) {
+inline void weighted_sum_into(const float* p, const KV* values, int64_t kv_stride, int64_t count, float* out) {
   Wide acc[A];
-  for (int a = 0; a < A; ++a) acc[a] = wide_set1(0.f);
-  for (int64_t s = 0; s < limit; ++s) {
+  for (int a = 0; a < A; ++a) acc[a] = wide_load(out + WIDE * a);
+  for (int64_t s = 0; s < count; ++s) {
     const Wide w = wide_set1(p[s]);
     for (int a = 0; a < A; ++a) acc[a] = wide_fma(w, wide_load(values + s * kv_stride + WIDE * a), acc[a]);
   }
   for (int a = 0; a < A; ++a) wide_store(out + WIDE * a, acc[a]);
 }
 
-// One query head attends to keys [0, limit): scores (8 keys at a time), softmax and the weighted sum
-// of values run over the keys in a fixed order (each output dimension one FMA chain over the keys),
-// so a query's result does not depend on how many other queries or rows the call holds.
+constexpr int64_t VALUE_BLOCK = 16;  // values read by every query of a task while they are in L1
+
+// Queries sharing one kv head (query i at q[i], its output at out[i], seeing keys [0, limits[i]))
+// attend: scores (8 keys at a time), softmax and the weighted sum of values run over the keys in a
+// fixed order (each output dimension one FMA chain over the keys), so a query's result does not
+// depend on which other queries share the call. The queries take each block of keys, then each
+// block of values, in turn: the head's cache comes from memory once for all of them, not once per
+// query (what counts at long contexts).
 template <typename KV>
-void attend_head(const float* q, int64_t D, const KV* keys, const KV* values, int64_t kv_stride, int64_t limit,
-                 float scale, float* out, std::vector<float>& scores) {
-  scores.resize(limit);
-  float* sc = scores.data();
-  int64_t s = 0;
-  __m256 top8 = _mm256_set1_ps(-INFINITY);
-  if (D % 8 == 0)
-    for (; s + 8 <= limit; s += 8) {
-      const __m256 block = _mm256_mul_ps(dot8(q, keys + s * kv_stride, kv_stride, D), _mm256_set1_ps(scale));
-      _mm256_storeu_ps(sc + s, block);
-      top8 = _mm256_max_ps(top8, block);
+void attend_queries(const float* const* q, float* const* out, const int64_t* limits, int64_t count, const KV* keys,
+                    const KV* values, int64_t kv_stride, int64_t D, float scale, std::vector<float>& scores) {
+  const int64_t used = *std::max_element(limits, limits + count);
+  scores.resize(count * used);
+  for (int64_t s = 0; D % 8 == 0 && s + 8 <= used; s += 8)
+    for (int64_t i = 0; i < count; ++i)
+      if (s + 8 <= limits[i])
+        _mm256_storeu_ps(scores.data() + i * used + s,
+                         _mm256_mul_ps(dot8(q[i], keys + s * kv_stride, kv_stride, D), _mm256_set1_ps(scale)));
+  float totals[64];  // count <= 64 (the caller's chunks)
+  for (int64_t i = 0; i < count; ++i) {
+    float* sc = scores.data() + i * used;
+    const int64_t limit = limits[i];
+    int64_t s = 0;
+    __m256 top8 = _mm256_set1_ps(-INFINITY);
+    if (D % 8 == 0)
+      for (; s + 8 <= limit; s += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(sc + s));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, top8);
+    float top = *std::max_element(lanes, lanes + 8);
+    for (; s < limit; ++s) top = std::max(top, sc[s] = dot(q[i], keys + s * kv_stride, D) * scale);
+    __m256 total8 = _mm256_setzero_ps();  // key s adds into lane s % 8, in key order; then hsum's tree
+    for (s = 0; s + 8 <= limit; s += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + s), _mm256_set1_ps(top)));
+      _mm256_storeu_ps(sc + s, e);
+      total8 = _mm256_add_ps(total8, e);
     }
-  float lanes[8];
-  _mm256_storeu_ps(lanes, top8);
-  float top = *std::max_element(lanes, lanes + 8);
-  for (; s < limit; ++s) top = std::max(top, sc[s] = dot(q, keys + s * kv_stride, D) * scale);
-  __m256 total8 = _mm256_setzero_ps();  // key s adds into lane s % 8, in key order; then hsum's tree
-  for (s = 0; s + 8 <= limit; s += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + s), _mm256_set1_ps(top)));
-    _mm256_storeu_ps(sc + s, e);
-    total8 = _mm256_add_ps(total8, e);
+    totals[i] = hsum(total8);
+    for (; s < limit; ++s) totals[i] += sc[s] = exp1(sc[s] - top);
+    std::fill_n(out[i], D, 0.f);
   }
-  float total = hsum(total8);
-  for (; s < limit; ++s) total += sc[s] = exp1(sc[s] - top);
-  int64_t d = 0;
-  for (; d + 4 * WIDE <= D; d += 4 * WIDE) weighted_sum<4>(sc, values + d, kv_stride, limit, out + d);
-  for (; d + WIDE <= D; d += WIDE) weighted_sum<1>(sc, values + d, kv_stride, limit, out + d);
-  for (; d < D; ++d) {
-    float o = 0.f;
-    for (s = 0; s < limit; ++s) o = std::fma(sc[s], to_float(values[s * kv_stride + d]), o);
-    out[d] = o;
-  }
-  for (d = 0; d < D; ++d) out[d] /= total;
+  for (int64_t first = 0; first < used; first += VALUE_BLOCK)
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t n = std::min(VALUE_BLOCK, limits[i] - first);
+      if (n <= 0) continue;
+      const float* p = scores.data() + i * used + first;
+      const KV* v = values + first * kv_stride;
+      int64_t d = 0;
+      for (; d + 4 * WIDE <= D; d += 4 * WIDE) weighted_sum_into<4>(p, v + d, kv_stride, n, out[i] + d);
+      for (; d + WIDE <= D; d += WIDE) weighted_sum_into<1>(p, v + d, kv_stride, n, out[i] + d);
+      for (; d < D; ++d)
+        for (int64_t s = 0; s < n; ++s) out[i][d] = std::fma(p[s], to_float(v[s * kv_stride + d]), out[i][d]);
+    }
+  for (int64_t i = 0; i < count; ++i)
+    for (int64_t d = 0; d < D; ++d) out[i][d] /= totals[i];
 }
 
 // q [N, T, H, D] fp32 contiguous -> out [N, T, H, D] fp32; keys/values of one layer, sequence n in
 // cache row rows[n] (strides kr, kg, ks for row, kv head, position); query (n, t) sees keys [0, limits[n, t]).
+// A task is half of the queries that share one kv head of one sequence (its T tokens x the heads of
+// its group), in (t, head) order: two tasks a kv head keep both cores busy however few the heads.
 template <typename KV>
 void attend_raw(const float* q, int64_t N, int64_t T, int64_t H, int64_t G, int64_t D, const KV* k, const KV* v,
                 int64_t kr, int64_t kg, int64_t ks, const int64_t* rows, const int64_t* limits, float scale, float* out) {
-  const int64_t group = H / G;
-  at::parallel_for(0, N * T * H, 1, [&](int64_t begin, int64_t end) {
+  const int64_t group = H / G, shared = T * group;  // queries per kv head
+  const int64_t parts = std::max<int64_t>(std::min<int64_t>(shared, 2), (shared + 63) / 64);
+  at::parallel_for(0, N * G * parts, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
-    for (int64_t task = begin; task < end; ++task) {  // task = (n, t, h): q and out at task * D
-      const int64_t n = task / (T * H), t = (task / H) % T, h = task % H;
-      const int64_t off = rows[n] * kr + (h / group) * kg;
-      attend_head<KV>(q + task * D, D, k + off, v + off, ks, limits[n * T + t], scale, out + task * D, scores);
+    for (int64_t task = begin; task < end; ++task) {  // task = (n, g, part)
+      const int64_t n = task / (G * parts), g = task / parts % G, part = task % parts;
+      const int64_t first = shared * part / parts, count = shared * (part + 1) / parts - first;
+      const float* qs[64];
+      float* outs[64];
+      int64_t lims[64];
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t t = (first + i) / group, h = g * group + (first + i) % group, at = ((n * T + t) * H + h) * D;
+        qs[i] = q + at, outs[i] = out + at, lims[i] = limits[n * T + t];
+      }
+      const int64_t off = rows[n] * kr + g * kg;
+      attend_queries<KV>(qs, outs, lims, count, k + off, v + off, ks, D, scale, scores);
     }
   });
 }
