@@ -730,8 +730,8 @@ inline __m256 dot8(const float* q, const KV* k, int64_t stride, int64_t D) {
   return hsum8(acc);
 }
 
-// out[0, W*A) = sum over keys s of p[s] * values[s][0, W*A), W the widest vector the build has: one
-// FMA chain per dimension, in registers (each dimension's chain is the same at any width).
+// The weighted sums' vectors: the widest the build has (each output dimension's FMA chain over the
+// keys is the same at any width, so every build gives the same bits).
 #ifdef __AVX512F__
 using Wide = __m512;
 constexpr int WIDE = 16;
