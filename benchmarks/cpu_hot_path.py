@@ -54,21 +54,28 @@ def weight_bytes(model) -> int:
     return total
 
 
-def pass_timer(model, context: int):
-    """A function timing one AR pass of T tokens after `context` cached tokens (nothing committed)."""
+def prefilled_cache(model, context: int) -> tuple[KVCache, torch.Tensor]:
+    """A one-row KV cache holding `context` random tokens, with room for a pass of up to 64 more;
+    and its row index tensor."""
     cache = KVCache(model.config, 1, context + 64, next(model.parameters()).dtype, "cpu")
     rows = torch.tensor([0])
     with torch.inference_mode():
         window = cache.window(rows, context, bidirectional=False)
         model(torch.randint(0, 1000, (1, context)), window.positions, window, "ar", logits=False)
     cache.lengths[0] = context
+    return cache, rows
+
+
+def pass_timer(model, context: int, view: str = "ar"):
+    """A function timing one pass of T tokens in `view` after `context` cached tokens (nothing committed)."""
+    cache, rows = prefilled_cache(model, context)
 
     def run(T: int) -> float:
         tokens = torch.randint(0, 1000, (1, T))
         with torch.inference_mode():
             t = time.perf_counter()
-            window = cache.window(rows, T, bidirectional=False)
-            model(tokens, window.positions, window, "ar")
+            window = cache.window(rows, T, bidirectional=view == "diffusion")
+            model(tokens, window.positions, window, view)
             return time.perf_counter() - t
 
     return run

@@ -26,14 +26,13 @@ import math
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
+from cpu_hot_path import pass_timer
 
 import orthrus
 from orthrus import kernels
-from orthrus.cache import KVCache
 
 
 def load_build(path: str):
@@ -48,7 +47,7 @@ def main(argv=None) -> None:
     ap.add_argument("a", help="the first build (.so)")
     ap.add_argument("b", help="the second build (.so)")
     ap.add_argument("--view", choices=["ar", "diffusion"], default="ar")
-    ap.add_argument("--tokens", type=int, default=4, help="tokens per pass")
+    ap.add_argument("--tokens", type=int, default=4, help="tokens per pass (up to 64)")
     ap.add_argument("--context", type=int, default=256, help="cached tokens before each pass")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--draft-dtype", default="int8", help="auto | int8 | model (for --view diffusion)")
@@ -60,27 +59,13 @@ def main(argv=None) -> None:
     builds = {"A": load_build(args.a), "B": load_build(args.b)}
     kernels.module()
     llm = orthrus.load(None, dtype=args.dtype, device="cpu", draft_dtype=args.draft_dtype)
-    model = llm.model
-    cache = KVCache(model.config, 1, args.context + args.tokens, next(model.parameters()).dtype, "cpu")
-    rows = torch.tensor([0])
-    with torch.inference_mode():
-        window = cache.window(rows, args.context, bidirectional=False)
-        model(torch.randint(0, 1000, (1, args.context)), window.positions, window, "ar", logits=False)
-    cache.lengths[0] = args.context
-
-    def one_pass() -> float:
-        tokens = torch.randint(0, 1000, (1, args.tokens))
-        with torch.inference_mode():
-            start = time.perf_counter()
-            window = cache.window(rows, args.tokens, bidirectional=args.view == "diffusion")
-            model(tokens, window.positions, window, args.view)
-            return (time.perf_counter() - start) * 1e3
+    one_pass = pass_timer(llm.model, args.context, args.view)
 
     times = {"A": [], "B": []}
     for i in range(args.passes + 1):  # the first round warms both up (packing, the stacks) and is dropped
         for name in ("A", "B") if i % 2 else ("B", "A"):
             kernels._module = builds[name]
-            took = one_pass()
+            took = one_pass(args.tokens) * 1e3
             if i:
                 times[name].append(took)
     a, b = statistics.median(times["A"]), statistics.median(times["B"])

@@ -18,11 +18,11 @@ import tempfile
 import time
 
 import torch
+from cpu_hot_path import prefilled_cache
 from torch.utils.cpp_extension import load
 
 import orthrus
 from orthrus import kernels
-from orthrus.cache import KVCache
 
 PHASES = ("small ops", "qkv", "attention", "o", "gate/up", "down")
 
@@ -46,12 +46,7 @@ def main(argv=None) -> None:
                                build_directory=build)
     llm = orthrus.load(None, dtype=args.dtype, device="cpu", draft_dtype=args.draft_dtype)
     model = llm.model
-    cache = KVCache(model.config, 1, args.context + 64, next(model.parameters()).dtype, "cpu")
-    rows = torch.tensor([0])
-    with torch.inference_mode():
-        window = cache.window(rows, args.context, bidirectional=False)
-        model(torch.randint(0, 1000, (1, args.context)), window.positions, window, "ar", logits=False)
-    cache.lengths[0] = args.context
+    cache, rows = prefilled_cache(model, args.context)
 
     print(f"{args.dtype} model, {args.draft_dtype} drafts, {args.threads} threads, {args.context} cached tokens; ms per pass")
     print(f"| pass | total | Python before the stack | {' | '.join(PHASES)} | norm + head |")
