@@ -139,9 +139,6 @@ torch::Tensor pack(const torch::Tensor& w) {
   return out;
 }
 
-// int8 weights for drafting: each output feature's weights over their largest magnitude (x 127,
-// rounded to q in [-127, 127]), and the scale that takes them back. Stored as q + 128 (an unsigned
-// byte, the operand VNNI's dot takes unsigned). Returns the packed weight and the fp32 scales [N].
 // One row of K values over its largest magnitude: q = v * 127 / max rounded to nearest even (the
 // conversion's default mode, as std::nearbyint), in [-127, 127], into out, 8 at a time; adds the
 // q's to *sum and returns the scale that takes them back (max / 127). Weights and activations
@@ -174,6 +171,9 @@ inline float quantize_row(const float* row, int64_t K, int8_t* out, int32_t* sum
   return top / 127.f;
 }
 
+// int8 weights for drafting: each output feature's weights over their largest magnitude (x 127,
+// rounded to q in [-127, 127]), and the scale that takes them back. Stored as q + 128 (an unsigned
+// byte, the operand VNNI's dot takes unsigned). Returns the packed weight and the fp32 scales [N].
 std::vector<torch::Tensor> quantize(const torch::Tensor& w) {
   TORCH_CHECK(w.dim() == 2, "quantize: a weight [N, K]");
   const auto wf = w.detach().to(at::kFloat).contiguous();
@@ -766,6 +766,7 @@ inline void weighted_sum_into(const float* p, const KV* values, int64_t kv_strid
 }
 
 constexpr int64_t VALUE_BLOCK = 16;  // values read by every query of a task while they are in L1
+constexpr int64_t MAX_TASK_QUERIES = 64;  // queries one attention task takes at most
 
 // Queries sharing one kv head (query i at q[i], its output at out[i], seeing keys [0, limits[i]))
 // attend: scores (8 keys at a time), softmax and the weighted sum of values run over the keys in a
@@ -783,7 +784,7 @@ void attend_queries(const float* const* q, float* const* out, const int64_t* lim
       if (s + 8 <= limits[i])
         _mm256_storeu_ps(scores.data() + i * used + s,
                          _mm256_mul_ps(dot8(q[i], keys + s * kv_stride, kv_stride, D), _mm256_set1_ps(scale)));
-  float totals[64];  // count <= 64 (the caller's chunks)
+  float totals[MAX_TASK_QUERIES];
   for (int64_t i = 0; i < count; ++i) {
     float* sc = scores.data() + i * used;
     const int64_t limit = limits[i];
@@ -829,15 +830,15 @@ template <typename KV>
 void attend_raw(const float* q, int64_t N, int64_t T, int64_t H, int64_t G, int64_t D, const KV* k, const KV* v,
                 int64_t kr, int64_t kg, int64_t ks, const int64_t* rows, const int64_t* limits, float scale, float* out) {
   const int64_t group = H / G, shared = T * group;  // queries per kv head
-  const int64_t parts = std::max<int64_t>(std::min<int64_t>(shared, 2), (shared + 63) / 64);
+  const int64_t parts = std::max<int64_t>(std::min<int64_t>(shared, 2), (shared + MAX_TASK_QUERIES - 1) / MAX_TASK_QUERIES);
   at::parallel_for(0, N * G * parts, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t task = begin; task < end; ++task) {  // task = (n, g, part)
       const int64_t n = task / (G * parts), g = task / parts % G, part = task % parts;
       const int64_t first = shared * part / parts, count = shared * (part + 1) / parts - first;
-      const float* qs[64];
-      float* outs[64];
-      int64_t lims[64];
+      const float* qs[MAX_TASK_QUERIES];
+      float* outs[MAX_TASK_QUERIES];
+      int64_t lims[MAX_TASK_QUERIES];
       for (int64_t i = 0; i < count; ++i) {
         const int64_t t = (first + i) / group, h = g * group + (first + i) % group, at = ((n * T + t) * H + h) * D;
         qs[i] = q + at, outs[i] = out + at, lims[i] = limits[n * T + t];
