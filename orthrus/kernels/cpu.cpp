@@ -765,8 +765,33 @@ inline void weighted_sum_into(const float* p, const KV* values, int64_t kv_strid
   for (int a = 0; a < A; ++a) wide_store(out + WIDE * a, acc[a]);
 }
 
+// out[0, D) += sum over keys s < count of p[s] * values[s][0, D), in the widest vectors that fit.
+template <typename KV>
+inline void weighted_sum(const float* p, const KV* values, int64_t kv_stride, int64_t count, int64_t D, float* out) {
+  int64_t d = 0;
+  for (; d + 4 * WIDE <= D; d += 4 * WIDE) weighted_sum_into<4>(p, values + d, kv_stride, count, out + d);
+  for (; d + WIDE <= D; d += WIDE) weighted_sum_into<1>(p, values + d, kv_stride, count, out + d);
+  for (; d < D; ++d)
+    for (int64_t s = 0; s < count; ++s) out[d] = std::fma(p[s], to_float(values[s * kv_stride + d]), out[d]);
+}
+
+// rows [0, count) of D bf16 values (`stride` apart) widened to fp32 into out (D apart): exact, so
+// scoring or summing the copy gives the bits the bf16 rows give.
+inline void widen_rows(const bf16* rows, int64_t stride, int64_t count, int64_t D, float* out) {
+  for (int64_t s = 0; s < count; ++s) {
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) _mm256_storeu_ps(out + s * D + d, load8(rows + s * stride + d));
+    for (; d < D; ++d) out[s * D + d] = to_float(rows[s * stride + d]);
+  }
+}
+inline void widen_rows(const float*, int64_t, int64_t, int64_t, float*) {}  // fp32 caches are read as they are
+
 constexpr int64_t VALUE_BLOCK = 16;  // values read by every query of a task while they are in L1
 constexpr int64_t MAX_TASK_QUERIES = 64;  // queries one attention task takes at most
+// From this many queries a task widens each block of a bf16 cache to fp32 once for all of them,
+// instead of each query widening it again (heads up to MAX_WIDE_D wide).
+constexpr int64_t WIDEN_QUERIES = 4;
+constexpr int64_t MAX_WIDE_D = 256;
 
 // Queries sharing one kv head (query i at q[i], its output at out[i], seeing keys [0, limits[i]))
 // attend: scores (8 keys at a time), softmax and the weighted sum of values run over the keys in a
@@ -779,11 +804,16 @@ void attend_queries(const float* const* q, float* const* out, const int64_t* lim
                     const KV* values, int64_t kv_stride, int64_t D, float scale, std::vector<float>& scores) {
   const int64_t used = *std::max_element(limits, limits + count);
   scores.resize(count * used);
-  for (int64_t s = 0; D % 8 == 0 && s + 8 <= used; s += 8)
+  const bool widen = !std::is_same_v<KV, float> && count >= WIDEN_QUERIES && D <= MAX_WIDE_D;
+  alignas(64) float block[VALUE_BLOCK * MAX_WIDE_D];  // a block of keys or values widened to fp32
+  for (int64_t s = 0; D % 8 == 0 && s + 8 <= used; s += 8) {
+    if (widen) widen_rows(keys + s * kv_stride, kv_stride, 8, D, block);
     for (int64_t i = 0; i < count; ++i)
-      if (s + 8 <= limits[i])
-        _mm256_storeu_ps(scores.data() + i * used + s,
-                         _mm256_mul_ps(dot8(q[i], keys + s * kv_stride, kv_stride, D), _mm256_set1_ps(scale)));
+      if (s + 8 <= limits[i]) {
+        const __m256 dots = widen ? dot8(q[i], block, D, D) : dot8(q[i], keys + s * kv_stride, kv_stride, D);
+        _mm256_storeu_ps(scores.data() + i * used + s, _mm256_mul_ps(dots, _mm256_set1_ps(scale)));
+      }
+  }
   float totals[MAX_TASK_QUERIES];
   for (int64_t i = 0; i < count; ++i) {
     float* sc = scores.data() + i * used;
@@ -806,18 +836,18 @@ void attend_queries(const float* const* q, float* const* out, const int64_t* lim
     for (; s < limit; ++s) totals[i] += sc[s] = exp1(sc[s] - top);
     std::fill_n(out[i], D, 0.f);
   }
-  for (int64_t first = 0; first < used; first += VALUE_BLOCK)
+  for (int64_t first = 0; first < used; first += VALUE_BLOCK) {
+    if (widen) widen_rows(values + first * kv_stride, kv_stride, std::min(VALUE_BLOCK, used - first), D, block);
     for (int64_t i = 0; i < count; ++i) {
       const int64_t n = std::min(VALUE_BLOCK, limits[i] - first);
       if (n <= 0) continue;
       const float* p = scores.data() + i * used + first;
-      const KV* v = values + first * kv_stride;
-      int64_t d = 0;
-      for (; d + 4 * WIDE <= D; d += 4 * WIDE) weighted_sum_into<4>(p, v + d, kv_stride, n, out[i] + d);
-      for (; d + WIDE <= D; d += WIDE) weighted_sum_into<1>(p, v + d, kv_stride, n, out[i] + d);
-      for (; d < D; ++d)
-        for (int64_t s = 0; s < n; ++s) out[i][d] = std::fma(p[s], to_float(v[s * kv_stride + d]), out[i][d]);
+      if (widen)
+        weighted_sum(p, block, D, n, D, out[i]);
+      else
+        weighted_sum(p, values + first * kv_stride, kv_stride, n, D, out[i]);
     }
+  }
   for (int64_t i = 0; i < count; ++i)
     for (int64_t d = 0; d < D; ++d) out[i][d] /= totals[i];
 }
