@@ -39,7 +39,7 @@ import torch
 from .cache import KVCache
 from .errors import OrthrusError
 from .model import OrthrusLM
-from .sampling import SamplingParams, argmax, greedy_accept, sample, sampling_probs, speculative_accept
+from .sampling import SamplingParams, accept, draw
 
 Mode = Literal["orthrus", "ar"]
 PREFILL_CHUNK = 1024  # prompt tokens per prefill forward: bounds attention memory on long prompts
@@ -372,13 +372,12 @@ class Engine:
         most = max(b - 1, MAX_LOOKUP_DRAFTS)  # uniforms per row: drafts, accepts, the next token
         u = self._uniforms(seqs, 2 * most + 1)
         u_accept, u_next = u[:, most : 2 * most], u[:, 2 * most]
-        greedy = all(p.greedy for p in params)  # argmaxes alone decide: no vocabulary-wide distributions
         if self.mode == "ar":
             window = self.cache.window(rows, 1, bidirectional=False)
-            logits = self.model(anchors[:, None], window.positions, window, "ar")[:, 0]
+            logits = self.model(anchors[:, None], window.positions, window, "ar")
             self.forwards += 1
             self.cache.lengths[rows] += 1
-            tokens = argmax(logits) if greedy else sample(sampling_probs(logits[:, None], params)[:, 0], u[:, 0])
+            tokens = draw(logits, params, u[:, :1])[0][:, 0]
             return [0] * len(seqs), [[t] for t in tokens.tolist()], ["ar"] * len(seqs), [0] * len(seqs)
         # lookup drafts a row may take: the verify pass is as wide as its widest row for every row, so
         # it must fit the fullest row's cache slots; and none past the row's own token budget
@@ -388,7 +387,10 @@ class Engine:
         diffuse = [i for i, plan in enumerate(plans) if plan.source == "diffusion"]
         width = max([len(plan.drafts) for plan in plans] + [b - 1] * bool(diffuse))  # drafts any row may verify
         drafts = torch.zeros(len(seqs), width, dtype=torch.long, device=self.device)
-        q = None if greedy else torch.zeros(len(seqs), width, self.model.config.vocab_size, device=self.device)
+        # the drafts' distributions, for the accept rule, only when a row samples (a greedy row's stay
+        # zero: its one-hot p decides alone); a lookup draft is a deterministic proposal, one-hot
+        sampling = not all(p.greedy for p in params)
+        q = torch.zeros(len(seqs), width, self.model.config.vocab_size, device=self.device) if sampling else None
         lengths = torch.tensor([len(plan.drafts) for plan in plans], device=self.device)
         for i, plan in enumerate(plans):
             if plan.drafts:
@@ -403,11 +405,9 @@ class Engine:
             block[:, 0] = anchors[picked]
             window = self.cache.window(rows[picked.cpu()], b, bidirectional=True)
             draft_logits = self.model(block, window.positions, window, "diffusion")[:, :-1]
-            if greedy:
-                drafts[picked, : b - 1] = argmax(draft_logits)
-            else:
-                q[picked, : b - 1] = sampling_probs(draft_logits, [params[i] for i in diffuse])
-                drafts[picked, : b - 1] = sample(q[picked, : b - 1], u[picked, : b - 1])
+            drafts[picked, : b - 1], draft_probs = draw(draft_logits, [params[i] for i in diffuse], u[picked, : b - 1])
+            if q is not None:
+                q[picked, : b - 1] = draft_probs
             kept = torch.full((len(diffuse),), b - 1, device=self.device)
             if self.draft_confidence > 0:  # verify through the first unsure draft
                 sure = draft_logits.softmax(-1).amax(-1) >= self.draft_confidence
@@ -421,11 +421,8 @@ class Engine:
         verify_tokens = torch.cat([anchors[:, None], drafts], 1)
         logits = self.model(verify_tokens, window.positions, window, "ar")
         self.forwards += 1
-        if greedy:
-            accepted, next_tokens = greedy_accept(argmax(logits), drafts, lengths)
-        else:
-            p = sampling_probs(logits, params)
-            accepted, next_tokens = speculative_accept(p, q[:, :k], drafts, u_accept[:, :k], u_next, lengths)
+        accepted, next_tokens = accept(logits, params, drafts, None if q is None else q[:, :k], lengths,
+                                       u_accept[:, :k], u_next)
         self.cache.lengths[rows] += accepted.cpu() + 1  # commit the anchor and the accepted drafts
         drafts, accepted, next_tokens = drafts.tolist(), accepted.tolist(), next_tokens.tolist()
         new_tokens = [d[:a] + [t] for d, a, t in zip(drafts, accepted, next_tokens)]

@@ -126,3 +126,25 @@ def greedy_accept(targets: torch.Tensor, drafts: torch.Tensor, lengths: torch.Te
     real = torch.arange(k, device=drafts.device) < lengths[:, None]
     accepted = ((drafts == targets[:, :k]) & real).long().cumprod(-1).sum(-1)
     return accepted, targets[torch.arange(n, device=drafts.device), accepted]
+
+
+def draw(logits: torch.Tensor, params: list[SamplingParams], uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Tokens from logits [N, T, V], row n under params[n] with uniforms [N, T]; and the distributions
+    they were drawn from, which the accept rule needs, or None when every row is greedy (one-hot
+    distributions decide by argmax alone, so none is built)."""
+    if all(p.greedy for p in params):
+        return argmax(logits), None
+    probs = sampling_probs(logits, params)
+    return sample(probs, uniforms), probs
+
+
+def accept(
+    logits: torch.Tensor, params: list[SamplingParams], drafts: torch.Tensor, q: torch.Tensor | None, lengths: torch.Tensor,
+    u_accept: torch.Tensor, u_next: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The speculative rule on verify logits [N, K+1, V] for drafts [N, K] (lengths [N] real ones per
+    row) drawn from q [N, K, V], or q None when every row is greedy (as `draw` returns it): by argmax
+    then, else `speculative_accept` on the verify distributions. Returns (accepted count, next token)."""
+    if q is None:
+        return greedy_accept(argmax(logits), drafts, lengths)
+    return speculative_accept(sampling_probs(logits, params), q, drafts, u_accept, u_next, lengths)

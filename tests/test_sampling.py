@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from orthrus.errors import OrthrusError
-from orthrus.sampling import SamplingParams, argmax, greedy_accept, sample, sampling_probs, speculative_accept
+from orthrus.sampling import SamplingParams, accept, argmax, draw, greedy_accept, sample, sampling_probs, speculative_accept
 
 
 def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
@@ -88,6 +88,25 @@ def test_greedy_accept_is_speculative_accept_on_one_hot_distributions():
     got = greedy_accept(p.argmax(-1), drafts, lengths)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert set(got[0].tolist()) >= {0, k}  # both ends seen
+
+
+def test_a_greedy_row_beside_sampling_rows_decides_by_argmax_whatever_its_q():
+    """The engine builds draft distributions only when some row samples, and leaves a greedy row's at
+    zero: `accept` must still give that row what `greedy_accept` gives, and `draw` its argmaxes."""
+    g = torch.Generator().manual_seed(5)
+    n, k, vocab = 32, 3, 5
+    params = [SamplingParams(), SamplingParams(temperature=0.8)] * (n // 2)
+    logits = torch.randn(n, k + 1, vocab, generator=g)
+    drafts, q = draw(logits[:, :k] + torch.randn(n, k, vocab, generator=g), params, torch.rand(n, k, generator=g))
+    assert q is not None and torch.equal(q[::2], torch.zeros_like(q[::2]).scatter_(-1, drafts[::2, :, None], 1.0))
+    q[::2] = 0  # the greedy rows' proposals as the engine leaves them
+    lengths = torch.randint(0, k + 1, (n,), generator=g)
+    accepted, nxt = accept(logits, params, drafts, q, lengths, torch.rand(n, k, generator=g), torch.rand(n, generator=g))
+    want = greedy_accept(logits.argmax(-1), drafts, lengths)
+    assert torch.equal(accepted[::2], want[0][::2]) and torch.equal(nxt[::2], want[1][::2])
+    greedy_drafts, none = draw(logits, [SamplingParams()] * n, torch.rand(n, k + 1))
+    assert none is None and torch.equal(greedy_drafts, logits.argmax(-1))
+    assert torch.equal(torch.stack(accept(logits, [SamplingParams()] * n, drafts, None, lengths, None, None)), torch.stack(want))
 
 
 def test_top_k_top_p_temperature():
