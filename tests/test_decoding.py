@@ -1,11 +1,13 @@
 """Lossless decoding: greedy Orthrus output equals greedy AR output token for token, whatever
 the drafter (oracle: all accepted; random: none; the untrained twin copy), alone or in a batch."""
 
+import random
+
 import pytest
 import torch
 
 from orthrus.checkpoint import init_untrained_twins
-from orthrus.engine import (SOURCES, PassCosts, Sequence, SequenceStats, exploration_interval, lookup_drafts,
+from orthrus.engine import (SOURCES, PassCosts, PromptLookup, Sequence, SequenceStats, exploration_interval,
                             plan_cycle)
 
 from .conftest import PROMPTS
@@ -90,10 +92,32 @@ def test_batch_equals_each_prompt_alone(qwen3):
 
 
 def test_lookup_drafts_find_the_latest_earlier_occurrence():
-    assert lookup_drafts([1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3], 3) == [7, 8, 1]  # latest match of the 3-gram
-    assert lookup_drafts([5, 2, 3, 6, 4, 2, 3], 2) == [6, 4]  # no earlier 3-gram: the 2-gram
-    assert lookup_drafts([1, 2, 3, 4], 4) == []  # nothing repeats
-    assert lookup_drafts([1, 2, 1, 2], 5) == [1, 2]  # the continuation runs up to the end
+    def lookup(tokens, max_drafts):
+        return PromptLookup().drafts(tokens, max_drafts)
+
+    assert lookup([1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3], 3) == [7, 8, 1]  # latest match of the 3-gram
+    assert lookup([5, 2, 3, 6, 4, 2, 3], 2) == [6, 4]  # no earlier 3-gram: the 2-gram
+    assert lookup([1, 2, 3, 4], 4) == []  # nothing repeats
+    assert lookup([1, 2, 1, 2], 5) == [1, 2]  # the continuation runs up to the end
+
+
+def test_prompt_lookup_grown_token_by_token_finds_what_a_scan_of_the_whole_context_finds():
+    def scan(tokens, max_drafts):  # the definition: search backwards from the suffix, 3-grams then 2-grams
+        for n in (3, 2):
+            for start in range(len(tokens) - n - 1, -1, -1):
+                if len(tokens) > n and tokens[start : start + n] == tokens[-n:]:
+                    return tokens[start + n : start + n + max_drafts]
+        return []
+
+    rng = random.Random(0)
+    tokens = [rng.randrange(6) for _ in range(8)]  # a small vocabulary: matches of both lengths and misses
+    lookup, found = PromptLookup(), set()
+    while len(tokens) < 400:
+        got = lookup.drafts(tokens, 5)
+        assert got == scan(tokens, 5)
+        found.add(len(got))
+        tokens += [rng.randrange(6) for _ in range(rng.randrange(1, 4))]  # one to a few tokens a cycle
+    assert {0, 5} <= found
 
 
 def test_the_planner_picks_the_source_with_the_most_tokens_per_second():
