@@ -776,7 +776,7 @@ inline void weighted_sum(const float* p, const KV* values, int64_t kv_stride, in
 }
 
 // rows [0, count) of D bf16 values (`stride` apart) widened to fp32 into out (D apart): exact, so
-// scoring or summing the copy gives the bits the bf16 rows give.
+// summing the copy gives the bits the bf16 rows give.
 inline void widen_rows(const bf16* rows, int64_t stride, int64_t count, int64_t D, float* out) {
   for (int64_t s = 0; s < count; ++s) {
     int64_t d = 0;
@@ -786,34 +786,108 @@ inline void widen_rows(const bf16* rows, int64_t stride, int64_t count, int64_t 
 }
 inline void widen_rows(const float*, int64_t, int64_t, int64_t, float*) {}  // fp32 caches are read as they are
 
+// Scores of bf16 keys in the order of AVX512-BF16's dot instruction (the order the bf16 products
+// use too): 16 lanes, lane l adding, for each 32 dimensions c, the product of dimensions c + 2l + 1
+// and then of c + 2l (each product exact in fp32, one rounding per add); then the two 8-lane
+// halves added and hsum's tree. A bf16 model's q is bf16-exact (rounded before attention), so the
+// instruction takes q's pairs as they are: 32 products an instruction on keys read as stored.
+// Builds without it make the same adds with FMAs, so every build scores alike.
+class PairScorer {
+ public:
+  static bool fits(int64_t D) { return D % 32 == 0; }
+
+  // q[i] (D values each, bf16-exact) for i < count, kept in `scratch` in the form the adds read.
+  PairScorer(const float* const* q, int64_t count, int64_t D, std::vector<float>& scratch) : D_(D) {
+    scratch.resize(count * D);
+    float* data = scratch.data();
+    data_ = data;
+    for (int64_t i = 0; i < count; ++i)
+      for (int64_t p = 0; p < D / 2; ++p) {
+#ifdef __AVX512BF16__  // the pair as the instruction reads it: element 2p in the low half
+        uint32_t even, odd;
+        std::memcpy(&even, q[i] + 2 * p, 4);
+        std::memcpy(&odd, q[i] + 2 * p + 1, 4);
+        const uint32_t pair = (odd & 0xFFFF0000u) | (even >> 16);
+        std::memcpy(data + i * D + p, &pair, 4);
+#else  // the odd elements, then the even ones
+        data[i * D + p] = q[i][2 * p + 1];
+        data[i * D + D / 2 + p] = q[i][2 * p];
+#endif
+      }
+  }
+
+  float one(int64_t i, const bf16* k) const { return hsum(lanes(i, k)); }
+
+  __m256 eight(int64_t i, const bf16* k, int64_t stride) const {  // keys k, k + stride, ..., k + 7 stride
+    __m256 v[8];
+    for (int j = 0; j < 8; ++j) v[j] = lanes(i, k + j * stride);
+    return hsum8(v);
+  }
+
+ private:
+  __m256 lanes(int64_t i, const bf16* k) const {  // the two halves of the 16 lanes, added
+    const float* qi = data_ + i * D_;
+#ifdef __AVX512BF16__
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t c = 0; c < D_; c += 32)
+      acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(qi + c / 2), (__m512bh)_mm512_loadu_si512(k + c));
+    return _mm256_add_ps(_mm512_castps512_ps256(acc), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1)));
+#else
+    __m256 half[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};  // lanes 0-7 and 8-15
+    for (int64_t c = 0; c < D_; c += 32)
+      for (int h = 0; h < 2; ++h) {
+        const __m256i pairs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k + c + 16 * h));
+        const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+        const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+        const int64_t p = c / 2 + 8 * h;
+        half[h] = _mm256_fmadd_ps(_mm256_loadu_ps(qi + p), odd, half[h]);
+        half[h] = _mm256_fmadd_ps(_mm256_loadu_ps(qi + D_ / 2 + p), even, half[h]);
+      }
+    return _mm256_add_ps(half[0], half[1]);
+#endif
+  }
+
+  int64_t D_;
+  const float* data_;
+};
+
+// Scores as `dot` and `dot8` compute them: fp32 caches (and bf16 heads whose size is not a
+// multiple of 32).
+template <typename KV>
+class DotScorer {
+ public:
+  DotScorer(const float* const* q, int64_t D) : q_(q), D_(D) {}
+  float one(int64_t i, const KV* k) const { return dot(q_[i], k, D_); }
+  __m256 eight(int64_t i, const KV* k, int64_t stride) const { return dot8(q_[i], k, stride, D_); }
+
+ private:
+  const float* const* q_;
+  int64_t D_;
+};
+
 constexpr int64_t VALUE_BLOCK = 16;  // values read by every query of a task while they are in L1
 constexpr int64_t MAX_TASK_QUERIES = 64;  // queries one attention task takes at most
-// From this many queries a task widens each block of a bf16 cache to fp32 once for all of them,
-// instead of each query widening it again (heads up to MAX_WIDE_D wide).
+// From this many queries a task widens each block of a bf16 cache's values to fp32 once for all of
+// them, instead of each query widening them again (heads up to MAX_WIDE_D wide).
 constexpr int64_t WIDEN_QUERIES = 4;
 constexpr int64_t MAX_WIDE_D = 256;
 
-// Queries sharing one kv head (query i at q[i], its output at out[i], seeing keys [0, limits[i]))
-// attend: scores (8 keys at a time), softmax and the weighted sum of values run over the keys in a
+// Queries sharing one kv head (query i as `scorer` holds it, its output at out[i], seeing keys
+// [0, limits[i])) attend: scores (8 keys at a time), softmax and the weighted sum of values run over the keys in a
 // fixed order (each output dimension one FMA chain over the keys), so a query's result does not
 // depend on which other queries share the call. The queries take each block of keys, then each
 // block of values, in turn: the head's cache comes from memory once for all of them, not once per
 // query (what counts at long contexts).
-template <typename KV>
-void attend_queries(const float* const* q, float* const* out, const int64_t* limits, int64_t count, const KV* keys,
+template <typename KV, typename Scorer>
+void attend_queries(const Scorer& scorer, float* const* out, const int64_t* limits, int64_t count, const KV* keys,
                     const KV* values, int64_t kv_stride, int64_t D, float scale, std::vector<float>& scores) {
   const int64_t used = *std::max_element(limits, limits + count);
   scores.resize(count * used);
-  const bool widen = !std::is_same_v<KV, float> && count >= WIDEN_QUERIES && D <= MAX_WIDE_D;
-  alignas(64) float block[VALUE_BLOCK * MAX_WIDE_D];  // a block of keys or values widened to fp32
-  for (int64_t s = 0; D % 8 == 0 && s + 8 <= used; s += 8) {
-    if (widen) widen_rows(keys + s * kv_stride, kv_stride, 8, D, block);
+  for (int64_t s = 0; D % 8 == 0 && s + 8 <= used; s += 8)
     for (int64_t i = 0; i < count; ++i)
-      if (s + 8 <= limits[i]) {
-        const __m256 dots = widen ? dot8(q[i], block, D, D) : dot8(q[i], keys + s * kv_stride, kv_stride, D);
-        _mm256_storeu_ps(scores.data() + i * used + s, _mm256_mul_ps(dots, _mm256_set1_ps(scale)));
-      }
-  }
+      if (s + 8 <= limits[i])
+        _mm256_storeu_ps(scores.data() + i * used + s,
+                         _mm256_mul_ps(scorer.eight(i, keys + s * kv_stride, kv_stride), _mm256_set1_ps(scale)));
   float totals[MAX_TASK_QUERIES];
   for (int64_t i = 0; i < count; ++i) {
     float* sc = scores.data() + i * used;
@@ -825,7 +899,7 @@ void attend_queries(const float* const* q, float* const* out, const int64_t* lim
     float lanes[8];
     _mm256_storeu_ps(lanes, top8);
     float top = *std::max_element(lanes, lanes + 8);
-    for (; s < limit; ++s) top = std::max(top, sc[s] = dot(q[i], keys + s * kv_stride, D) * scale);
+    for (; s < limit; ++s) top = std::max(top, sc[s] = scorer.one(i, keys + s * kv_stride) * scale);
     __m256 total8 = _mm256_setzero_ps();  // key s adds into lane s % 8, in key order; then hsum's tree
     for (s = 0; s + 8 <= limit; s += 8) {
       const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + s), _mm256_set1_ps(top)));
@@ -836,6 +910,8 @@ void attend_queries(const float* const* q, float* const* out, const int64_t* lim
     for (; s < limit; ++s) totals[i] += sc[s] = exp1(sc[s] - top);
     std::fill_n(out[i], D, 0.f);
   }
+  const bool widen = !std::is_same_v<KV, float> && count >= WIDEN_QUERIES && D <= MAX_WIDE_D;
+  alignas(64) float block[VALUE_BLOCK * MAX_WIDE_D];  // a block of values widened to fp32
   for (int64_t first = 0; first < used; first += VALUE_BLOCK) {
     if (widen) widen_rows(values + first * kv_stride, kv_stride, std::min(VALUE_BLOCK, used - first), D, block);
     for (int64_t i = 0; i < count; ++i) {
@@ -862,7 +938,7 @@ void attend_raw(const float* q, int64_t N, int64_t T, int64_t H, int64_t G, int6
   const int64_t group = H / G, shared = T * group;  // queries per kv head
   const int64_t parts = std::max<int64_t>(std::min<int64_t>(shared, 2), (shared + MAX_TASK_QUERIES - 1) / MAX_TASK_QUERIES);
   at::parallel_for(0, N * G * parts, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
+    std::vector<float> scores, pairs;
     for (int64_t task = begin; task < end; ++task) {  // task = (n, g, part)
       const int64_t n = task / (G * parts), g = task / parts % G, part = task % parts;
       const int64_t first = shared * part / parts, count = shared * (part + 1) / parts - first;
@@ -874,7 +950,12 @@ void attend_raw(const float* q, int64_t N, int64_t T, int64_t H, int64_t G, int6
         qs[i] = q + at, outs[i] = out + at, lims[i] = limits[n * T + t];
       }
       const int64_t off = rows[n] * kr + g * kg;
-      attend_queries<KV>(qs, outs, lims, count, k + off, v + off, ks, D, scale, scores);
+      if constexpr (std::is_same_v<KV, bf16>)
+        if (PairScorer::fits(D)) {
+          attend_queries(PairScorer(qs, count, D, pairs), outs, lims, count, k + off, v + off, ks, D, scale, scores);
+          continue;
+        }
+      attend_queries(DotScorer<KV>(qs, D), outs, lims, count, k + off, v + off, ks, D, scale, scores);
     }
   });
 }
