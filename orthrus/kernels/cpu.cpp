@@ -873,11 +873,11 @@ constexpr int64_t WIDEN_QUERIES = 4;
 constexpr int64_t MAX_WIDE_D = 256;
 
 // Queries sharing one kv head (query i as `scorer` holds it, its output at out[i], seeing keys
-// [0, limits[i])) attend: scores (8 keys at a time), softmax and the weighted sum of values run over the keys in a
-// fixed order (each output dimension one FMA chain over the keys), so a query's result does not
-// depend on which other queries share the call. The queries take each block of keys, then each
-// block of values, in turn: the head's cache comes from memory once for all of them, not once per
-// query (what counts at long contexts).
+// [0, limits[i])) attend: scores (8 keys at a time), softmax and the weighted sum of values run
+// over the keys in a fixed order (each output dimension one FMA chain over the keys), so a query's
+// result does not depend on which other queries share the call. The queries take each block of
+// keys, then each block of values, in turn: the head's cache comes from memory once for all of
+// them, not once per query (what counts at long contexts).
 template <typename KV, typename Scorer>
 void attend_queries(const Scorer& scorer, float* const* out, const int64_t* limits, int64_t count, const KV* keys,
                     const KV* values, int64_t kv_stride, int64_t D, float scale, std::vector<float>& scores) {
