@@ -235,10 +235,11 @@ def read_pass_costs(path) -> PassCosts | None:
     """Saved pass costs, or None when missing, damaged or from an older layout (then they are measured)."""
     try:
         saved = json.loads(path.read_text())
-        costs = PassCosts(tuple(float(t) for t in saved["verify"]), float(saved["draft"]))
+        costs = PassCosts(tuple(float(t) for t in saved["verify"]), float(saved["draft"]), int(saved["context"]),
+                          tuple(float(t) for t in saved["verify_per_token"]), float(saved["draft_per_token"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return costs if len(costs.verify) >= MAX_LOOKUP_DRAFTS + 2 else None
+    return costs if len(costs.verify) >= MAX_LOOKUP_DRAFTS + 2 and len(costs.verify_per_token) == len(costs.verify) else None
 
 
 def parse_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:

@@ -132,10 +132,11 @@ def cmd_calibrate(args) -> None:
     step = costs.verify[1]
     print(f"pass costs for {llm.name} ({next(llm.model.parameters()).dtype}, {torch.get_num_threads()} threads), "
           f"kept in {llm.calibration_file(block)[1]}")
-    print("| pass | ms | AR steps |\n|---|---:|---:|")
-    for tokens, seconds in enumerate(costs.verify[1:], start=1):
-        print(f"| verify {tokens} token{'s' if tokens > 1 else ''} | {seconds * 1e3:.1f} | {seconds / step:.2f} |")
-    print(f"| draft block {block} | {costs.draft * 1e3:.1f} | {costs.draft / step:.2f} |")
+    print(f"| pass | ms after {costs.context} cached tokens | AR steps | ms more per 1,000 cached tokens |\n|---|---:|---:|---:|")
+    for tokens, (seconds, per_token) in enumerate(zip(costs.verify[1:], costs.verify_per_token[1:]), start=1):
+        print(f"| verify {tokens} token{'s' if tokens > 1 else ''} | {seconds * 1e3:.1f} | {seconds / step:.2f} | "
+              f"{per_token * 1e6:.2f} |")
+    print(f"| draft block {block} | {costs.draft * 1e3:.1f} | {costs.draft / step:.2f} | {costs.draft_per_token * 1e6:.2f} |")
 
 
 # modules that add their subcommands through register(subparsers)

@@ -12,7 +12,7 @@ The cycle planner (`plan_cycle`) picks, per row and cycle, what to verify: the d
 occurrence of the row's last few tokens in its prompt and output, as HF prompt lookup and
 llama.cpp lookup do: a verify pass only), or nothing (a plain AR step), whichever gives the most
 expected tokens per second: expected tokens from the row's own recent acceptance of each source,
-seconds from `PassCosts`, the pass times measured on this machine. A lookup draft is a
+seconds from `PassCosts`, the pass times measured on this machine, at the row's context length. A lookup draft is a
 deterministic proposal (one-hot q), so the accept rule stays exact; rows of one cycle may mix
 sources, and the draft pass runs only over the rows that need it.
 
@@ -90,14 +90,26 @@ class PromptLookup:
 
 @dataclass(frozen=True)
 class PassCosts:
-    """Seconds of one forward pass over a warm cache: `verify[t]` for an AR pass of t tokens
-    (index 0 unused), `draft` for the diffusion pass over a block."""
+    """Seconds of one forward pass over a warm cache of `context` tokens: `verify[t]` for an AR pass
+    of t tokens (index 0 unused), `draft` for the diffusion pass over a block; and what each further
+    cached token adds to them (`verify_per_token[t]`, `draft_per_token`): attention reads the whole
+    cache, and on a CPU it costs a pass of several tokens far more per cached token than a step."""
 
     verify: tuple[float, ...]
     draft: float
+    context: int = 0
+    verify_per_token: tuple[float, ...] = ()
+    draft_per_token: float = 0.0
 
-    def verify_pass(self, tokens: int) -> float:
-        return self.verify[min(tokens, len(self.verify) - 1)]
+    def verify_pass(self, tokens: int, context: int | None = None) -> float:
+        t = min(tokens, len(self.verify) - 1)
+        return self.verify[t] + (self.verify_per_token[t] if self.verify_per_token else 0.0) * self._more(context)
+
+    def draft_pass(self, context: int | None = None) -> float:
+        return self.draft + self.draft_per_token * self._more(context)
+
+    def _more(self, context: int | None) -> int:  # cached tokens past the measured ones (fewer: the measured cost)
+        return max(0, (context or 0) - self.context)
 
     @classmethod
     def counting_passes(cls, max_tokens: int) -> "PassCosts":
@@ -105,19 +117,19 @@ class PassCosts:
         return cls((0.0,) + (1.0,) * max_tokens, 1.0)
 
     def as_dict(self) -> dict:
-        return {"verify": list(self.verify), "draft": self.draft}
+        return {"verify": list(self.verify), "draft": self.draft, "context": self.context,
+                "verify_per_token": list(self.verify_per_token), "draft_per_token": self.draft_per_token}
 
 
 @torch.inference_mode()
-def measure_pass_costs(model: OrthrusLM, block_size: int, max_tokens: int, context: int = 128, repeats: int = 3) -> PassCosts:
-    """Time AR passes of 1..max_tokens tokens and the block's draft pass after `context` cached
-    tokens (the fastest of `repeats` each). A pass over more tokens is never taken as cheaper."""
+def measure_pass_costs(model: OrthrusLM, block_size: int, max_tokens: int, contexts: tuple[int, int] = (128, 1024),
+                       repeats: int = 3) -> PassCosts:
+    """Time AR passes of 1..max_tokens tokens and the block's draft pass after each of two cache
+    lengths (the fastest of `repeats` each): the costs at the first, and per cached token the rise
+    to the second. A pass over more tokens is never taken as cheaper, nor a longer cache."""
     param = next(model.parameters())
-    cache = KVCache(model.config, 1, context + max(max_tokens, block_size) + 1, param.dtype, param.device)
+    cache = KVCache(model.config, 1, max(contexts) + max(max_tokens, block_size) + 1, param.dtype, param.device)
     rows = torch.tensor([0])
-    window = cache.window(rows, context, bidirectional=False)
-    model(torch.zeros(1, context, dtype=torch.long, device=param.device), window.positions, window, "ar", logits=False)
-    cache.lengths[0] = context
 
     def seconds(view: str, tokens: int) -> float:
         best = math.inf
@@ -130,11 +142,23 @@ def measure_pass_costs(model: OrthrusLM, block_size: int, max_tokens: int, conte
             best = min(best, time.perf_counter() - start)
         return best
 
-    seconds("ar", max_tokens), seconds("diffusion", block_size)  # warm up (the first use packs weights)
-    verify = [0.0]
-    for t in range(1, max_tokens + 1):
-        verify.append(max(seconds("ar", t), verify[-1]))
-    return PassCosts(tuple(verify), seconds("diffusion", block_size))
+    def after(context: int) -> tuple[list[float], float]:
+        cache.lengths[0] = 0
+        window = cache.window(rows, context, bidirectional=False)
+        model(torch.zeros(1, context, dtype=torch.long, device=param.device), window.positions, window, "ar", logits=False)
+        cache.lengths[0] = context
+        seconds("ar", max_tokens), seconds("diffusion", block_size)  # warm up (the first use packs weights)
+        verify = [0.0]
+        for t in range(1, max_tokens + 1):
+            verify.append(max(seconds("ar", t), verify[-1]))
+        return verify, seconds("diffusion", block_size)
+
+    (verify, draft), (far_verify, far_draft) = after(contexts[0]), after(contexts[1])
+    span = contexts[1] - contexts[0]
+    per_token = [0.0]
+    for near, far in zip(verify[1:], far_verify[1:]):
+        per_token.append(max((far - near) / span, per_token[-1]))
+    return PassCosts(tuple(verify), draft, contexts[0], tuple(per_token), max(0.0, (far_draft - draft) / span))
 
 
 @dataclass
@@ -155,36 +179,37 @@ def plan_cycle(seqs: list["Sequence"], block_size: int, costs: PassCosts, source
     the most lookup drafts each row can use (its cache slots and token budget)."""
     plans = []
     for s, space in zip(seqs, room):
-        options = [(1 / costs.verify_pass(1), Plan("ar"))] if "ar" in sources else []
+        context = len(s.prompt) + len(s.generated)
+        options = [(1 / costs.verify_pass(1, context), Plan("ar"))] if "ar" in sources else []
         if "diffusion" in sources:
             tokens = 1 + s.stats.recent_accepted("diffusion")
-            options.append((tokens / (costs.draft + costs.verify_pass(block_size)), Plan("diffusion")))
+            options.append((tokens / (costs.draft_pass(context) + costs.verify_pass(block_size, context)), Plan("diffusion")))
         found = s.lookup.drafts(s.prompt + s.generated, min(MAX_LOOKUP_DRAFTS, space)) if "lookup" in sources and space > 0 else []
         rate = s.stats.lookup_rate()
         for n in range(1, len(found) + 1):
             tokens = sum(rate**i for i in range(n + 1))
-            options.append((tokens / costs.verify_pass(n + 1), Plan("lookup", found[:n])))
+            options.append((tokens / costs.verify_pass(n + 1, context), Plan("lookup", found[:n])))
         if not options:
             options.append((0.0, Plan("ar")))  # only lookup allowed and none found
         plan = max(options, key=lambda option: option[0])[1]
         if (plan.source == "ar" and "diffusion" in sources
-                and "diffusion" not in s.stats.sources[-exploration_interval(s.stats, block_size, costs):]):
+                and "diffusion" not in s.stats.sources[-exploration_interval(s.stats, block_size, costs, context):]):
             plan = Plan("diffusion")
         plans.append(plan)
     return plans
 
 
-def exploration_interval(stats: "SequenceStats", block_size: int, costs: PassCosts) -> int:
+def exploration_interval(stats: "SequenceStats", block_size: int, costs: PassCosts, context: int | None = None) -> int:
     """Cycles between tries of the drafter on a row that takes AR steps: EXPLORE_EVERY, doubled for
     each of the row's latest drafter cycles in a row that gave fewer tokens a second than AR steps
     would have (up to MAX_EXPLORE_EVERY). Where drafting does not pay, trying it costs a row ~1/64
     of its time instead of ~1/8; one winning try brings the interval back."""
-    cycle_seconds, interval = costs.draft + costs.verify_pass(block_size), EXPLORE_EVERY
+    cycle_seconds, interval = costs.draft_pass(context) + costs.verify_pass(block_size, context), EXPLORE_EVERY
     recent = itertools.islice(zip(reversed(stats.accepted), reversed(stats.sources)), 2 * MAX_EXPLORE_EVERY)
     for accepted, source in recent:
         if source != "diffusion":
             continue
-        if interval >= MAX_EXPLORE_EVERY or (1 + accepted) / cycle_seconds >= 1 / costs.verify_pass(1):
+        if interval >= MAX_EXPLORE_EVERY or (1 + accepted) / cycle_seconds >= 1 / costs.verify_pass(1, context):
             break
         interval *= 2
     return min(interval, MAX_EXPLORE_EVERY)

@@ -160,10 +160,27 @@ def test_the_planner_tries_a_losing_drafter_less_and_less_often():
     assert exploration_interval(seq.stats, 4, flat) == 8  # a winning try brings it back
 
 
+def test_the_planner_weighs_each_row_at_its_own_context_length():
+    """A pass costs more per cached token the more tokens it verifies (attention): a drafter cycle
+    that pays after a short prompt does not after a long one, and a batch plans each row alone."""
+    costs = PassCosts((0.0,) + (1.0,) * 8, 0.8, context=100, verify_per_token=(0.0,) + tuple(0.001 * t for t in range(1, 9)),
+                      draft_per_token=0.003)
+    assert costs.verify_pass(4, 50) == costs.verify_pass(4, 100) == 1.0 and costs.verify_pass(4, 1100) == 5.0
+    assert costs.draft_pass(1100) == 3.8
+    short, long = Sequence(list(range(10))), Sequence(list(range(1500)))
+    for seq in (short, long):  # the drafter has given 2 of 3 drafts a cycle so far
+        seq.stats = SequenceStats(accepted=[2] * 4, sources=["diffusion"] * 4, drafted=[3] * 4)
+    plans = plan_cycle([short, long], 4, costs, ("diffusion", "ar"), [7, 7])
+    assert [p.source for p in plans] == ["diffusion", "ar"]
+    assert [plan_cycle([s], 4, costs, ("diffusion", "ar"), [7])[0].source for s in (short, long)] == ["diffusion", "ar"]
+
+
 def test_pass_costs_are_measured_once_and_kept(qwen3):
     costs = qwen3.pass_costs(4)
     assert len(costs.verify) >= 9 and costs.draft > 0 and all(t > 0 for t in costs.verify[1:])
     assert list(costs.verify[1:]) == sorted(costs.verify[1:])  # more tokens never cost less
+    assert costs.context > 0 and len(costs.verify_per_token) == len(costs.verify) and costs.draft_per_token >= 0
+    assert list(costs.verify_per_token[1:]) == sorted(costs.verify_per_token[1:])  # nor a longer cache
     assert qwen3.pass_costs(4) is costs
     qwen3._pass_costs.clear()  # as a new process: read back from the cache folder, not measured again
     assert qwen3.pass_costs(4) == costs
