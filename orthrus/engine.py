@@ -12,9 +12,9 @@ The cycle planner (`plan_cycle`) picks, per row and cycle, what to verify: the d
 occurrence of the row's last few tokens in its prompt and output, as HF prompt lookup and
 llama.cpp lookup do: a verify pass only), or nothing (a plain AR step), whichever gives the most
 expected tokens per second: expected tokens from the row's own recent acceptance of each source,
-seconds from `PassCosts`, the pass times measured on this machine, at the row's context length. A lookup draft is a
-deterministic proposal (one-hot q), so the accept rule stays exact; rows of one cycle may mix
-sources, and the draft pass runs only over the rows that need it.
+seconds from `PassCosts`, the pass times measured on this machine, at the row's context length.
+A lookup draft is a deterministic proposal (one-hot q), so the accept rule stays exact; rows of
+one cycle may mix sources, and the draft pass runs only over the rows that need it.
 
 Adaptive verify (`draft_confidence` > 0): drafts after the first one the drafter itself is unsure
 of (top probability below the threshold) are not verified, which shortens the verify pass where
