@@ -11,6 +11,7 @@ import inspect
 import json
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,6 +140,8 @@ class Orthrus:
             return self._pass_costs[path]
         costs = None if refresh else read_pass_costs(path)
         if costs is None:
+            print("orthrus: timing this machine's passes for the planner (once per model, dtype and threads)...",
+                  file=sys.stderr, flush=True)
             costs = measure_pass_costs(self.model, block, max(block, MAX_LOOKUP_DRAFTS + 1))
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
