@@ -200,6 +200,20 @@ struct PanelOut {
   float* y;
 };
 
+// 16 values as two fp32 vectors: fp32 ones as stored (0-7, then 8-15); bf16 ones as the even, then
+// the odd, elements of their 32-bit pairs (a 16-bit shift and a mask: exact). A panel stores the
+// weights of one input so (bf16: features 0-7 in the even halves, 8-15 in the odd ones), and the
+// pair-order attention scores read 16 dimensions of a key so.
+inline void load16(const float* p, __m256& lo, __m256& hi) {
+  lo = _mm256_loadu_ps(p);
+  hi = _mm256_loadu_ps(p + 8);
+}
+inline void load16(const bf16* p, __m256& lo, __m256& hi) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  lo = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  hi = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
 // y_s[r, f] = x[r] . w_s[f] (+ bias_s[f]) for R rows of x (ldx apart) and the 16 features of each
 // of S panels: every output is one FMA chain over the inputs in `input_order`, from zero, then the
 // bias. No tile shape changes what an output is computed from or in which order, so any row count
@@ -261,17 +275,6 @@ inline void linear_tile(const X* x, int64_t ldx, int64_t K, const W* const* w, i
 }
 
 #else
-// The 16 weights of one input in a panel, as fp32 features 0-7 and 8-15.
-inline void load16(const float* p, __m256& lo, __m256& hi) {
-  lo = _mm256_loadu_ps(p);
-  hi = _mm256_loadu_ps(p + 8);
-}
-inline void load16(const bf16* p, __m256& lo, __m256& hi) {  // bf16 -> fp32 is a 16-bit shift, exact
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  lo = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-  hi = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
-}
-
 // A tile has R x S x 2 chains in flight (8 to 12: enough to hide the FMA latency).
 template <typename X, typename W, int R, int S>
 inline void linear_tile(const X* x, int64_t ldx, int64_t K, const W* const* w, int64_t step, const PanelOut* out,
@@ -836,9 +839,8 @@ class PairScorer {
     __m256 half[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};  // lanes 0-7 and 8-15
     for (int64_t c = 0; c < D_; c += 32)
       for (int h = 0; h < 2; ++h) {
-        const __m256i pairs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k + c + 16 * h));
-        const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
-        const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+        __m256 even, odd;
+        load16(k + c + 16 * h, even, odd);
         const int64_t p = c / 2 + 8 * h;
         half[h] = _mm256_fmadd_ps(_mm256_loadu_ps(qi + p), odd, half[h]);
         half[h] = _mm256_fmadd_ps(_mm256_loadu_ps(qi + D_ / 2 + p), even, half[h]);
