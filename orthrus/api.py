@@ -41,6 +41,7 @@ class GenerationStats:
     forwards: int  # decoding passes: draft + verify in a diffusion cycle, one otherwise
     sources: list[str] = field(default_factory=list)  # each cycle's draft source (engine.SOURCES)
     drafted: list[int] = field(default_factory=list)  # drafts verified in each cycle
+    branches: list[int] = field(default_factory=list)  # 1 where a cycle's last accepted draft was a tree leaf
 
     @property
     def cycles(self) -> int:
@@ -61,12 +62,15 @@ class GenerationStats:
         return position_acceptance(self.accepted, self.block_size)
 
     def as_dict(self) -> dict:
+        by_source = {src: sum(a for a, s in zip(self.accepted, self.sources) if s == src) for src in SOURCES if src in self.sources}
+        if leaves := sum(self.branches):  # a drafter cycle's accepted tree leaf: from the tree, not the block draft
+            by_source["diffusion"] -= leaves
+            by_source["tree"] = leaves
         return {"cycles": self.cycles, "tokens": self.tokens, "forwards": self.forwards,
                 "tokens_per_cycle": round(self.tokens_per_cycle, 3), "tokens_per_second": round(self.tokens_per_second, 2),
                 "seconds": round(self.seconds, 3), "position_acceptance": [round(x, 3) for x in self.position_acceptance],
                 "cycles_by_source": {src: self.sources.count(src) for src in SOURCES if src in self.sources},
-                "accepted_by_source": {src: sum(a for a, s in zip(self.accepted, self.sources) if s == src)
-                                       for src in SOURCES if src in self.sources}}
+                "accepted_by_source": by_source}
 
 
 @dataclass
@@ -229,7 +233,7 @@ class Orthrus:
             Generation(text=t.text, token_ids=s.generated, finish_reason=s.finish_reason, prompt_tokens=len(s.prompt),
                        stats=GenerationStats(tokens=len(s.generated), accepted=s.stats.accepted,
                                              block_size=engine.block_size, seconds=seconds, forwards=s.stats.forwards,
-                                             sources=s.stats.sources, drafted=s.stats.drafted))
+                                             sources=s.stats.sources, drafted=s.stats.drafted, branches=s.stats.branches))
             for s, t in texts.items()
         ]
 

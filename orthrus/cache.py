@@ -30,19 +30,31 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
-    def window(self, rows: torch.Tensor, num_tokens: int, bidirectional: bool) -> "CacheWindow":
-        """Prepare a forward of `num_tokens` new tokens for `rows`, each starting at its length.
+    def window(self, rows: torch.Tensor, num_tokens: int, bidirectional: bool,
+               depths: torch.Tensor | None = None) -> "CacheWindow":
+        """Prepare a forward of `num_tokens` new tokens for `rows`, written from each row's length on.
 
         Causal (AR view): token t sees the context and block tokens 0..t. Bidirectional
         (diffusion view): every block token sees the context and the whole block.
+        `depths` [N, T] (causal only): a token tree of a chain and leaves. Token t sits at position
+        length + depths[n, t] and sees the context, block tokens 0 .. depths[n, t] - 1 and itself;
+        the chain's tokens have depths[n, t] == t, a leaf (an alternative to chain token d, written
+        after the chain) depth d <= t.
         """
         start = self.lengths[rows]
-        positions = start[:, None] + torch.arange(num_tokens)
+        offsets = torch.arange(num_tokens)
+        if depths is None:
+            depths = offsets.expand(len(rows), -1)
+        elif bidirectional or depths.shape != (len(rows), num_tokens) or bool((depths > offsets).any()) or any(
+                bool((d[: int(d.max())] != offsets[: int(d.max())]).any()) for d in depths):
+            raise ValueError("a tree's depths: causal, [rows, tokens], each token's ancestors the chain before it")
+        positions = start[:, None] + depths
         end = int(start.max()) + num_tokens
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions needed, {self.max_len} allocated")
         limits = positions + 1 if not bidirectional else (start + num_tokens)[:, None].expand_as(positions)
-        return CacheWindow(self, rows.to(self.k.device), positions.to(self.k.device), end, limits)
+        lasts = start[:, None] + offsets if not bidirectional else limits - 1
+        return CacheWindow(self, rows.to(self.k.device), positions.to(self.k.device), end, limits, lasts)
 
 
 @dataclass
@@ -53,27 +65,31 @@ class CacheWindow:
 
     cache: KVCache
     rows: torch.Tensor  # [N] row indices
-    positions: torch.Tensor  # [N, T] absolute positions
+    positions: torch.Tensor  # [N, T] absolute positions (token t is written to slot positions[n, 0] + t)
     end: int  # keys read: slots [0, end)
-    limits: torch.Tensor  # [N, T] host side: query t of row n sees keys [0, limit)
+    limits: torch.Tensor  # [N, T] host side: query t of row n sees keys [0, limit) ...
+    lasts: torch.Tensor  # [N, T] host side: ... the last one read from this slot (limit - 1 but in a tree's leaves)
 
     @property
     def kernel_cache(self) -> tuple:
-        """(k, v, rows, starts, limits): the whole cache and where this pass writes and reads."""
-        return self.cache.k, self.cache.v, self.rows, self.positions[:, 0], self.limits
+        """(k, v, rows, starts, limits, lasts): the whole cache and where this pass writes and reads."""
+        return self.cache.k, self.cache.v, self.rows, self.positions[:, 0], self.limits, self.lasts
 
     @cached_property
     def mask(self) -> torch.Tensor | None:
         """[N, 1, T, end] boolean, None when every key is visible."""
         if bool((self.limits == self.end).all()):
             return None
-        return (torch.arange(self.end) < self.limits[..., None])[:, None].to(self.cache.k.device)
+        keys = torch.arange(self.end)
+        visible = (keys < self.limits[..., None] - 1) | (keys == self.lasts[..., None])
+        return visible[:, None].to(self.cache.k.device)
 
     @cached_property
     def slots(self) -> tuple[torch.Tensor, ...]:
         """Index of this pass's K/V [N, H, T] in a layer's cache, shared by all layers."""
         heads = torch.arange(self.cache.k.shape[2], device=self.cache.k.device)
-        return self.rows[:, None, None], heads[None, :, None], self.positions[:, None, :]
+        written = self.positions[:, :1] + torch.arange(self.positions.shape[1], device=self.positions.device)
+        return self.rows[:, None, None], heads[None, :, None], written[:, None, :]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this pass's K/V ([N, kv_heads, T, D]) and return the keys/values to attend to."""

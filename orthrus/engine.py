@@ -39,7 +39,7 @@ import torch
 from .cache import KVCache
 from .errors import OrthrusError
 from .model import OrthrusLM
-from .sampling import SamplingParams, accept, draw
+from .sampling import Leaves, SamplingParams, accept, draw
 
 Mode = Literal["orthrus", "ar"]
 PREFILL_CHUNK = 1024  # prompt tokens per prefill forward: bounds attention memory on long prompts
@@ -59,7 +59,9 @@ LOOKUP_NGRAMS = (3, 2)  # suffix lengths prompt lookup matches, longest first
 MAX_LOOKUP_DRAFTS = 7  # the planner verifies fewer when the pass costs say so
 EXPLORE_EVERY = 8  # a row that has not tried the drafter for this many cycles tries it again ...
 MAX_EXPLORE_EVERY = 64  # ... or for up to this many, after tries in a row that lost to AR steps
-SOURCES = ("diffusion", "lookup", "ar")
+MAX_LEAVES = 4  # tree leaves (other tokens at the block draft's positions) a drafter cycle may verify
+LEAF_CHOICES = 3  # other tokens weighed per draft position
+SOURCES = ("diffusion", "lookup", "tree", "ar")  # "tree": leaves beside the diffusion draft
 
 
 class PromptLookup:
@@ -199,6 +201,41 @@ def plan_cycle(seqs: list["Sequence"], block_size: int, costs: PassCosts, source
     return plans
 
 
+def plan_leaves(seqs: list["Sequence"], probs: torch.Tensor, drafts: torch.Tensor, lengths: torch.Tensor,
+                costs: PassCosts) -> Leaves | None:
+    """The planner's second half, after the draft pass: per drafting row, the tree leaves worth
+    their verify rows (block draft + leaves, as DDTree's best-first tree comes out for a few-token
+    block). A leaf is another token t for draft j's position; its chance to be the accepted token
+    there is, by the drafter's own distributions `probs` [N, B-1, V], q_1(d_1) ... q_{j-1}(d_{j-1})
+    q_j(t) (the drafts before it right, t right: draft j then wrong). A row takes the most probable
+    leaves while the expected tokens they add beat what their rows add to the verify pass; each
+    row by its own costs and history, so a row plans alike in a batch and alone. None: no leaves."""
+    n, k, _ = probs.shape
+    chance, token = probs.topk(LEAF_CHOICES + 1, -1)  # the drafts' own tokens among them, dropped below
+    right = probs.gather(-1, drafts[..., None]).squeeze(-1)
+    reach = torch.cat([right.new_ones(n, 1), right[:, :-1].cumprod(-1)], 1)  # the drafts before each position right
+    value = (reach[..., None] * chance).masked_fill(token == drafts[..., None], 0.0)
+    value = value.masked_fill((torch.arange(k, device=probs.device) >= lengths[:, None])[..., None], 0.0)
+    best, order = value.flatten(1).topk(min(MAX_LEAVES, value[0].numel()), -1)
+    best, order = best.tolist(), order.tolist()
+    picked = []
+    for s, gains, kept in zip(seqs, best, lengths.tolist()):
+        context = len(s.prompt) + len(s.generated)
+        tokens, draft = 1 + s.stats.recent_accepted("diffusion"), costs.draft_pass(context)
+        rates = [(tokens + sum(gains[:m])) / (draft + costs.verify_pass(1 + kept + m, context)) for m in range(len(gains) + 1)]
+        picked.append(max(range(len(rates)), key=lambda m: (rates[m], -m)) if gains and gains[0] > 0 else 0)
+    width = max(picked)
+    if width == 0:
+        return None
+    tokens = torch.zeros(n, width, dtype=torch.long, device=probs.device)
+    depths = torch.zeros(n, width, dtype=torch.long, device=probs.device)  # depth 0: padding
+    flat = token.flatten(1)
+    for i, (m, where) in enumerate(zip(picked, order)):
+        for s in range(m):
+            tokens[i, s], depths[i, s] = flat[i, where[s]], where[s] // (LEAF_CHOICES + 1) + 1
+    return Leaves(tokens, depths)
+
+
 def exploration_interval(stats: "SequenceStats", block_size: int, costs: PassCosts, context: int | None = None) -> int:
     """Cycles between tries of the drafter on a row that takes AR steps: EXPLORE_EVERY, doubled for
     each of the row's latest drafter cycles in a row that gave fewer tokens a second than AR steps
@@ -220,6 +257,7 @@ class SequenceStats:
     accepted: list[int] = field(default_factory=list)  # accepted drafts per cycle
     sources: list[str] = field(default_factory=list)  # where each cycle's drafts came from (SOURCES)
     drafted: list[int] = field(default_factory=list)  # drafts verified per cycle
+    branches: list[int] = field(default_factory=list)  # 1 where the cycle's last accepted draft was a tree leaf
 
     @property
     def cycles(self) -> int:
@@ -347,12 +385,12 @@ class Engine:
         if not self.running:
             return []
         seqs = [self.running[r] for r in sorted(self.running)]
-        accepted, new_tokens, sources, drafted = self._cycle(seqs)
         outputs = []
-        for seq, n_acc, tokens, source, n_drafted in zip(seqs, accepted, new_tokens, sources, drafted):
+        for seq, n_acc, tokens, source, n_drafted, branch in zip(seqs, *self._cycle(seqs)):
             seq.stats.accepted.append(n_acc)
             seq.stats.sources.append(source)
             seq.stats.drafted.append(n_drafted)
+            seq.stats.branches.append(branch)
             kept = []
             for tok in tokens:
                 kept.append(tok)
@@ -402,14 +440,15 @@ class Engine:
                 u[i] = torch.rand(count, generator=s.generator)
         return u.to(self.device)
 
-    def _cycle(self, seqs: list[Sequence]) -> tuple[list[int], list[list[int]], list[str], list[int]]:
-        """One cycle over every running row: (accepted drafts, new tokens, draft source, drafts verified) per row."""
+    def _cycle(self, seqs: list[Sequence]) -> tuple[list[int], list[list[int]], list[str], list[int], list[int]]:
+        """One cycle over every running row: (accepted drafts, new tokens, draft source, drafts verified,
+        whether the last accepted draft was a tree leaf) per row."""
         rows = torch.tensor([s.row for s in seqs])
         params = [s.params for s in seqs]
         anchors = torch.tensor([s.anchor for s in seqs], device=self.device)
         b = self.block_size
-        most = max(b - 1, MAX_LOOKUP_DRAFTS)  # uniforms per row: drafts, accepts, the next token
-        u = self._uniforms(seqs, 2 * most + 1)
+        most = max(b - 1, MAX_LOOKUP_DRAFTS)  # uniforms per row: drafts, accepts, the next token, leaves
+        u = self._uniforms(seqs, 2 * most + 1 + MAX_LEAVES)
         u_accept, u_next = u[:, most : 2 * most], u[:, 2 * most]
         if self.mode == "ar":
             window = self.cache.window(rows, 1, bidirectional=False)
@@ -417,7 +456,7 @@ class Engine:
             self.forwards += 1
             self.cache.lengths[rows] += 1
             tokens = draw(logits, params, u[:, :1])[0][:, 0]
-            return [0] * len(seqs), [[t] for t in tokens.tolist()], ["ar"] * len(seqs), [0] * len(seqs)
+            return [0] * len(seqs), [[t] for t in tokens.tolist()], ["ar"] * len(seqs), [0] * len(seqs), [0] * len(seqs)
         # lookup drafts a row may take: the verify pass is as wide as its widest row for every row, so
         # it must fit the fullest row's cache slots; and none past the row's own token budget
         slots = self.max_len - 1 - int(self.cache.lengths[rows].max())
@@ -436,6 +475,7 @@ class Engine:
                 drafts[i, : len(plan.drafts)] = torch.tensor(plan.drafts, device=self.device)
                 if q is not None:
                     q[i, range(len(plan.drafts)), plan.drafts] = 1.0  # a deterministic proposal
+        leaves = None
         if diffuse:
             # draft: one diffusion pass over [anchor, MASK...] for the rows the planner gave the
             # drafter; row j predicts position anchor + j + 1
@@ -453,16 +493,37 @@ class Engine:
                 kept = (sure.long().cumprod(-1).sum(-1) + 1).clamp(max=b - 1)
             lengths[picked] = kept
             self.forwards += 1
+            if "tree" in self.sources:
+                leaves = plan_leaves([seqs[i] for i in diffuse], draft_logits.softmax(-1), drafts[picked, : b - 1], kept,
+                                     self.pass_costs)
         k = int(lengths.max())
         drafts = drafts[:, :k]
-        # verify: one AR pass over [anchor, drafts] for every row, writing the cache
-        window = self.cache.window(rows, k + 1, bidirectional=False)
+        # verify: one AR pass over [anchor, drafts] for every row, writing the cache; a tree's leaves
+        # after them, each seeing the drafts before its position and itself
         verify_tokens = torch.cat([anchors[:, None], drafts], 1)
+        depths = None
+        fits = self.max_len - int(self.cache.lengths[rows].max()) - (k + 1)  # leaves the fullest row's slots can hold
+        if leaves is not None and fits > 0:
+            leaves = Leaves(leaves.tokens[:, :fits], leaves.depths[:, :fits])  # each row's leaves go best first
+            every = Leaves(torch.zeros(len(seqs), leaves.tokens.shape[1], dtype=torch.long, device=self.device),
+                           torch.zeros(len(seqs), leaves.tokens.shape[1], dtype=torch.long, device=self.device))
+            every.tokens[picked], every.depths[picked] = leaves.tokens, leaves.depths
+            leaves = every
+            verify_tokens = torch.cat([verify_tokens, leaves.tokens], 1)
+            depths = torch.cat([torch.arange(k + 1).expand(len(seqs), -1), leaves.depths.cpu()], 1)
+        else:
+            leaves = None
+        window = self.cache.window(rows, verify_tokens.shape[1], bidirectional=False, depths=depths)
         logits = self.model(verify_tokens, window.positions, window, "ar")
         self.forwards += 1
-        accepted, next_tokens = accept(logits, params, drafts, None if q is None else q[:, :k], lengths,
-                                       u_accept[:, :k], u_next)
-        self.cache.lengths[rows] += accepted.cpu() + 1  # commit the anchor and the accepted drafts
-        drafts, accepted, next_tokens = drafts.tolist(), accepted.tolist(), next_tokens.tolist()
-        new_tokens = [d[:a] + [t] for d, a, t in zip(drafts, accepted, next_tokens)]
-        return accepted, new_tokens, [plan.source for plan in plans], lengths.tolist()
+        accepted, next_tokens, leaf = accept(logits, params, drafts, None if q is None else q[:, :k], lengths,
+                                             u_accept[:, :k], u_next, leaves, u[:, 2 * most + 1 :])
+        new_tokens = [d[:a] + [t] for d, a, t in zip(drafts.tolist(), accepted.tolist(), next_tokens.tolist())]
+        for i in (leaf >= 0).nonzero().flatten().tolist():  # the leaf's K/V to its position, after the drafts before it
+            a, s = int(accepted[i]), int(leaf[i])
+            start = int(self.cache.lengths[rows[i]])
+            for kv in (self.cache.k, self.cache.v):
+                kv[:, rows[i], :, start + a] = kv[:, rows[i], :, start + k + 1 + s]
+            new_tokens[i][a - 1] = int(leaves.tokens[i, s])
+        self.cache.lengths[rows] += accepted.cpu() + 1  # commit the anchor and the accepted drafts (a leaf's included)
+        return accepted.tolist(), new_tokens, [plan.source for plan in plans], lengths.tolist(), (leaf >= 0).long().tolist()

@@ -78,19 +78,32 @@ def sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target[..., None], right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
+@dataclass(frozen=True)
+class Leaves:
+    """A token tree's leaves beside the drafts (block draft + leaves): tokens [N, S] and depths [N, S];
+    a leaf of depth d is another token for draft d's position (after drafts 1 .. d-1), depth 0 is
+    padding. The verify pass scores leaf s in its row K + 1 + s."""
+
+    tokens: torch.Tensor
+    depths: torch.Tensor
+
+
 def speculative_accept(
     p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u_accept: torch.Tensor, u_next: torch.Tensor,
-    lengths: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Standard speculative sampling over a block, vectorised over rows.
+    lengths: torch.Tensor | None = None, leaves: Leaves | None = None, u_leaves: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Standard speculative sampling over a block, vectorised over rows, with a tree's leaves.
 
-    p [N, K+1, V]: verify distributions (row i is the target for draft i, row K the bonus).
-    q [N, K, V]: draft distributions; drafts [N, K] were sampled from q (a one-hot q for a
-    deterministic proposal such as a prompt lookup). lengths [N] (default K): row n has only its
+    p [N, K+1(+S), V]: verify distributions (row i is the target for draft i, row K the bonus, then
+    the leaves'). q [N, K, V]: draft distributions; drafts [N, K] were sampled from q (a one-hot q
+    for a deterministic proposal such as a prompt lookup). lengths [N] (default K): row n has only its
     first lengths[n] drafts; the rest is padding and never accepted.
     Draft i is accepted with probability min(1, p_i(d_i) / q_i(d_i)); at the first rejection the
-    next token is drawn from normalize(max(p_i - q_i, 0)), and after all of a row's drafts from p
-    at that position (the bonus). Returns (accepted count [N], next token [N]).
+    next token is drawn from the residual r = normalize(max(p_i - q_i, 0)), and after all of a row's
+    drafts from p at that position (the bonus). At a rejection the leaves of that position, each a
+    deterministic proposal, are tried in turn against r (accepted with probability r(leaf), else
+    r loses that token, renormalised: together an exact draw from r); an accepted leaf's own row
+    gives the next token. Returns (accepted count [N], next token [N], accepted leaf [N] or -1).
     """
     n, k = drafts.shape
     lengths = torch.full((n,), k, device=p.device) if lengths is None else lengths.to(p.device)
@@ -104,7 +117,20 @@ def speculative_accept(
     q_a = torch.where((accepted < lengths)[:, None], q_a, 0.0)  # past a row's drafts: the bonus, from p alone
     residual = (p_a - q_a).clamp_(min=0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_a)  # p == q: nothing to correct
-    return accepted, sample(residual, u_next)
+    leaf = torch.full((n,), -1, dtype=torch.long, device=p.device)
+    if leaves is not None:
+        rejected = accepted < lengths
+        for s in range(leaves.tokens.shape[1]):
+            token = leaves.tokens[:, s]
+            tried = rejected & (leaf < 0) & (leaves.depths[:, s] == accepted + 1)
+            mass = residual.gather(-1, token[:, None]).squeeze(-1)
+            taken = tried & (u_leaves[:, s] * residual.sum(-1) < mass)
+            leaf = torch.where(taken, s, leaf)
+            residual = torch.where((tried & ~taken)[:, None], residual.scatter(-1, token[:, None], 0.0), residual)
+    taken = leaf >= 0
+    if leaves is not None:
+        residual = torch.where(taken[:, None], p[rows, k + 1 + leaf.clamp(min=0)], residual)
+    return accepted + taken.long(), sample(residual, u_next), leaf
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -116,16 +142,28 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(logits.detach().numpy().argmax(-1))
 
 
-def greedy_accept(targets: torch.Tensor, drafts: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`speculative_accept` when every distribution is one-hot (greedy rows): targets [N, K+1] are the
-    verify pass's argmaxes, drafts [N, K] with lengths [N] real drafts per row. A draft is accepted
-    while it equals the target at its position; the next token is the target after the last accepted
-    draft. Returns (accepted count [N], next token [N]), what `speculative_accept` gives for one-hot p
-    and q, without building vocabulary-wide distributions."""
+def greedy_accept(targets: torch.Tensor, drafts: torch.Tensor, lengths: torch.Tensor,
+                  leaves: Leaves | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`speculative_accept` when every distribution is one-hot (greedy rows): targets [N, K+1(+S)] are
+    the verify pass's argmaxes, drafts [N, K] with lengths [N] real drafts per row. A draft is accepted
+    while it equals the target at its position; at the first that does not, a leaf of that position
+    that does is accepted; the next token is the target after the last accepted token. Returns
+    (accepted count [N], next token [N], accepted leaf [N] or -1), what `speculative_accept` gives for
+    one-hot p and q, without building vocabulary-wide distributions."""
     n, k = drafts.shape
+    rows = torch.arange(n, device=drafts.device)
     real = torch.arange(k, device=drafts.device) < lengths[:, None]
     accepted = ((drafts == targets[:, :k]) & real).long().cumprod(-1).sum(-1)
-    return accepted, targets[torch.arange(n, device=drafts.device), accepted]
+    leaf = torch.full((n,), -1, dtype=torch.long, device=drafts.device)
+    if leaves is not None:
+        hits = ((leaves.depths == (accepted + 1)[:, None]) & (leaves.tokens == targets[rows, accepted][:, None])
+                & (accepted < lengths)[:, None])
+        leaf = torch.where(hits.any(-1), hits.long().argmax(-1), leaf)
+    taken = leaf >= 0
+    next_token = targets[rows, accepted]
+    if leaves is not None:
+        next_token = torch.where(taken, targets[rows, k + 1 + leaf.clamp(min=0)], next_token)
+    return accepted + taken.long(), next_token, leaf
 
 
 def draw(logits: torch.Tensor, params: list[SamplingParams], uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -140,11 +178,12 @@ def draw(logits: torch.Tensor, params: list[SamplingParams], uniforms: torch.Ten
 
 def accept(
     logits: torch.Tensor, params: list[SamplingParams], drafts: torch.Tensor, q: torch.Tensor | None, lengths: torch.Tensor,
-    u_accept: torch.Tensor, u_next: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The speculative rule on verify logits [N, K+1, V] for drafts [N, K] (lengths [N] real ones per
-    row) drawn from q [N, K, V], or q None when every row is greedy (as `draw` returns it): by argmax
-    then, else `speculative_accept` on the verify distributions. Returns (accepted count, next token)."""
+    u_accept: torch.Tensor, u_next: torch.Tensor, leaves: Leaves | None = None, u_leaves: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The speculative rule on verify logits [N, K+1(+S), V] for drafts [N, K] (lengths [N] real ones
+    per row) drawn from q [N, K, V], or q None when every row is greedy (as `draw` returns it), and a
+    tree's leaves: by argmax then, else `speculative_accept` on the verify distributions. Returns
+    (accepted count, next token, accepted leaf or -1); an accepted leaf counts as an accepted draft."""
     if q is None:
-        return greedy_accept(argmax(logits), drafts, lengths)
-    return speculative_accept(sampling_probs(logits, params), q, drafts, u_accept, u_next, lengths)
+        return greedy_accept(argmax(logits), drafts, lengths, leaves)
+    return speculative_accept(sampling_probs(logits, params), q, drafts, u_accept, u_next, lengths, leaves, u_leaves)

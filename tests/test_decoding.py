@@ -13,8 +13,10 @@ from orthrus.engine import (SOURCES, PassCosts, PromptLookup, Sequence, Sequence
 from .conftest import PROMPTS
 
 
-def make_oracle(llm, references: list[list[int]]):
-    """Replace the diffusion view by one that drafts the known AR continuation of each row."""
+def make_oracle(llm, references: list[list[int]], second_every: int = 0):
+    """Replace the diffusion view by one that drafts the known AR continuation of each row; with
+    `second_every`, at every that many-th position the drafter likes another token better and the
+    right one second (a tree's leaf catches it)."""
     model = llm.model
     real_forward = model.forward
 
@@ -26,6 +28,8 @@ def make_oracle(llm, references: list[list[int]]):
             for j, pos in enumerate(positions[i].tolist()):
                 if pos + 1 < len(references[row]):
                     out[i, j, references[row][pos + 1]] = 0.0
+                    if second_every and pos % second_every == 0:
+                        out[i, j, (references[row][pos + 1] + 1) % model.config.vocab_size] = 1.0
         return out
 
     model.forward = forward
@@ -70,6 +74,15 @@ def test_greedy_orthrus_equals_ar_with_three_drafters(request, name, block, path
     for g in oracle:  # every draft accepted: full blocks until the budget or EOS cuts the last one
         assert g.stats.cycles <= -(-len(g.token_ids) // block) + 1
     assert sum(sum(g.stats.accepted) for g in oracle) >= sum(len(e) for e in expected) // 2
+
+    # a drafter right only in second place at every third position: the tree's leaves take those
+    restore = make_oracle(llm, [llm.encode(p) + e for p, e in zip(prompts, expected)], second_every=3)
+    try:
+        tree = llm.generate(prompts, max_new_tokens=max_new, block_size=block, sources=("diffusion", "tree"))
+    finally:
+        restore()
+    assert [g.token_ids for g in tree] == expected
+    assert sum(sum(g.stats.branches) for g in tree) >= len(prompts)
 
     randomize_twins(llm)
     try:

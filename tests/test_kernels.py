@@ -225,7 +225,8 @@ def prefilled(llm, text: str, room: int) -> tuple[KVCache, int]:
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("name", ["qwen3_folder", "smollm2_folder"])
 def test_a_verify_pass_computes_each_token_as_a_decode_step_does(request, name, dtype):
-    """Logits of one T-token AR pass == logits of T one-token steps, bit for bit, for T up to 32."""
+    """Logits of one T-token AR pass == logits of T one-token steps, bit for bit, for T up to 32; and
+    so are a token tree's leaves'."""
     llm = untrained(request.getfixturevalue(name), dtype)
     model = llm.model
     tokens = torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(4))
@@ -242,6 +243,15 @@ def test_a_verify_pass_computes_each_token_as_a_decode_step_does(request, name, 
             cache.lengths[0] = prompt_len
             window = cache.window(rows, T, bidirectional=False)
             assert torch.equal(model(tokens[:, :T], window.positions, window, "ar"), steps[:, :T]), f"T={T}"
+        # a token tree: a chain of 8 whose token 6 is another one, and leaves after it with the
+        # right tokens 6 and 3 (and 1): each leaf computed as the decode step of its token
+        cache.lengths[0] = prompt_len
+        chain = tokens[:, :8].clone()
+        chain[0, 6] = tokens[0, 6] + 1
+        tree = torch.cat([chain, tokens[:, [6, 3, 1]]], 1)
+        window = cache.window(rows, 11, bidirectional=False, depths=torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 6, 3, 1]]))
+        logits = model(tree, window.positions, window, "ar")
+        assert torch.equal(logits[:, :6], steps[:, :6]) and torch.equal(logits[:, 8:], steps[:, [6, 3, 1]])
 
 
 def test_a_failed_build_falls_back_to_plain_pytorch_with_one_line(tmp_path, monkeypatch, capsys):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from orthrus.errors import OrthrusError
-from orthrus.sampling import SamplingParams, accept, argmax, draw, greedy_accept, sample, sampling_probs, speculative_accept
+from orthrus.sampling import (Leaves, SamplingParams, accept, argmax, draw, greedy_accept, sample, sampling_probs,
+                              speculative_accept)
 
 
 def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
@@ -30,7 +31,7 @@ def test_speculative_sampling_reproduces_the_target_distribution():
     q[0] /= q[0].sum()
     P, Q = p.expand(n, -1, -1), q.expand(n, -1, -1)
     drafts = sample(Q, torch.rand(n, k, generator=g))
-    accepted, nxt = speculative_accept(P, Q, drafts, torch.rand(n, k, generator=g), torch.rand(n, generator=g))
+    accepted, nxt, _ = speculative_accept(P, Q, drafts, torch.rand(n, k, generator=g), torch.rand(n, generator=g))
     first = torch.where(accepted > 0, drafts[:, 0], nxt)
     assert chi_square_p_value(torch.bincount(first, minlength=vocab).float(), p[0]) > 1e-3
     # the second emitted token, in cycles that accepted the first draft, follows p_1
@@ -50,8 +51,8 @@ def test_lookup_drafts_padded_to_the_block_keep_the_target_distribution():
     lengths = torch.tensor([0, 1, 3]).repeat(n // 3 + 1)[:n]  # no draft, one, a full block
     drafts = torch.tensor([3, 1, 4]).expand(n, -1).clone()  # the looked-up continuation
     q = torch.zeros(n, k, vocab).scatter_(-1, drafts[..., None], 1.0)
-    accepted, nxt = speculative_accept(p.expand(n, -1, -1), q, drafts, torch.rand(n, k, generator=g),
-                                       torch.rand(n, generator=g), lengths)
+    accepted, nxt, _ = speculative_accept(p.expand(n, -1, -1), q, drafts, torch.rand(n, k, generator=g),
+                                          torch.rand(n, generator=g), lengths)
     assert bool((accepted <= lengths).all())
     first = torch.where(accepted > 0, drafts[:, 0], nxt)
     assert chi_square_p_value(torch.bincount(first, minlength=vocab).float(), p[0]) > 1e-3
@@ -69,7 +70,7 @@ def test_greedy_is_the_one_hot_special_case():
     p, q = probs, sampling_probs(torch.randn(3, 4, 20), [SamplingParams()] * 3)
     drafts = q.argmax(-1)
     drafts[0] = p[0, :4].argmax(-1)  # row 0: every draft is the AR argmax
-    accepted, nxt = speculative_accept(p, q, drafts, torch.rand(3, 4), torch.rand(3))
+    accepted, nxt, _ = speculative_accept(p, q, drafts, torch.rand(3, 4), torch.rand(3))
     assert accepted[0] == 4 and nxt[0] == p[0, 4].argmax()
     for r in (1, 2):
         a = int(accepted[r])
@@ -86,7 +87,7 @@ def test_greedy_accept_is_speculative_accept_on_one_hot_distributions():
     q = torch.zeros(n, k, vocab).scatter_(-1, drafts[..., None], 1.0)
     want = speculative_accept(p, q, drafts, torch.rand(n, k, generator=g), torch.rand(n, generator=g), lengths)
     got = greedy_accept(p.argmax(-1), drafts, lengths)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert set(got[0].tolist()) >= {0, k}  # both ends seen
 
 
@@ -101,12 +102,50 @@ def test_a_greedy_row_beside_sampling_rows_decides_by_argmax_whatever_its_q():
     assert q is not None and torch.equal(q[::2], torch.zeros_like(q[::2]).scatter_(-1, drafts[::2, :, None], 1.0))
     q[::2] = 0  # the greedy rows' proposals as the engine leaves them
     lengths = torch.randint(0, k + 1, (n,), generator=g)
-    accepted, nxt = accept(logits, params, drafts, q, lengths, torch.rand(n, k, generator=g), torch.rand(n, generator=g))
+    accepted, nxt, _ = accept(logits, params, drafts, q, lengths, torch.rand(n, k, generator=g), torch.rand(n, generator=g))
     want = greedy_accept(logits.argmax(-1), drafts, lengths)
     assert torch.equal(accepted[::2], want[0][::2]) and torch.equal(nxt[::2], want[1][::2])
     greedy_drafts, none = draw(logits, [SamplingParams()] * n, torch.rand(n, k + 1))
     assert none is None and torch.equal(greedy_drafts, logits.argmax(-1))
     assert torch.equal(torch.stack(accept(logits, [SamplingParams()] * n, drafts, None, lengths, None, None)), torch.stack(want))
+
+
+def test_tree_leaves_keep_the_target_distribution():
+    """Block draft + leaves: at the first rejected draft, the leaves of its position are tried against
+    the residual. What comes out at each position still follows p, leaves are taken (the point of
+    them), and greedy rows take a leaf exactly when it is the argmax there."""
+    g = torch.Generator().manual_seed(7)
+    n, vocab, k = 200_000, 6, 2
+    p = torch.softmax(torch.randn(k + 1 + 3, vocab, generator=g) * 1.5, -1)  # rows: drafts 1-2, bonus, leaves 0-2
+    q = torch.softmax(torch.randn(k, vocab, generator=g) * 1.5, -1)
+    P, Q = p.expand(n, -1, -1), q.expand(n, -1, -1)
+    drafts = sample(Q, torch.rand(n, k, generator=g))
+    # leaves: two other tokens for draft 1's position, one for draft 2's (fixed proposals)
+    leaves = Leaves(torch.tensor([[1, 4, 2]]).expand(n, -1), torch.tensor([[1, 1, 2]]).expand(n, -1))
+    accepted, nxt, leaf = speculative_accept(P, Q, drafts, torch.rand(n, k, generator=g), torch.rand(n, generator=g),
+                                             leaves=leaves, u_leaves=torch.rand(n, 3, generator=g))
+    first_leaf = (leaf == 0) | (leaf == 1)
+    emitted = torch.where(first_leaf, leaves.tokens[:, 0].where(leaf == 0, leaves.tokens[:, 1]),
+                          torch.where(accepted > 0, drafts[:, 0], nxt))
+    assert chi_square_p_value(torch.bincount(emitted, minlength=vocab).float(), p[0]) > 1e-3
+    assert 0.02 < float(first_leaf.float().mean()) and bool((leaf == 2).any())
+    # after a first-position leaf the next token comes from that leaf's own row
+    for s in (0, 1):
+        assert chi_square_p_value(torch.bincount(nxt[leaf == s], minlength=vocab).float(), p[k + 1 + s]) > 1e-3
+    # second position, in cycles that took draft 1: draft 2, its leaf, or the residual draw, following p_1
+    reached = (accepted > 0) & ~first_leaf
+    second = torch.where(leaf[reached] == 2, leaves.tokens[reached, 2],
+                         torch.where(accepted[reached] > 1, drafts[reached, 1], nxt[reached]))
+    assert chi_square_p_value(torch.bincount(second, minlength=vocab).float(), p[1]) > 1e-3
+    # greedy: the one-hot case agrees with greedy_accept, leaves included
+    targets = torch.randint(0, vocab, (64, k + 1 + 3), generator=g)
+    d = torch.randint(0, vocab, (64, k), generator=g)
+    small = Leaves(torch.randint(0, vocab, (64, 3), generator=g), torch.randint(0, k + 1, (64, 3), generator=g))
+    one_hot = torch.zeros(64, k + 1 + 3, vocab).scatter_(-1, targets[..., None], 1.0)
+    want = speculative_accept(one_hot, torch.zeros(64, k, vocab).scatter_(-1, d[..., None], 1.0), d, torch.rand(64, k),
+                              torch.rand(64), torch.full((64,), k), small, torch.zeros(64, 3))
+    got = greedy_accept(targets, d, torch.full((64,), k), small)
+    assert all(torch.equal(a, b) for a, b in zip(got, want)) and bool((got[2] >= 0).any())
 
 
 def test_top_k_top_p_temperature():

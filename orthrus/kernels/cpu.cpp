@@ -875,14 +875,15 @@ constexpr int64_t WIDEN_QUERIES = 4;
 constexpr int64_t MAX_WIDE_D = 256;
 
 // Queries sharing one kv head (query i as `scorer` holds it, its output at out[i], seeing keys
-// [0, limits[i])) attend: scores (8 keys at a time), softmax and the weighted sum of values run
+// [0, limits[i]), the last of them read from slot lasts[i]: a token tree's leaf, whose own key sits
+// after its ancestors' siblings, attends as if it were right after its ancestors) attend: scores (8 keys at a time), softmax and the weighted sum of values run
 // over the keys in a fixed order (each output dimension one FMA chain over the keys), so a query's
 // result does not depend on which other queries share the call. The queries take each block of
 // keys, then each block of values, in turn: the head's cache comes from memory once for all of
 // them, not once per query (what counts at long contexts).
 template <typename KV, typename Scorer>
-void attend_queries(const Scorer& scorer, float* const* out, const int64_t* limits, int64_t count, const KV* keys,
-                    const KV* values, int64_t kv_stride, int64_t D, float scale, std::vector<float>& scores) {
+void attend_queries(const Scorer& scorer, float* const* out, const int64_t* limits, const int64_t* lasts, int64_t count,
+                    const KV* keys, const KV* values, int64_t kv_stride, int64_t D, float scale, std::vector<float>& scores) {
   const int64_t used = *std::max_element(limits, limits + count);
   scores.resize(count * used);
   for (int64_t s = 0; D % 8 == 0 && s + 8 <= used; s += 8)
@@ -894,6 +895,9 @@ void attend_queries(const Scorer& scorer, float* const* out, const int64_t* limi
   for (int64_t i = 0; i < count; ++i) {
     float* sc = scores.data() + i * used;
     const int64_t limit = limits[i];
+    auto key = [&](int64_t s) { return keys + (s == limit - 1 ? lasts[i] : s) * kv_stride; };
+    if (lasts[i] != limit - 1 && D % 8 == 0 && limit % 8 == 0)  // the last key was scored in a block of 8: rescore it
+      sc[limit - 1] = scorer.one(i, key(limit - 1)) * scale;  // (`eight` scores each key as `one` does)
     int64_t s = 0;
     __m256 top8 = _mm256_set1_ps(-INFINITY);
     if (D % 8 == 0)
@@ -901,7 +905,7 @@ void attend_queries(const Scorer& scorer, float* const* out, const int64_t* limi
     float lanes[8];
     _mm256_storeu_ps(lanes, top8);
     float top = *std::max_element(lanes, lanes + 8);
-    for (; s < limit; ++s) top = std::max(top, sc[s] = scorer.one(i, keys + s * kv_stride) * scale);
+    for (; s < limit; ++s) top = std::max(top, sc[s] = scorer.one(i, key(s)) * scale);
     __m256 total8 = _mm256_setzero_ps();  // key s adds into lane s % 8, in key order; then hsum's tree
     for (s = 0; s + 8 <= limit; s += 8) {
       const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + s), _mm256_set1_ps(top)));
@@ -920,10 +924,12 @@ void attend_queries(const Scorer& scorer, float* const* out, const int64_t* limi
       const int64_t n = std::min(VALUE_BLOCK, limits[i] - first);
       if (n <= 0) continue;
       const float* p = scores.data() + i * used + first;
+      const bool moved = first + n == limits[i] && lasts[i] != limits[i] - 1;  // the block ends with a moved last key
       if (widen)
-        weighted_sum(p, block, D, n, D, out[i]);
+        weighted_sum(p, block, D, n - moved, D, out[i]);
       else
-        weighted_sum(p, values + first * kv_stride, kv_stride, n, D, out[i]);
+        weighted_sum(p, values + first * kv_stride, kv_stride, n - moved, D, out[i]);
+      if (moved) weighted_sum(p + n - 1, values + lasts[i] * kv_stride, kv_stride, 1, D, out[i]);  // the chains go on
     }
   }
   for (int64_t i = 0; i < count; ++i)
@@ -931,12 +937,14 @@ void attend_queries(const Scorer& scorer, float* const* out, const int64_t* limi
 }
 
 // q [N, T, H, D] fp32 contiguous -> out [N, T, H, D] fp32; keys/values of one layer, sequence n in
-// cache row rows[n] (strides kr, kg, ks for row, kv head, position); query (n, t) sees keys [0, limits[n, t]).
+// cache row rows[n] (strides kr, kg, ks for row, kv head, position); query (n, t) sees keys [0, limits[n, t]),
+// the last one read from slot lasts[n, t].
 // A task is half of the queries that share one kv head of one sequence (its T tokens x the heads of
 // its group), in (t, head) order: two tasks a kv head keep both cores busy however few the heads.
 template <typename KV>
 void attend_raw(const float* q, int64_t N, int64_t T, int64_t H, int64_t G, int64_t D, const KV* k, const KV* v,
-                int64_t kr, int64_t kg, int64_t ks, const int64_t* rows, const int64_t* limits, float scale, float* out) {
+                int64_t kr, int64_t kg, int64_t ks, const int64_t* rows, const int64_t* limits, const int64_t* lasts,
+                float scale, float* out) {
   const int64_t group = H / G, shared = T * group;  // queries per kv head
   const int64_t parts = std::max<int64_t>(std::min<int64_t>(shared, 2), (shared + MAX_TASK_QUERIES - 1) / MAX_TASK_QUERIES);
   at::parallel_for(0, N * G * parts, 1, [&](int64_t begin, int64_t end) {
@@ -946,18 +954,18 @@ void attend_raw(const float* q, int64_t N, int64_t T, int64_t H, int64_t G, int6
       const int64_t first = shared * part / parts, count = shared * (part + 1) / parts - first;
       const float* qs[MAX_TASK_QUERIES];
       float* outs[MAX_TASK_QUERIES];
-      int64_t lims[MAX_TASK_QUERIES];
+      int64_t lims[MAX_TASK_QUERIES], last[MAX_TASK_QUERIES];
       for (int64_t i = 0; i < count; ++i) {
         const int64_t t = (first + i) / group, h = g * group + (first + i) % group, at = ((n * T + t) * H + h) * D;
-        qs[i] = q + at, outs[i] = out + at, lims[i] = limits[n * T + t];
+        qs[i] = q + at, outs[i] = out + at, lims[i] = limits[n * T + t], last[i] = lasts[n * T + t];
       }
       const int64_t off = rows[n] * kr + g * kg;
       if constexpr (std::is_same_v<KV, bf16>)
         if (PairScorer::fits(D)) {
-          attend_queries(PairScorer(qs, count, D, pairs), outs, lims, count, k + off, v + off, ks, D, scale, scores);
+          attend_queries(PairScorer(qs, count, D, pairs), outs, lims, last, count, k + off, v + off, ks, D, scale, scores);
           continue;
         }
-      attend_queries(DotScorer<KV>(qs, D), outs, lims, count, k + off, v + off, ks, D, scale, scores);
+      attend_queries(DotScorer<KV>(qs, D), outs, lims, last, count, k + off, v + off, ks, D, scale, scores);
     }
   });
 }
@@ -1188,11 +1196,12 @@ class DecoderStack {
 
   // x [N, T, hidden] (the embeddings, model dtype, contiguous) -> the last layer's output, same
   // shape. cos, sin fp32 [N, T, head_dim]; k_cache, v_cache [layers, rows, kv_heads, S, head_dim];
-  // sequence n is cache row rows[n], its tokens go to positions starts[n] ..; query (n, t) sees keys
-  // [0, limits[n, t]).
+  // sequence n is cache row rows[n], its tokens go to slots starts[n] ..; query (n, t) sees keys
+  // [0, limits[n, t]), the last one in slot lasts[n, t] (limits[n, t] - 1 but in a token tree's leaves).
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                         const torch::Tensor& k_cache, const torch::Tensor& v_cache, const torch::Tensor& rows,
-                        const torch::Tensor& starts, const torch::Tensor& limits, bool diffusion) const {
+                        const torch::Tensor& starts, const torch::Tensor& limits, const torch::Tensor& lasts,
+                        bool diffusion) const {
     TORCH_CHECK(x.dim() == 3 && x.is_contiguous() && x.scalar_type() == dtype_, "DecoderStack: contiguous x [N, T, hidden] in the weights' dtype");
     TORCH_CHECK(k_cache.scalar_type() == dtype_ && k_cache.dim() == 5 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
                 v_cache.is_contiguous() && k_cache.size(0) == static_cast<int64_t>(layers_.size()) &&
@@ -1200,28 +1209,32 @@ class DecoderStack {
     const int64_t N = x.size(0), T = x.size(1);
     TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.is_contiguous() && sin.is_contiguous() &&
                 cos.numel() == N * T * head_dim_ && sin.sizes() == cos.sizes(), "DecoderStack: cos, sin fp32 [N, T, head_dim]");
-    auto r = rows.to(at::kLong).contiguous(), st = starts.to(at::kLong).contiguous(), lim = limits.to(at::kLong).contiguous();
-    TORCH_CHECK(r.numel() == N && st.numel() == N && lim.numel() == N * T, "DecoderStack: rows [N], starts [N], limits [N, T]");
-    const int64_t *rp = r.data_ptr<int64_t>(), *sp = st.data_ptr<int64_t>(), *lp = lim.data_ptr<int64_t>();
+    auto r = rows.to(at::kLong).contiguous(), st = starts.to(at::kLong).contiguous(), lim = limits.to(at::kLong).contiguous(),
+         la = lasts.to(at::kLong).contiguous();
+    TORCH_CHECK(r.numel() == N && st.numel() == N && lim.numel() == N * T && la.numel() == N * T,
+                "DecoderStack: rows [N], starts [N], limits and lasts [N, T]");
+    const int64_t *rp = r.data_ptr<int64_t>(), *sp = st.data_ptr<int64_t>(), *lp = lim.data_ptr<int64_t>(), *ap = la.data_ptr<int64_t>();
     const int64_t S = k_cache.size(3);
     for (int64_t n = 0; n < N; ++n) {
       TORCH_CHECK(rp[n] >= 0 && rp[n] < k_cache.size(1) && sp[n] >= 0 && sp[n] + T <= S, "DecoderStack: a row or position out of the cache");
-      for (int64_t t = 0; t < T; ++t) TORCH_CHECK(lp[n * T + t] >= 1 && lp[n * T + t] <= S, "DecoderStack: limits in [1, S]");
+      for (int64_t t = 0; t < T; ++t)
+        TORCH_CHECK(lp[n * T + t] >= 1 && lp[n * T + t] <= S && ap[n * T + t] >= lp[n * T + t] - 1 && ap[n * T + t] < sp[n] + T,
+                    "DecoderStack: limits in [1, S], lasts in [limit - 1, start + T)");
     }
     auto out = x.clone();
     if (dtype_ == at::kFloat)
       run<float>(out.data_ptr<float>(), N, T, cos.data_ptr<float>(), sin.data_ptr<float>(), k_cache.data_ptr<float>(),
-                 v_cache.data_ptr<float>(), k_cache.strides(), rp, sp, lp, diffusion);
+                 v_cache.data_ptr<float>(), k_cache.strides(), rp, sp, lp, ap, diffusion);
     else
       run<bf16>(out.data_ptr<bf16>(), N, T, cos.data_ptr<float>(), sin.data_ptr<float>(), k_cache.data_ptr<bf16>(),
-                v_cache.data_ptr<bf16>(), k_cache.strides(), rp, sp, lp, diffusion);
+                v_cache.data_ptr<bf16>(), k_cache.strides(), rp, sp, lp, ap, diffusion);
     return out;
   }
 
  private:
   template <typename T>
   void run(T* x, int64_t N, int64_t T_, const float* cos, const float* sin, T* kc, T* vc, at::IntArrayRef cs,
-           const int64_t* rows, const int64_t* starts, const int64_t* limits, bool diffusion) const {
+           const int64_t* rows, const int64_t* starts, const int64_t* limits, const int64_t* lasts, bool diffusion) const {
     const int64_t M = N * T_, C = layers_[0].post_norm.numel(), I = layers_[0].ar.gate.packed.size(0);
     const int64_t H = heads_, G = kv_heads_, D = head_dim_, QD = H * D, KD = G * D;
     const float scale = 1.f / std::sqrt(static_cast<float>(D));
@@ -1271,7 +1284,7 @@ class DecoderStack {
           }
       widen(q.data(), M * QD);
       PHASE(ATTENTION);
-      attend_raw<T>(hf.data(), N, T_, H, G, D, kl, vl, cs[1], cs[2], cs[3], rows, limits, scale, qf.data());
+      attend_raw<T>(hf.data(), N, T_, H, G, D, kl, vl, cs[1], cs[2], cs[3], rows, limits, lasts, scale, qf.data());
       PHASE(SMALL_OPS);
       round_into(qf.data(), h.data(), M * QD);  // the heads' output, in the model's dtype
       widen(h.data(), M * QD);
