@@ -34,6 +34,7 @@ def summarize(runs: list[Run], block_size: int) -> dict:
                 m["acceptance_length_by_source"] = {  # tokens per cycle, and the cycles, of each draft source
                     src: {"cycles": n, "acceptance_length": round(acceptance_length([a for s, a in by_source if s == src]), 3)}
                     for src in dict.fromkeys(s for s, _ in by_source) if (n := sum(s == src for s, _ in by_source))}
+                m["tree_leaves_accepted"] = sum(sum(r.branches) for r in mine)  # drafter cycles a leaf lengthened
                 m["cycles"] = len(cycles)
                 m["acceptance_length"] = round(acceptance_length(cycles), 3)
                 m["position_acceptance"] = [round(x, 3) for x in position_acceptance(cycles, block_size)]

@@ -22,7 +22,10 @@ from ..errors import OrthrusError
 from .prompts import PromptSet
 
 # orthrus: the planner's choice of drafter, prompt lookup or AR step each cycle; orthrus-diffusion: the drafter every cycle
-METHODS = ("orthrus", "orthrus-diffusion", "ar", "hf", "hf-pld", "llama.cpp")
+# orthrus: every draft source, by the planner; -diffusion: the block draft alone; -chain: no tree leaves
+METHODS = ("orthrus", "orthrus-diffusion", "orthrus-chain", "ar", "hf", "hf-pld", "llama.cpp")
+ORTHRUS_SOURCES = {"orthrus": SOURCES, "orthrus-diffusion": ("diffusion",),
+                   "orthrus-chain": tuple(s for s in SOURCES if s != "tree"), "ar": SOURCES}
 DEFAULT_METHODS = ("orthrus", "ar", "hf", "hf-pld")  # llama.cpp needs an optional extra and a GGUF
 PROMPT_LOOKUP_TOKENS = 10
 
@@ -39,6 +42,7 @@ class Run:
     forwards: int  # decoding forwards of this sequence (orthrus: 2 per diffusion cycle, 1 per lookup cycle; HF: model calls)
     accepted: list[int] = field(default_factory=list)  # orthrus: accepted drafts per cycle
     sources: list[str] = field(default_factory=list)  # orthrus: each cycle's draft source
+    branches: list[int] = field(default_factory=list)  # orthrus: 1 where a cycle's last accepted draft was a tree leaf
 
 
 class HFGenerate:
@@ -120,20 +124,20 @@ class Runner:
             self.hf = HFGenerate(folder, param.dtype, param.device, llm.stop_token_ids)
         self.llama_cpp = LlamaCpp(gguf, llm.stop_token_ids) if "llama.cpp" in methods else None
 
-    def run_one(self, method: str, ids: list[int], max_new_tokens: int, seed: int) -> tuple[list[int], float, int, list[int], list[str]]:
+    def run_one(self, method: str, ids: list[int], max_new_tokens: int, seed: int) -> tuple:
+        """(tokens, seconds, forwards, accepted, sources, branches): the fields of a `Run` after its method."""
         start = time.perf_counter()
         if method.startswith("hf"):
             tokens, forwards = self.hf.generate(ids, max_new_tokens, self.temperature, seed, prompt_lookup=method == "hf-pld")
-            return tokens, time.perf_counter() - start, forwards, [], []
+            return tokens, time.perf_counter() - start, forwards, [], [], []
         if method == "llama.cpp":
             tokens, forwards = self.llama_cpp.generate(ids, max_new_tokens, self.temperature, seed)
-            return tokens, time.perf_counter() - start, forwards, [], []
+            return tokens, time.perf_counter() - start, forwards, [], [], []
         out = self.llm.generate(ids, max_new_tokens=max_new_tokens, temperature=self.temperature, seed=seed,
-                                mode="ar" if method == "ar" else "orthrus",
-                                sources=("diffusion",) if method == "orthrus-diffusion" else SOURCES,
+                                mode="ar" if method == "ar" else "orthrus", sources=ORTHRUS_SOURCES[method],
                                 block_size=self.block_size, draft_confidence=self.draft_confidence)
         seconds = time.perf_counter() - start
-        return out.token_ids, seconds, out.stats.forwards, list(out.stats.accepted), list(out.stats.sources)
+        return out.token_ids, seconds, out.stats.forwards, list(out.stats.accepted), list(out.stats.sources), list(out.stats.branches)
 
     def warm_up(self, ids: list[int]) -> None:
         for method in self.methods:
