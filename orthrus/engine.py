@@ -16,6 +16,12 @@ seconds from `PassCosts`, the pass times measured on this machine, at the row's 
 A lookup draft is a deterministic proposal (one-hot q), so the accept rule stays exact; rows of
 one cycle may mix sources, and the draft pass runs only over the rows that need it.
 
+Tree leaves (`plan_leaves`, after the draft pass): other tokens at the block draft's positions,
+verified in the same pass after the drafts, each seeing the drafts before its position and itself
+(a token tree of the chain and leaves; with a few-token block the best-first tree has that shape).
+Where draft j is rejected, its position's leaves are tried in turn (exactly: `sampling.Leaves`); an
+accepted leaf's K/V move to its position, and its own logits give the next token.
+
 Adaptive verify (`draft_confidence` > 0): drafts after the first one the drafter itself is unsure
 of (top probability below the threshold) are not verified, which shortens the verify pass where
 a pass costs more with more tokens (CPUs). The cut depends on the draft side only, so the

@@ -25,7 +25,8 @@ FAMILIES = {
     "orthrus:spec_decode_num_drafts_total": ("counter", "Drafts verified, by source (diffusion: the drafter; lookup: "
                                                         "prompt lookup); a plain AR step is none."),
     "orthrus:spec_decode_num_draft_tokens_total": ("counter", "Draft tokens verified, by source."),
-    "orthrus:spec_decode_num_accepted_tokens_total": ("counter", "Draft tokens accepted by verification, by source."),
+    "orthrus:spec_decode_num_accepted_tokens_total": ("counter", "Draft tokens accepted by verification, by source "
+                                                                 "(tree: a leaf beside the drafter's block)."),
     "orthrus:spec_decode_num_accepted_tokens_per_pos": ("counter", "Accepted draft tokens by position in the draft "
                                                                    "(0 = the first drafted token), by source."),
     "orthrus:kv_cache_usage_perc": ("gauge", "Fraction of the KV cache's slots holding committed tokens (0 to 1)."),

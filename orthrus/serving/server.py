@@ -201,9 +201,13 @@ class EngineLoop:
             source = seq.stats.sources[-1]
             m.inc("orthrus:spec_decode_num_drafts_total", source=source)
             m.inc("orthrus:spec_decode_num_draft_tokens_total", seq.stats.drafted[-1], source=source)
-            m.inc("orthrus:spec_decode_num_accepted_tokens_total", seq.stats.accepted[-1], source=source)
+            leaf = seq.stats.branches[-1]  # the last accepted token a tree leaf: counted as the tree's
+            m.inc("orthrus:spec_decode_num_accepted_tokens_total", seq.stats.accepted[-1] - leaf, source=source)
+            if leaf:
+                m.inc("orthrus:spec_decode_num_accepted_tokens_total", 1, source="tree")
             for position in range(seq.stats.accepted[-1]):
-                m.inc("orthrus:spec_decode_num_accepted_tokens_per_pos", position=str(position), source=source)
+                m.inc("orthrus:spec_decode_num_accepted_tokens_per_pos", position=str(position),
+                      source="tree" if leaf and position == seq.stats.accepted[-1] - 1 else source)
         if job.last_output is None:
             m.observe("orthrus:time_to_first_token_seconds", now - job.arrived)
         else:  # a cycle emits several tokens at once: each gets its share of the gap
