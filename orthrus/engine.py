@@ -76,6 +76,7 @@ EXPLORE_EVERY = 8  # a row that has not tried the drafter for this many cycles t
 MAX_EXPLORE_EVERY = 64  # ... or for up to this many, after tries in a row that lost to AR steps
 MAX_LEAVES = 4  # tree leaves (other tokens at the block draft's positions) a drafter cycle may verify
 LEAF_CHOICES = 3  # other tokens weighed per draft position
+MIN_LEAF_CHANCE = 0.01  # a leaf less likely than this is never worth its row, however cheap rows look
 SOURCES = ("diffusion", "lookup", "tree", "ar")  # "tree": leaves beside the diffusion draft
 
 
@@ -219,39 +220,42 @@ def plan_cycle(seqs: list["Sequence"], block_size: int, costs: PassCosts, source
     return plans
 
 
-def plan_leaves(seqs: list["Sequence"], probs: torch.Tensor, drafts: torch.Tensor, lengths: torch.Tensor,
+def plan_leaves(seqs: list["Sequence"], logits: torch.Tensor, drafts: torch.Tensor, lengths: torch.Tensor,
                 costs: PassCosts) -> Leaves | None:
     """The planner's second half, after the draft pass: per drafting row, the tree leaves worth
     their verify rows (block draft + leaves, as DDTree's best-first tree comes out for a few-token
     block). A leaf is another token t for draft j's position; its chance to be the accepted token
-    there is, by the drafter's own distributions `probs` [N, B-1, V], q_1(d_1) ... q_{j-1}(d_{j-1})
-    q_j(t) (the drafts before it right, t right: draft j then wrong). A row takes the most probable
-    leaves while the expected tokens they add beat what their rows add to the verify pass; each
-    row by its own costs and history, so a row plans alike in a batch and alone. None: no leaves."""
-    n, k, _ = probs.shape
-    chance, token = probs.topk(LEAF_CHOICES + 1, -1)  # the drafts' own tokens among them, dropped below
-    right = probs.gather(-1, drafts[..., None]).squeeze(-1)
-    reach = torch.cat([right.new_ones(n, 1), right[:, :-1].cumprod(-1)], 1)  # the drafts before each position right
-    value = (reach[..., None] * chance).masked_fill(token == drafts[..., None], 0.0)
-    value = value.masked_fill((torch.arange(k, device=probs.device) >= lengths[:, None])[..., None], 0.0)
-    best, order = value.flatten(1).topk(min(MAX_LEAVES, value[0].numel()), -1)
-    best, order = best.tolist(), order.tolist()
-    picked = []
-    for s, gains, kept in zip(seqs, best, lengths.tolist()):
+    there is, by the drafter's own distributions (softmax of `logits` [N, B-1, V]), q_1(d_1) ...
+    q_{j-1}(d_{j-1}) q_j(t) (the drafts before it right, t right: draft j then wrong). A row takes
+    the most probable leaves while the expected tokens they add beat what their rows add to the
+    verify pass; each row by its own costs and history, so a row plans alike in a batch and alone.
+    None: no leaves. (A few dozen numbers go to Python: small tensor ops right after a pass cost
+    more than the loops.)"""
+    top, token = logits.topk(LEAF_CHOICES + 1, -1)  # the drafts' own tokens among them, skipped below
+    norm = logits.logsumexp(-1, keepdim=True)
+    chance, right = (top - norm).exp().tolist(), (logits.gather(-1, drafts[..., None]) - norm).exp().squeeze(-1).tolist()
+    token, drafts = token.tolist(), drafts.tolist()
+    plans = []
+    for s, row_chance, row_token, row_right, row_drafts, kept in zip(seqs, chance, token, right, drafts, lengths.tolist()):
+        reach, candidates = 1.0, []
+        for j in range(kept):
+            candidates += [(reach * c, t, j + 1) for c, t in zip(row_chance[j], row_token[j])
+                           if t != row_drafts[j] and reach * c >= MIN_LEAF_CHANCE]
+            reach *= row_right[j]
+        candidates = sorted(candidates, reverse=True)[:MAX_LEAVES]
         context = len(s.prompt) + len(s.generated)
         tokens, draft = 1 + s.stats.recent_accepted("diffusion"), costs.draft_pass(context)
-        rates = [(tokens + sum(gains[:m])) / (draft + costs.verify_pass(1 + kept + m, context)) for m in range(len(gains) + 1)]
-        picked.append(max(range(len(rates)), key=lambda m: (rates[m], -m)) if gains and gains[0] > 0 else 0)
-    width = max(picked)
+        rates, gained = [tokens / (draft + costs.verify_pass(1 + kept, context))], tokens
+        for m, (chance_m, _, _) in enumerate(candidates, 1):
+            gained += chance_m
+            rates.append(gained / (draft + costs.verify_pass(1 + kept + m, context)))
+        plans.append(candidates[: max(range(len(rates)), key=lambda m: (rates[m], -m))])
+    width = max(map(len, plans))
     if width == 0:
         return None
-    tokens = torch.zeros(n, width, dtype=torch.long, device=probs.device)
-    depths = torch.zeros(n, width, dtype=torch.long, device=probs.device)  # depth 0: padding
-    flat = token.flatten(1)
-    for i, (m, where) in enumerate(zip(picked, order)):
-        for s in range(m):
-            tokens[i, s], depths[i, s] = flat[i, where[s]], where[s] // (LEAF_CHOICES + 1) + 1
-    return Leaves(tokens, depths)
+    padded = [[(t, depth) for _, t, depth in plan] + [(0, 0)] * (width - len(plan)) for plan in plans]  # depth 0: padding
+    leaves = torch.tensor(padded, dtype=torch.long, device=logits.device)
+    return Leaves(leaves[..., 0], leaves[..., 1])
 
 
 def exploration_interval(stats: "SequenceStats", block_size: int, costs: PassCosts, context: int | None = None) -> int:
@@ -512,8 +516,7 @@ class Engine:
             lengths[picked] = kept
             self.forwards += 1
             if "tree" in self.sources:
-                leaves = plan_leaves([seqs[i] for i in diffuse], draft_logits.softmax(-1), drafts[picked, : b - 1], kept,
-                                     self.pass_costs)
+                leaves = plan_leaves([seqs[i] for i in diffuse], draft_logits, drafts[picked, : b - 1], kept, self.pass_costs)
         k = int(lengths.max())
         drafts = drafts[:, :k]
         # verify: one AR pass over [anchor, drafts] for every row, writing the cache; a tree's leaves

@@ -8,7 +8,7 @@ import torch
 
 from orthrus.checkpoint import init_untrained_twins
 from orthrus.engine import (SOURCES, PassCosts, PromptLookup, Sequence, SequenceStats, exploration_interval,
-                            plan_cycle)
+                            plan_cycle, plan_leaves)
 
 from .conftest import PROMPTS
 
@@ -150,6 +150,25 @@ def test_the_planner_picks_the_source_with_the_most_tokens_per_second():
     assert plan_cycle([seq], 4, gentle, ("lookup", "ar"), [7])[0].drafts == [9, 1, 2, 3]
     seq.stats = SequenceStats(accepted=[0] * 8, sources=["ar"] * 8, drafted=[0] * 8)
     assert plan_cycle([seq], 4, linear, ("diffusion", "ar"), [7])[0].source == "diffusion"  # tries the drafter again
+
+
+def test_tree_leaves_go_where_the_drafter_is_unsure_and_rows_are_cheap():
+    """Draft 1 sure, draft 2 split between two tokens, draft 3 unsure: the best leaf is draft 2's
+    runner-up; free rows take leaves up to MAX_LEAVES, best first, rows that cost a pass each none."""
+    logits = torch.full((1, 3, 50), -20.0)
+    logits[0, 0, 7] = 5.0  # draft 1: token 7, sure
+    logits[0, 1, 8], logits[0, 1, 9] = 3.0, 2.9  # draft 2: 8, and 9 nearly as likely
+    logits[0, 2, 10:14] = 1.0  # draft 3: four-way
+    drafts, kept = torch.tensor([[7, 8, 10]]), torch.tensor([3])
+    seq = Sequence([1, 2, 3])
+    flat = PassCosts((0.0,) + (1.0,) * 8, 1.0)
+    leaves = plan_leaves([seq], logits, drafts, kept, flat)
+    assert leaves.tokens[0, 0] == 9 and leaves.depths[0, 0] == 2  # draft 2's runner-up first
+    assert leaves.tokens.shape[1] == 4 and set(leaves.depths[0].tolist()) <= {2, 3}  # no leaf beside the sure draft 1
+    seq.stats = SequenceStats(accepted=[3] * 8, sources=["diffusion"] * 8, drafted=[3] * 8)  # ~3.8 tokens a cycle
+    steep = PassCosts((0.0,) + tuple(2.0 * t for t in range(1, 9)), 4.0)  # a row costs two steps
+    assert plan_leaves([seq], logits, drafts, kept, steep) is None
+    assert plan_leaves([seq], logits, drafts, torch.tensor([1]), flat) is None  # only draft 1 verified: nothing unsure
 
 
 def test_the_planner_tries_a_losing_drafter_less_and_less_often():
