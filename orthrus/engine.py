@@ -231,16 +231,16 @@ def plan_leaves(seqs: list["Sequence"], logits: torch.Tensor, drafts: torch.Tens
     verify pass; each row by its own costs and history, so a row plans alike in a batch and alone.
     None: no leaves. (A few dozen numbers go to Python: small tensor ops right after a pass cost
     more than the loops.)"""
-    top, token = logits.topk(LEAF_CHOICES + 1, -1)  # the drafts' own tokens among them, skipped below
-    norm = logits.logsumexp(-1, keepdim=True)
-    chance, right = (top - norm).exp().tolist(), (logits.gather(-1, drafts[..., None]) - norm).exp().squeeze(-1).tolist()
+    top, token, norm = kernels.top_tokens(logits, LEAF_CHOICES + 1)  # the drafts' own tokens among them, skipped below
+    chance = (top - norm[..., None]).exp().tolist()
+    right = (logits.gather(-1, drafts[..., None]).squeeze(-1) - norm).exp().tolist()
     token, drafts = token.tolist(), drafts.tolist()
     plans = []
     for s, row_chance, row_token, row_right, row_drafts, kept in zip(seqs, chance, token, right, drafts, lengths.tolist()):
         reach, candidates = 1.0, []
         for j in range(kept):
             candidates += [(reach * c, t, j + 1) for c, t in zip(row_chance[j], row_token[j])
-                           if t != row_drafts[j] and reach * c >= MIN_LEAF_CHANCE]
+                           if t != row_drafts[j] and reach * c >= MIN_LEAF_CHANCE][:LEAF_CHOICES]
             reach *= row_right[j]
         candidates = sorted(candidates, reverse=True)[:MAX_LEAVES]
         context = len(s.prompt) + len(s.generated)

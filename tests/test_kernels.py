@@ -3,6 +3,8 @@
 Batch invariance is what makes a T-token verify pass compute each token exactly as a 1-token
 decode step does, so greedy Orthrus equals greedy AR in bf16 too (tests/test_decoding.py)."""
 
+import math
+
 import pytest
 import torch
 
@@ -90,6 +92,18 @@ def test_several_weights_in_one_call_equal_one_call_each():
         for m, y in zip(layers, together):
             assert y.shape == (2, 5, m.out_features)
             assert torch.equal(y, kernels.linear(x, m)[0])
+
+
+def test_top_tokens_are_topk_and_logsumexp_in_one_pass():
+    x = torch.randn(5, 49152, generator=torch.Generator().manual_seed(2)) * 3
+    x[0, [70, 7, 900]] = 40.0  # ties: the lower index first
+    x[1, :] = -math.inf
+    x[1, 3] = 1.0  # one finite value
+    values, indices, lse = kernels.top_tokens(x, 4)
+    want_values, want_indices = x.topk(4, -1)
+    assert torch.equal(values, want_values) and indices[0, :3].tolist() == [7, 70, 900]
+    assert torch.equal(indices[2:], want_indices[2:]) and indices[1, 0] == 3
+    torch.testing.assert_close(lse, x.logsumexp(-1), rtol=1e-6, atol=1e-5)
 
 
 def test_the_packed_weight_follows_changes_to_the_weight():

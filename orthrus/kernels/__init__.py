@@ -183,6 +183,17 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _module.rmsnorm(x, weight, eps)
 
 
+def top_tokens(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 logits [..., V] -> (the k largest [..., k], largest first, their indices, and the
+    log-sum-exp [...]): one pass over the logits where the kernels run, else torch's topk and logsumexp."""
+    if _kernel_tensor(logits) and logits.dtype is torch.float32:
+        flat = logits.reshape(-1, logits.shape[-1]).contiguous()
+        values, indices, lse = _module.top_tokens(flat, k)
+        return values.view(*logits.shape[:-1], k), indices.view(*logits.shape[:-1], k), lse.view(logits.shape[:-1])
+    values, indices = logits.topk(k, -1)
+    return values, indices, logits.logsumexp(-1)
+
+
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding applied in place to x [N, T, heads, D] (returned)."""
     _module.rope_(x, cos, sin)

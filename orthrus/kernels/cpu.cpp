@@ -1014,6 +1014,50 @@ torch::Tensor rmsnorm(const torch::Tensor& x, const torch::Tensor& w, double eps
 
 // Rotary embedding in place on x [N, T, H, D] (D contiguous): x * cos + rotate_half(x) * sin with
 // cos, sin [N, T, D] fp32, computed in fp32 (two products and a sum, as aten does in fp32).
+// Per row of x [R, V] (fp32 logits): its k largest values, largest first (equal values: the lower
+// index first), their indices, and log(sum(exp(x))). One read of the row for the first two, a
+// second (from cache) for the sum: what a planner needs of a draft's distributions, where every
+// extra pass over freshly written logits costs tens of microseconds.
+std::vector<torch::Tensor> top_tokens(const torch::Tensor& x, int64_t k) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && k >= 1 && k <= x.size(1),
+              "top_tokens: contiguous fp32 x [R, V], 1 <= k <= V");
+  const int64_t R = x.size(0), V = x.size(1);
+  auto values = torch::empty({R, k}, x.options());
+  auto indices = torch::empty({R, k}, x.options().dtype(at::kLong));
+  auto lse = torch::empty({R}, x.options());
+  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> best(k);
+    std::vector<int64_t> where(k);
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = x.data_ptr<float>() + r * V;
+      std::fill(best.begin(), best.end(), -INFINITY);
+      std::fill(where.begin(), where.end(), -1);
+      auto offer = [&](int64_t v) {  // insertion into the sorted k best (strictly larger moves up)
+        if (!(row[v] > best[k - 1]) && where[k - 1] >= 0) return;
+        int64_t i = k - 1;
+        for (; i > 0 && row[v] > best[i - 1]; --i) best[i] = best[i - 1], where[i] = where[i - 1];
+        best[i] = row[v], where[i] = v;
+      };
+      int64_t v = 0;
+      for (; v + 8 <= V; v += 8) {
+        const __m256 chunk = _mm256_loadu_ps(row + v);
+        if (where[k - 1] < 0 || _mm256_movemask_ps(_mm256_cmp_ps(chunk, _mm256_set1_ps(best[k - 1]), _CMP_GT_OQ)))
+          for (int j = 0; j < 8; ++j) offer(v + j);
+      }
+      for (; v < V; ++v) offer(v);
+      const float top = best[0];
+      __m256 sum8 = _mm256_setzero_ps();
+      for (v = 0; v + 8 <= V; v += 8) sum8 = _mm256_add_ps(sum8, exp8(_mm256_sub_ps(_mm256_loadu_ps(row + v), _mm256_set1_ps(top))));
+      float sum = hsum(sum8);
+      for (; v < V; ++v) sum += exp1(row[v] - top);
+      std::copy(best.begin(), best.end(), values.data_ptr<float>() + r * k);
+      std::copy(where.begin(), where.end(), indices.data_ptr<int64_t>() + r * k);
+      lse.data_ptr<float>()[r] = top + std::log(sum);
+    }
+  });
+  return {values, indices, lse};
+}
+
 template <typename T>
 void rope_impl(T* x, const float* cos, const float* sin, int64_t NT, int64_t T_, int64_t H, int64_t D, int64_t sn,
                int64_t st) {
@@ -1326,6 +1370,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "few-row, batch-invariant x @ w.T (+ bias) for one or more packed weights",
         py::call_guard<py::gil_scoped_release>());
   m.def("rmsnorm", &rmsnorm, "RMSNorm over the last dimension");
+  m.def("top_tokens", &top_tokens, "per row: the k largest values, their indices, and the log-sum-exp",
+        py::call_guard<py::gil_scoped_release>());
   m.def("rope_", &rope_, "rotary embedding in place");
   py::class_<DecoderStack>(m, "DecoderStack")
       .def(py::init<const std::vector<std::vector<c10::optional<torch::Tensor>>>&, int64_t, int64_t, int64_t, double, bool>())
