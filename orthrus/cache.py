@@ -45,8 +45,8 @@ class KVCache:
         offsets = torch.arange(num_tokens)
         if depths is None:
             depths = offsets.expand(len(rows), -1)
-        elif bidirectional or depths.shape != (len(rows), num_tokens) or bool((depths > offsets).any()) or any(
-                bool((d[: int(d.max())] != offsets[: int(d.max())]).any()) for d in depths):
+        elif bidirectional or depths.shape != (len(rows), num_tokens) or not all(
+                all(d <= t and (t >= max(row) or d == t) for t, d in enumerate(row)) for row in depths.tolist()):
             raise ValueError("a tree's depths: causal, [rows, tokens], each token's ancestors the chain before it")
         positions = start[:, None] + depths
         end = int(start.max()) + num_tokens
