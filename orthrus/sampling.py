@@ -52,10 +52,8 @@ class SamplingParams:
 def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """logits [N, T, V] (fp32) -> the probabilities each row samples from, row n under params[n]."""
     n, _, v = logits.shape
-    greedy = torch.tensor([p.greedy for p in params], device=logits.device)
-    one_hot = torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    if bool(greedy.all()):
-        return one_hot
+    if all(p.greedy for p in params):
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     temperature = torch.tensor([p.temperature or 1.0 for p in params], device=logits.device)
     x = logits / temperature[:, None, None]
     if any(p.top_k or p.top_p < 1 for p in params):
@@ -68,7 +66,11 @@ def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
         mass_before = sorted_p.cumsum(-1) - sorted_p  # keep a token while the mass above it is < top_p
         sorted_x = sorted_x.masked_fill((mass_before >= top_p[:, None, None]) & (rank > 0), -math.inf)
         x = torch.full_like(x, -math.inf).scatter_(-1, order, sorted_x)
-    return torch.where(greedy[:, None, None], one_hot, x.softmax(-1))
+    probs = x.softmax(-1)
+    greedy = [i for i, p in enumerate(params) if p.greedy]  # each full-vocabulary pass costs: only where needed
+    if greedy:
+        probs[greedy] = torch.zeros_like(probs[greedy]).scatter_(-1, logits[greedy].argmax(-1, keepdim=True), 1.0)
+    return probs
 
 
 def sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -113,7 +115,7 @@ def speculative_accept(
     accepted = ((u_accept * q_d < p_d) & real).long().cumprod(-1).sum(-1)
     rows = torch.arange(n, device=p.device)
     p_a = p[rows, accepted]
-    q_a = torch.cat([q, q.new_zeros(n, 1, q.shape[-1])], 1)[rows, accepted]
+    q_a = q[rows, accepted.clamp(max=k - 1)] if k else torch.zeros_like(p_a)
     q_a = torch.where((accepted < lengths)[:, None], q_a, 0.0)  # past a row's drafts: the bonus, from p alone
     residual = (p_a - q_a).clamp_(min=0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_a)  # p == q: nothing to correct
