@@ -21,8 +21,8 @@ import torch
 
 from . import kernels
 from .checkpoint import drafter_fits, load_drafter, load_model
-from .engine import (MAX_LOOKUP_DRAFTS, SOURCES, Engine, Mode, PassCosts, Sequence, acceptance_length, measure_pass_costs,
-                     position_acceptance)
+from .engine import (MAX_LOOKUP_DRAFTS, PASS_COSTS_METHOD, SOURCES, Engine, Mode, PassCosts, Sequence, acceptance_length,
+                     measure_pass_costs, position_acceptance)
 from .errors import OrthrusError
 from .hub import DEFAULT_DRAFTER, DEFAULT_MODEL, cache_dir, resolve_model
 from .sampling import SamplingParams
@@ -160,7 +160,7 @@ class Orthrus:
         identity = {"config": repr(self.model.config), "dtype": str(param.dtype), "device": str(param.device),
                     "threads": torch.get_num_threads(), "block": block_size, "torch": torch.__version__,
                     "kernels": kernels.module() is not None and kernels.enabled and kernels.build_id(),
-                    "int8_drafts": self.model.int8_drafts,
+                    "int8_drafts": self.model.int8_drafts, "method": PASS_COSTS_METHOD,
                     "cpu": platform.processor() or platform.machine()}
         key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
         return identity, cache_dir() / "calibration" / f"{key}.json"

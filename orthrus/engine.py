@@ -139,42 +139,46 @@ class PassCosts:
                 "verify_per_token": list(self.verify_per_token), "draft_per_token": self.draft_per_token}
 
 
+PASS_COSTS_METHOD = 2  # moves when measure_pass_costs measures otherwise: files of another method are re-measured
+
+
 @torch.inference_mode()
 def measure_pass_costs(model: OrthrusLM, block_size: int, max_tokens: int, contexts: tuple[int, int] = (128, 1024),
-                       repeats: int = 3) -> PassCosts:
+                       repeats: int = 4) -> PassCosts:
     """Time AR passes of 1..max_tokens tokens and the block's draft pass after each of two cache
     lengths (the fastest of `repeats` each): the costs at the first, and per cached token the rise
-    to the second. A pass over more tokens is never taken as cheaper, nor a longer cache."""
+    to the second. The two lengths are two rows of one cache, timed in turn, so a slow spell of the
+    machine hits both rather than skewing the rise (a planner weighs long rows by it). A pass over
+    more tokens is never taken as cheaper, nor a longer cache."""
     param = next(model.parameters())
-    cache = KVCache(model.config, 1, max(contexts) + max(max_tokens, block_size) + 1, param.dtype, param.device)
-    rows = torch.tensor([0])
-
-    def seconds(view: str, tokens: int) -> float:
-        best = math.inf
-        for _ in range(repeats):
-            start = time.perf_counter()
-            window = cache.window(rows, tokens, bidirectional=view == "diffusion")
-            model(torch.zeros(1, tokens, dtype=torch.long, device=param.device), window.positions, window, view)
-            if param.device.type == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - start)
-        return best
-
-    def after(context: int) -> tuple[list[float], float]:
-        cache.lengths[0] = 0
-        step = prefill_chunk(model)
-        for start in range(0, context, step):  # the cache filled as a prompt's prefill fills it
+    cache = KVCache(model.config, 2, max(contexts) + max(max_tokens, block_size) + 1, param.dtype, param.device)
+    step = prefill_chunk(model)
+    for row, context in enumerate(contexts):  # each row filled as a prompt's prefill fills it
+        for start in range(0, context, step):
             tokens = min(step, context - start)
-            window = cache.window(rows, tokens, bidirectional=False)
+            window = cache.window(torch.tensor([row]), tokens, bidirectional=False)
             model(torch.zeros(1, tokens, dtype=torch.long, device=param.device), window.positions, window, "ar", logits=False)
-            cache.lengths[0] += tokens
-        seconds("ar", max_tokens), seconds("diffusion", block_size)  # warm up (the first use packs weights)
-        verify = [0.0]
-        for t in range(1, max_tokens + 1):
-            verify.append(max(seconds("ar", t), verify[-1]))
-        return verify, seconds("diffusion", block_size)
+            cache.lengths[row] += tokens
 
-    (verify, draft), (far_verify, far_draft) = after(contexts[0]), after(contexts[1])
+    def seconds(view: str, tokens: int) -> tuple[float, float]:
+        best = [math.inf, math.inf]
+        for _ in range(repeats):
+            for row in (0, 1):
+                start = time.perf_counter()
+                window = cache.window(torch.tensor([row]), tokens, bidirectional=view == "diffusion")
+                model(torch.zeros(1, tokens, dtype=torch.long, device=param.device), window.positions, window, view)
+                if param.device.type == "cuda":
+                    torch.cuda.synchronize()
+                best[row] = min(best[row], time.perf_counter() - start)
+        return best[0], best[1]
+
+    seconds("ar", max_tokens), seconds("diffusion", block_size)  # warm up (the first use packs weights)
+    verify, far_verify = [0.0], [0.0]
+    for t in range(1, max_tokens + 1):
+        near, far = seconds("ar", t)
+        verify.append(max(near, verify[-1]))
+        far_verify.append(max(far, far_verify[-1]))
+    draft, far_draft = seconds("diffusion", block_size)
     span = contexts[1] - contexts[0]
     per_token = [0.0]
     for near, far in zip(verify[1:], far_verify[1:]):
