@@ -1,8 +1,9 @@
 """The engine's own time: wall time of `generate` minus the time spent in the model's forward
 passes, per cycle (Orthrus) or per step (AR). What sampling, acceptance, the planner, the cache
-bookkeeping and text decoding cost on top of the passes.
+bookkeeping and text decoding cost on top of the passes (prefill included: it is a forward), and
+the engine's functions that take most of it, per call.
 
-    python benchmarks/engine_overhead.py --max-new-tokens 128 --repeats 2
+    python benchmarks/engine_overhead.py --max-new-tokens 128 --repeats 2 [--temperature 0.7]
 
 Pause background jobs first.
 """
@@ -15,6 +16,9 @@ import time
 import torch
 
 import orthrus
+from orthrus import engine
+
+TIMED = ("plan_cycle", "plan_leaves", "draw", "accept")  # engine functions timed per call
 
 PROMPTS = [
     "Explain how binary search works, with Python code.",
@@ -29,6 +33,7 @@ def main(argv=None) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--temperature", type=float, default=0.0)
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -44,17 +49,35 @@ def main(argv=None) -> None:
             in_forward[0] += time.perf_counter() - start
 
     type(llm.model).forward = timed_forward
+    spent = {name: [0.0, 0] for name in TIMED}
+
+    def timed(name, function):
+        def run(*a, **k):
+            start = time.perf_counter()
+            try:
+                return function(*a, **k)
+            finally:
+                spent[name][0] += time.perf_counter() - start
+                spent[name][1] += 1
+        return run
+
+    for name in TIMED:
+        setattr(engine, name, timed(name, getattr(engine, name)))
     llm.generate(PROMPTS[0], max_new_tokens=16)  # warm up
     for mode in ("orthrus", "ar"):
         for _ in range(args.repeats):
             in_forward[0], cycles, tokens = 0.0, 0, 0
+            for entry in spent.values():
+                entry[:] = [0.0, 0]
             start = time.perf_counter()
             for prompt in PROMPTS:
-                out = llm.generate(prompt, max_new_tokens=args.max_new_tokens, mode=mode)
+                out = llm.generate(prompt, max_new_tokens=args.max_new_tokens, mode=mode, temperature=args.temperature, seed=1)
                 cycles, tokens = cycles + out.stats.cycles, tokens + len(out.token_ids)
             total = time.perf_counter() - start
+            calls = ", ".join(f"{name} {seconds / n * 1e3:.2f}" for name, (seconds, n) in spent.items() if n)
             print(f"{mode}: {tokens / total:.1f} tok/s; per cycle {total / cycles * 1e3:.2f} ms, in forward passes "
-                  f"{in_forward[0] / cycles * 1e3:.2f} ms, outside them {(total - in_forward[0]) / cycles * 1e3:.2f} ms")
+                  f"{in_forward[0] / cycles * 1e3:.2f} ms, outside them {(total - in_forward[0]) / cycles * 1e3:.2f} ms "
+                  f"(ms a call: {calls})")
 
 
 if __name__ == "__main__":
