@@ -21,11 +21,11 @@ from ..engine import SOURCES
 from ..errors import OrthrusError
 from .prompts import PromptSet
 
-# orthrus: the planner's choice of drafter, prompt lookup or AR step each cycle; orthrus-diffusion: the drafter every cycle
-# orthrus: every draft source, by the planner; -diffusion: the block draft alone; -chain: no tree leaves
+# orthrus: the planner's choice of drafter (with tree leaves), prompt lookup or AR step each cycle;
+# orthrus-diffusion: the drafter every cycle; orthrus-chain: every source but the tree leaves
 METHODS = ("orthrus", "orthrus-diffusion", "orthrus-chain", "ar", "hf", "hf-pld", "llama.cpp")
 ORTHRUS_SOURCES = {"orthrus": SOURCES, "orthrus-diffusion": ("diffusion",),
-                   "orthrus-chain": tuple(s for s in SOURCES if s != "tree"), "ar": SOURCES}
+                   "orthrus-chain": tuple(s for s in SOURCES if s != "tree"), "ar": SOURCES}  # ar: mode="ar" decides
 DEFAULT_METHODS = ("orthrus", "ar", "hf", "hf-pld")  # llama.cpp needs an optional extra and a GGUF
 PROMPT_LOOKUP_TOKENS = 10
 
