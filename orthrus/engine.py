@@ -60,6 +60,21 @@ def prefill_chunk(model: OrthrusLM) -> int:
     return kernels.MAX_TOKENS if kernels.usable(next(model.parameters()), kernels.MAX_TOKENS) else PREFILL_CHUNK
 
 
+def prefill(model: OrthrusLM, cache: KVCache, rows: torch.Tensor, bodies: list[list[int]]) -> int:
+    """Write each row's tokens (`bodies`, from the row's length on) into the cache, `prefill_chunk`
+    tokens a pass, shorter rows padded and not counted; returns the passes run."""
+    longest, step = max(map(len, bodies)), prefill_chunk(model)
+    device = next(model.parameters()).device
+    for start in range(0, longest, step):
+        chunk = [b[start : start + step] for b in bodies]
+        width = max(map(len, chunk))
+        tokens = torch.tensor([c + [0] * (width - len(c)) for c in chunk], device=device)
+        window = cache.window(rows, width, bidirectional=False)
+        model(tokens, window.positions, window, "ar", logits=False)
+        cache.lengths[rows] += torch.tensor([len(c) for c in chunk])
+    return -(-longest // step)
+
+
 def acceptance_length(accepted: list[int]) -> float:
     """Mean tokens per cycle (accepted drafts + the AR token), given accepted drafts per cycle."""
     return (sum(accepted) + len(accepted)) / max(1, len(accepted))
@@ -152,13 +167,7 @@ def measure_pass_costs(model: OrthrusLM, block_size: int, max_tokens: int, conte
     more tokens is never taken as cheaper, nor a longer cache."""
     param = next(model.parameters())
     cache = KVCache(model.config, 2, max(contexts) + max(max_tokens, block_size) + 1, param.dtype, param.device)
-    step = prefill_chunk(model)
-    for row, context in enumerate(contexts):  # each row filled as a prompt's prefill fills it
-        for start in range(0, context, step):
-            tokens = min(step, context - start)
-            window = cache.window(torch.tensor([row]), tokens, bidirectional=False)
-            model(torch.zeros(1, tokens, dtype=torch.long, device=param.device), window.positions, window, "ar", logits=False)
-            cache.lengths[row] += tokens
+    prefill(model, cache, torch.tensor([0, 1]), [[0] * context for context in contexts])  # as a prompt's prefill fills them
 
     def seconds(view: str, tokens: int) -> tuple[float, float]:
         best = [math.inf, math.inf]
@@ -204,7 +213,7 @@ def plan_cycle(seqs: list["Sequence"], block_size: int, costs: PassCosts, source
     the most lookup drafts each row can use (its cache slots and token budget)."""
     plans = []
     for s, space in zip(seqs, room):
-        context = len(s.prompt) + len(s.generated)
+        context = s.context
         options = [(1 / costs.verify_pass(1, context), Plan("ar"))] if "ar" in sources else []
         if "diffusion" in sources:
             tokens = 1 + s.stats.recent_accepted("diffusion")
@@ -247,7 +256,7 @@ def plan_leaves(seqs: list["Sequence"], logits: torch.Tensor, drafts: torch.Tens
                            if t != row_drafts[j] and reach * c >= MIN_LEAF_CHANCE][:LEAF_CHOICES]
             reach *= row_right[j]
         candidates = sorted(candidates, reverse=True)[:MAX_LEAVES]
-        context = len(s.prompt) + len(s.generated)
+        context = s.context
         tokens, draft = 1 + s.stats.recent_accepted("diffusion"), costs.draft_pass(context)
         rates, gained = [tokens / (draft + costs.verify_pass(1 + kept, context))], tokens
         for m, (chance_m, _, _) in enumerate(candidates, 1):
@@ -324,6 +333,11 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def context(self) -> int:
+        """Tokens of the row so far (prompt and generated): the cache length its passes attend over."""
+        return len(self.prompt) + len(self.generated)
 
 
 @dataclass
@@ -444,18 +458,9 @@ class Engine:
         """Write each prompt but its last token into the cache; the last token is the first anchor."""
         rows = torch.tensor([s.row for s in seqs])
         self.cache.lengths[rows] = 0
-        bodies = [s.prompt[:-1] for s in seqs]
         for s in seqs:
             s.anchor = s.prompt[-1]
-        longest, step = max(map(len, bodies)), prefill_chunk(self.model)
-        for start in range(0, longest, step):
-            chunk = [b[start : start + step] for b in bodies]
-            width = max(map(len, chunk))
-            tokens = torch.tensor([c + [0] * (width - len(c)) for c in chunk], device=self.device)
-            window = self.cache.window(rows, width, bidirectional=False)
-            self.model(tokens, window.positions, window, "ar", logits=False)
-            self.forwards += 1
-            self.cache.lengths[rows] += torch.tensor([len(c) for c in chunk])
+        self.forwards += prefill(self.model, self.cache, rows, [s.prompt[:-1] for s in seqs])
 
     def _uniforms(self, seqs: list[Sequence], count: int) -> torch.Tensor:
         """Per-row uniforms from each sequence's own generator: a seeded request repeats exactly

@@ -129,10 +129,8 @@ def speculative_accept(
             taken = tried & (u_leaves[:, s] * residual.sum(-1) < mass)
             leaf = torch.where(taken, s, leaf)
             residual = torch.where((tried & ~taken)[:, None], residual.scatter(-1, token[:, None], 0.0), residual)
-    taken = leaf >= 0
-    if leaves is not None:
-        residual = torch.where(taken[:, None], p[rows, k + 1 + leaf.clamp(min=0)], residual)
-    return accepted + taken.long(), sample(residual, u_next), leaf
+        residual = torch.where((leaf >= 0)[:, None], p[rows, k + 1 + leaf.clamp(min=0)], residual)  # after a leaf: its row
+    return accepted + (leaf >= 0).long(), sample(residual, u_next), leaf
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
