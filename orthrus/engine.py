@@ -534,10 +534,9 @@ class Engine:
         depths = None
         fits = self.max_len - int(self.cache.lengths[rows].max()) - (k + 1)  # leaves the fullest row's slots can hold
         if leaves is not None and fits > 0:
-            leaves = Leaves(leaves.tokens[:, :fits], leaves.depths[:, :fits])  # each row's leaves go best first
-            every = Leaves(torch.zeros(len(seqs), leaves.tokens.shape[1], dtype=torch.long, device=self.device),
-                           torch.zeros(len(seqs), leaves.tokens.shape[1], dtype=torch.long, device=self.device))
-            every.tokens[picked], every.depths[picked] = leaves.tokens, leaves.depths
+            leaf_rows = min(leaves.tokens.shape[1], fits)  # each row's leaves go best first; other rows' are padding
+            every = Leaves(*(torch.zeros(len(seqs), leaf_rows, dtype=torch.long, device=self.device) for _ in range(2)))
+            every.tokens[picked], every.depths[picked] = leaves.tokens[:, :leaf_rows], leaves.depths[:, :leaf_rows]
             leaves = every
             verify_tokens = torch.cat([verify_tokens, leaves.tokens], 1)
             depths = torch.cat([torch.arange(k + 1).expand(len(seqs), -1), leaves.depths.cpu()], 1)
