@@ -279,9 +279,10 @@ def load(model: str | None = None, drafter: str | None = None, dtype: str | torc
 
     `drafter`: a drafter folder, a full Orthrus folder, "none" for the untrained twin copy, or
     None for the model's own twins (an official Orthrus folder) or else the shipped default drafter.
-    `draft_dtype`: "int8" computes the drafts with int8 weights and activations where the CPU
-    kernels run (verification keeps the model's own weights, so the output is the same), "model"
-    with the model's own; "auto" picks int8 where the CPU has integer dot instructions (VNNI).
+    `draft_dtype`: "int8" computes the drafts with int8 activations and int8 weights (4-bit where
+    the model's are 4-bit already, as a Q4_1 GGUF's) where the CPU kernels run (verification keeps
+    the model's own weights, so the output is the same), "model" with the model's own; "auto" picks
+    int8 wherever the kernels run.
     """
     if draft_dtype not in ("auto", "int8", "model"):
         raise OrthrusError(f"draft_dtype must be 'auto', 'int8' or 'model', got {draft_dtype!r}")
@@ -295,7 +296,7 @@ def load(model: str | None = None, drafter: str | None = None, dtype: str | torc
     spare = len(tokenizer)  # the first id past the tokenizer: a free embedding row if the vocab has one
     dev = parse_device(device)
     net, trained = load_model(folder, parse_dtype(dtype, dev), dev, mask_token_id=spare, block_size=block_size)
-    net.int8_drafts = draft_dtype == "int8" or (draft_dtype == "auto" and dev.type == "cpu" and kernels.fast_int8())
+    net.int8_drafts = draft_dtype == "int8" or (draft_dtype == "auto" and dev.type == "cpu" and kernels.quantized_drafts())
     drafter_name = str(folder) if trained else None
     if drafter is None and not trained and drafter_fits(net, DEFAULT_DRAFTER):  # the shipped drafter, for its base
         drafter = str(DEFAULT_DRAFTER)

@@ -18,9 +18,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
     p.add_argument("--block-size", type=int, default=None, help="draft block size (default: the drafter's)")
     p.add_argument("--draft-dtype", choices=["auto", "int8", "model"], default="auto",
-                   help="what the drafts are computed with on the CPU kernels: int8 weights and activations (half of "
-                        "bf16's bytes to read) or the model's own dtype; auto = int8 where the CPU has VNNI. Verification "
-                        "always uses the model's weights, so the output is the same")
+                   help="what the drafts are computed with on the CPU kernels: int8 activations and int8 weights "
+                        "(4-bit where the model's are 4-bit already; a half to a third of bf16's bytes to read) or the "
+                        "model's own dtype; auto = int8 wherever the kernels run. Verification always uses the model's "
+                        "weights, so the output is the same")
     p.add_argument("--draft-confidence", type=float, default=0.0,
                    help="verify drafts only up to the first one whose draft probability is below this (0 = all)")
 

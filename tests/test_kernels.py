@@ -81,6 +81,53 @@ def test_int8_products_compute_w8a8_exactly_and_each_row_as_if_alone(xdtype, sha
     assert torch.equal(together, w8a8_reference(x, layer.weight, layer.bias).to(xdtype))
 
 
+def four_bit(n: int, k: int, g: torch.Generator) -> torch.Tensor:
+    """A weight [n, k] as a Q4_1 GGUF dequantizes it: per 32 inputs d * q + m, q in [0, 15] (each
+    group using both ends, as Q4_1's rounding of a group's least and greatest value does), d, m fp16."""
+    q = torch.randint(0, 16, (n, k // 32, 32), generator=g).float()
+    q[..., 0], q[..., 1] = 0, 15
+    d = (torch.rand(n, k // 32, 1, generator=g) * 0.02 + 1e-3).half().float()
+    m = (-d * (7.5 + 2 * torch.randn(n, k // 32, 1, generator=g))).half().float()  # groups around zero, as trained weights
+    return (q * d + m).reshape(n, k)
+
+
+def w4a8_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """What a 4-bit product computes (in float64): x per row over its largest magnitude x 127,
+    rounded; per group of 32 inputs the weights' own d * q + m; then x's scale (+ bias)."""
+    top = x.float().abs().amax(1)
+    xq = torch.round(x.float() * torch.where(top > 0, 127 / top, 0)[:, None]).double()
+    y = (xq @ w.double().T) * (top / 127).double()[:, None]
+    return (y + bias.double() if bias is not None else y)
+
+
+@pytest.mark.parametrize("xdtype", DTYPES)
+@pytest.mark.parametrize("shape", [(576, 1536), (1536, 576), (64, 48)])  # (K, N)
+def test_4bit_drafts_products_are_w4a8_and_each_row_as_if_alone(xdtype, shape):
+    """Weights that are 4-bit already (a Q4_1 GGUF's, in fp32 or bf16) take 4-bit products for drafts:
+    the W4A8 product of the weights' own grid, and every row bit for bit what it is alone, for 1 to
+    32 rows. Weights that are not 4-bit keep int8."""
+    kernels.module()
+    K, N = shape
+    g = torch.Generator().manual_seed(K + 3 * N)
+    w, bias = four_bit(N, K, g), torch.randn(N, generator=g)
+    x = torch.randn(32, K, generator=g).to(xdtype)
+    want = w4a8_reference(x, w, bias)
+    for wdtype in DTYPES:
+        layer = torch.nn.Linear(K, N)
+        layer.weight.data, layer.bias.data = w.to(wdtype), bias
+        assert kernels.packed(layer, int8=True)[0].dtype == torch.uint8  # 4-bit, no scales
+        with torch.inference_mode():
+            alone = rows_alone(lambda r: kernels.linear(r, layer, int8=True)[0], x)
+            for T in range(1, 33):
+                assert torch.equal(kernels.linear(x[:T], layer, int8=True)[0], alone[:T]), f"T={T}"
+        # fp32: the grid itself; bf16: the grid as the bf16 copy gives it back (ends rounded)
+        tol = 1e-5 if xdtype == wdtype == torch.float32 else 2e-2
+        torch.testing.assert_close(alone.double(), want.to(xdtype).double(), rtol=tol, atol=tol * want.abs().mean().item())
+    off_grid = torch.nn.Linear(K, N)
+    off_grid.weight.data = w + torch.randn(N, K, generator=g) * 1e-3
+    assert kernels.packed(off_grid, int8=True)[0].dtype == torch.int8
+
+
 def test_several_weights_in_one_call_equal_one_call_each():
     g = torch.Generator().manual_seed(1)
     layers = [torch.nn.Linear(96, n, bias=b) for n, b in ((64, False), (32, True), (8, False))]

@@ -603,6 +603,235 @@ struct Operand {
 
 inline const float* floats_or_null(const torch::Tensor* t) { return t && t->defined() ? t->data_ptr<float>() : nullptr; }
 
+// 4-bit weights for drafting, where a weight is 4-bit already (a Q4_1 GGUF's are): each output
+// feature's weights in groups of Q4_INPUTS inputs, w = d * q + m with q in [0, 15] and d, m fp16 per
+// group and feature (Q4_1's own form, so nothing is lost). A panel's group is one block of Q4_BLOCK
+// bytes: per 8 inputs 64 bytes, feature f's word holding input 8j + b in the low nibble of its byte
+// b and 8j + 4 + b in the high one (two masks give the integer dot's unsigned operand for two input
+// quads), then the group's 16 d's and 16 m's. Blocks go panel by panel, group by group: one stream.
+constexpr int64_t Q4_INPUTS = 32;
+constexpr int64_t Q4_BLOCK = PANEL * Q4_INPUTS / 2 + 2 * PANEL * 2;
+
+// The weight [N, K] in that layout (uint8 [N / 16, K / 32 * Q4_BLOCK]), or an undefined tensor when
+// it is not 4-bit: some value off its group's grid (fitted to the group's least and greatest value)
+// by a step of int8 drafts (a bf16 copy of 4-bit weights stays well within), or N, K not whole
+// panels and groups.
+torch::Tensor pack_q4(const torch::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2, "pack_q4: a weight [N, K]");
+  const int64_t N = w.size(0), K = w.size(1), groups = K / Q4_INPUTS;
+  if (N % PANEL || K % Q4_INPUTS || N == 0 || K == 0) return {};
+  const auto wf = w.detach().to(at::kFloat).contiguous();
+  auto out = torch::zeros({N / PANEL, groups * Q4_BLOCK}, wf.options().dtype(at::kByte));
+  const float* src = wf.data_ptr<float>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  std::atomic<bool> on_grid{true};
+  at::parallel_for(0, N, PANEL, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end && on_grid; ++n) {
+      const int64_t f = n % PANEL;
+      float largest = 0.f;  // off by less than a step of int8 drafts (a weight that is not 4-bit: ~8 steps)
+      for (int64_t k = 0; k < K; ++k) largest = std::max(largest, std::fabs(src[n * K + k]));
+      const float bound = largest / 127.f;
+      for (int64_t g = 0; g < groups; ++g) {
+        const float* v = src + n * K + g * Q4_INPUTS;
+        const float least = *std::min_element(v, v + Q4_INPUTS), most = *std::max_element(v, v + Q4_INPUTS);
+        const at::Half d16((most - least) / 15.f), m16(least);
+        const float d = d16, m = m16;
+        uint8_t* block = dst + (n / PANEL) * groups * Q4_BLOCK + g * Q4_BLOCK;
+        for (int64_t i = 0; i < Q4_INPUTS; ++i) {
+          const float q = d > 0.f ? std::nearbyint((v[i] - m) / d) : 0.f;
+          if (!(q >= 0.f && q <= 15.f && std::fabs(d * q + m - v[i]) <= bound)) {
+            on_grid = false;
+            return;
+          }
+          block[64 * (i / 8) + 4 * f + i % 4] |= static_cast<uint8_t>(q) << (i % 8 < 4 ? 0 : 4);
+        }
+        std::memcpy(block + PANEL * Q4_INPUTS / 2 + 2 * f, &d16, 2);
+        std::memcpy(block + PANEL * Q4_INPUTS / 2 + 2 * PANEL + 2 * f, &m16, 2);
+      }
+    }
+  });
+  return on_grid ? out : torch::Tensor();
+}
+
+// A weight for the drafts' products: 4-bit where it is 4-bit already (nothing lost, fewer bytes to
+// stream than int8), else int8 with its scales.
+std::vector<torch::Tensor> draft_weight(const torch::Tensor& w) {
+  if (auto q4 = pack_q4(w); q4.defined()) return {q4, torch::Tensor()};
+  return quantize(w);
+}
+
+// x's rows for 4-bit weights: quantized as for int8 weights (`int8_quads`: 4 inputs a word), then the
+// row's scale and, per group of Q4_INPUTS inputs, the sum of its quantized inputs (fp32, exact).
+// An output is then, per group in order, acc += float(integer dot) * d, acc += m * group sum (two
+// FMAs), then acc * the row's scale (+ bias): the same operations in every build and tile.
+std::vector<uint32_t> q4_rows(const float* x, int64_t M, int64_t K) {
+  const int64_t words = K / 4, groups = K / Q4_INPUTS, ld = words + 1 + groups;
+  std::vector<uint32_t> rows(M * ld, 0);
+  for (int64_t m = 0; m < M; ++m) {
+    uint32_t* out = rows.data() + m * ld;
+    int32_t total = 0;
+    const float scale = quantize_row(x + m * K, K, reinterpret_cast<int8_t*>(out), &total);
+    std::memcpy(out + words, &scale, 4);
+    const auto* q = reinterpret_cast<const int8_t*>(out);
+    for (int64_t g = 0; g < groups; ++g) {
+      int32_t sum = 0;
+      for (int64_t i = 0; i < Q4_INPUTS; ++i) sum += q[g * Q4_INPUTS + i];
+      const float sum_f = static_cast<float>(sum);
+      std::memcpy(out + words + 1 + g, &sum_f, 4);
+    }
+  }
+  return rows;
+}
+
+inline float word_float(const uint32_t* p) {
+  float v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+#ifdef __AVX512VNNI__
+// R rows over S panels (S consecutive blocks of `stride` bytes): per group, 8 integer dots of 4
+// inputs x 16 features per row and panel, then the group's d and m.
+template <int R, int S>
+inline void q4_tile(const uint32_t* x, int64_t ldx, int64_t groups, const uint8_t* w, int64_t stride, const PanelOut* out,
+                    int64_t ldy) {
+  const int64_t words = groups * (Q4_INPUTS / 4);
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  __m512 acc[R][S];
+  for (int r = 0; r < R; ++r)
+    for (int s = 0; s < S; ++s) acc[r][s] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g, w += Q4_BLOCK) {
+    for (int s = 0; s < S; ++s)  // as the other tiles: the weights PREFETCH_BYTES ahead
+      for (int64_t b = 0; b < Q4_BLOCK; b += 64) _mm_prefetch(reinterpret_cast<const char*>(w + s * stride) + PREFETCH_BYTES + b, _MM_HINT_T0);
+    __m512i dot[R][S], dot_high[R][S];  // two chains a row and panel (integer sums: exact in any order)
+    for (int r = 0; r < R; ++r)
+      for (int s = 0; s < S; ++s) dot[r][s] = dot_high[r][s] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      __m512i low[S], high[S];
+      for (int s = 0; s < S; ++s) {
+        const __m512i v = _mm512_loadu_si512(w + s * stride + 64 * j);
+        low[s] = _mm512_and_si512(v, nibble), high[s] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+      }
+#pragma GCC unroll 6
+      for (int r = 0; r < R; ++r) {
+        const uint32_t* quads = x + r * ldx + g * (Q4_INPUTS / 4) + 2 * j;
+        const __m512i first = _mm512_set1_epi32(static_cast<int>(quads[0])), second = _mm512_set1_epi32(static_cast<int>(quads[1]));
+        for (int s = 0; s < S; ++s) {
+          dot[r][s] = _mm512_dpbusd_epi32(dot[r][s], low[s], first);
+          dot_high[r][s] = _mm512_dpbusd_epi32(dot_high[r][s], high[s], second);
+        }
+      }
+    }
+    for (int s = 0; s < S; ++s) {
+      const uint8_t* scales = w + s * stride + PANEL * Q4_INPUTS / 2;
+      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales)));
+      const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + 2 * PANEL)));
+#pragma GCC unroll 6
+      for (int r = 0; r < R; ++r) {
+        acc[r][s] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(dot[r][s], dot_high[r][s])), d, acc[r][s]);
+        acc[r][s] = _mm512_fmadd_ps(m, _mm512_set1_ps(word_float(x + r * ldx + words + 1 + g)), acc[r][s]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int s = 0; s < S; ++s) {
+      __m512 v = _mm512_mul_ps(acc[r][s], _mm512_set1_ps(word_float(x + r * ldx + words)));
+      if (out[s].bias) v = _mm512_add_ps(v, _mm512_loadu_ps(out[s].bias));
+      _mm512_storeu_ps(out[s].y + r * ldy, v);
+    }
+}
+constexpr int Q4_ROWS = 4, Q4_PANELS = 2;
+#else
+// Without VNNI: each half panel (8 features) in 256 bits; weight bytes times input bytes in pairs
+// of 16 bits (at most 2 * 15 * 127: no saturation), then pairs of lanes into 32 bits.
+template <int R, int S>
+inline void q4_tile(const uint32_t* x, int64_t ldx, int64_t groups, const uint8_t* w, int64_t, const PanelOut* out,
+                    int64_t ldy) {
+  static_assert(S == 1, "one panel at a time in 256 bits");
+  const int64_t words = groups * (Q4_INPUTS / 4);
+  const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g, w += Q4_BLOCK) {
+    __m256i dot[R][2];
+    for (int r = 0; r < R; ++r) dot[r][0] = dot[r][1] = _mm256_setzero_si256();
+    for (int j = 0; j < 4; ++j)
+      for (int h = 0; h < 2; ++h) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * j + 32 * h));
+        const __m256i low = _mm256_and_si256(v, nibble), high = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+        for (int r = 0; r < R; ++r) {
+          const uint32_t* quads = x + r * ldx + g * (Q4_INPUTS / 4) + 2 * j;
+          const __m256i a = _mm256_maddubs_epi16(low, _mm256_set1_epi32(static_cast<int>(quads[0])));
+          const __m256i b = _mm256_maddubs_epi16(high, _mm256_set1_epi32(static_cast<int>(quads[1])));
+          dot[r][h] = _mm256_add_epi32(dot[r][h], _mm256_madd_epi16(_mm256_add_epi16(a, b), ones));
+        }
+      }
+    for (int h = 0; h < 2; ++h) {
+      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + PANEL * Q4_INPUTS / 2 + 16 * h)));
+      const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + PANEL * Q4_INPUTS / 2 + 2 * PANEL + 16 * h)));
+      for (int r = 0; r < R; ++r) {
+        acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r][h]), d, acc[r][h]);
+        acc[r][h] = _mm256_fmadd_ps(m, _mm256_set1_ps(word_float(x + r * ldx + words + 1 + g)), acc[r][h]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int h = 0; h < 2; ++h) {
+      __m256 v = _mm256_mul_ps(acc[r][h], _mm256_set1_ps(word_float(x + r * ldx + words)));
+      if (out->bias) v = _mm256_add_ps(v, _mm256_loadu_ps(out->bias + 8 * h));
+      _mm256_storeu_ps(out->y + r * ldy + 8 * h, v);
+    }
+}
+constexpr int Q4_ROWS = 2, Q4_PANELS = 1;
+#endif
+
+// R rows over the S panels at w (the first `count` of them) in tiles of up to Q4_PANELS.
+template <int R>
+inline void q4_panels(const uint32_t* x, int64_t ldx, int64_t groups, const uint8_t* w, const PanelOut* out, int64_t ldy,
+                      int count) {
+  const int64_t stride = groups * Q4_BLOCK;
+  int s = 0;
+  for (; s + Q4_PANELS <= count; s += Q4_PANELS) q4_tile<R, Q4_PANELS>(x, ldx, groups, w + s * stride, stride, out + s, ldy);
+  for (; s < count; ++s) q4_tile<R, 1>(x, ldx, groups, w + s * stride, stride, out + s, ldy);
+}
+
+// Products with 4-bit weights: the threads split every weight's panels in runs of up to GROUP; the
+// row tiles pass over a run while it stays in cache.
+void run_q4(const float* x, int64_t M, int64_t K, const std::vector<Operand>& operands, const std::vector<float*>& ys) {
+  const int64_t groups = K / Q4_INPUTS, ldx = K / 4 + 1 + groups;
+  const auto rows = q4_rows(x, M, K);
+  std::vector<int64_t> first(operands.size() + 1, 0);  // first global run of each weight
+  for (size_t j = 0; j < operands.size(); ++j) first[j + 1] = first[j] + (operands[j].w->size(0) + GROUP - 1) / GROUP;
+  const int64_t chunk = std::max<int64_t>(1, first.back() / (8 * at::get_num_threads()));
+  parallel_chunks(first.back(), chunk, [&](int64_t begin, int64_t end) {
+    size_t j = std::upper_bound(first.begin(), first.end(), begin) - first.begin() - 1;
+    for (int64_t run = begin; run < end; ++run) {
+      while (run >= first[j + 1]) ++j;
+      const int64_t panel0 = (run - first[j]) * GROUP, panels = operands[j].w->size(0), N = panels * PANEL;
+      const int count = static_cast<int>(std::min<int64_t>(GROUP, panels - panel0));
+      const uint8_t* w = operands[j].w->data_ptr<uint8_t>() + panel0 * groups * Q4_BLOCK;
+      const float* bias = floats_or_null(operands[j].bias);
+      for (int64_t m = 0; m < M;) {
+        const int64_t r = std::min<int64_t>(Q4_ROWS, M - m);
+        PanelOut out[GROUP];
+        for (int s = 0; s < count; ++s)
+          out[s] = {nullptr, bias ? bias + (panel0 + s) * PANEL : nullptr, ys[j] + m * N + (panel0 + s) * PANEL};
+        const uint32_t* xr = rows.data() + m * ldx;
+        switch (r) {
+          case 1: q4_panels<1>(xr, ldx, groups, w, out, N, count); break;
+#ifdef __AVX512VNNI__
+          case 3: q4_panels<3>(xr, ldx, groups, w, out, N, count); break;
+          case 4: q4_panels<4>(xr, ldx, groups, w, out, N, count); break;
+#endif
+          default: q4_panels<2>(xr, ldx, groups, w, out, N, count); break;
+        }
+        m += r;
+      }
+    }
+  });
+}
+
 // The products of x [M, K] with weights of one dtype W, into fp32 outputs. `x_in_bf16`: x holds bf16
 // values (the bf16 model's activations), so bf16 weights may take the dot instruction where the
 // build has it.
@@ -640,7 +869,8 @@ void products(const float* x, int64_t M, int64_t K, const std::vector<Operand>& 
     case at::kFloat: return run_products<float>(x, M, K, operands, ys, x_in_bf16);
     case at::kBFloat16: return run_products<bf16>(x, M, K, operands, ys, x_in_bf16);
     case at::kChar: return run_products<int8_t>(x, M, K, operands, ys, x_in_bf16);
-    default: TORCH_CHECK(false, "weights must be fp32, bf16 or int8");
+    case at::kByte: return run_q4(x, M, K, operands, ys);
+    default: TORCH_CHECK(false, "weights must be fp32, bf16, int8 or 4-bit");
   }
 }
 
@@ -661,10 +891,13 @@ std::vector<torch::Tensor> linear(const torch::Tensor& x, const std::vector<torc
   for (size_t j = 0; j < ws.size(); ++j) {
     const auto& w = ws[j];
     TORCH_CHECK(w.scalar_type() == ws[0].scalar_type(), "weights: one dtype");
+    const bool q4 = w.scalar_type() == at::kByte;
     TORCH_CHECK(w.dim() == 2 && w.is_contiguous() &&
-                w.size(1) == packed_width(w.scalar_type(), K), "weights: as `pack` returns them for x [..., K]");
+                w.size(1) == (q4 ? K / Q4_INPUTS * Q4_BLOCK : packed_width(w.scalar_type(), K)) && (!q4 || K % Q4_INPUTS == 0),
+                "weights: as `pack`, `quantize` or `pack_q4` return them for x [..., K]");
+    const int64_t N = q4 ? w.size(0) * PANEL : w.size(0);
     if (biases[j] && biases[j]->defined()) {
-      TORCH_CHECK(biases[j]->numel() == w.size(0), "bias: [N]");
+      TORCH_CHECK(biases[j]->numel() == N, "bias: [N]");
       bs[j] = biases[j]->to(at::kFloat).contiguous();
     }
     TORCH_CHECK((w.scalar_type() == at::kChar) == (scales[j] && scales[j]->defined()), "int8 weights, and only they, take scales");
@@ -672,14 +905,14 @@ std::vector<torch::Tensor> linear(const torch::Tensor& x, const std::vector<torc
       TORCH_CHECK(scales[j]->scalar_type() == at::kFloat && scales[j]->numel() == w.size(0) && scales[j]->is_contiguous(), "scale: fp32 [N]");
       cs[j] = *scales[j];
     }
-    ys[j] = torch::empty({M, w.size(0)}, xf.options());
+    ys[j] = torch::empty({M, N}, xf.options());
     operands.push_back({&ws[j], &cs[j], &bs[j]});
     outs.push_back(ys[j].data_ptr<float>());
   }
   products(xf.data_ptr<float>(), M, K, operands, outs, x.scalar_type() == at::kBFloat16);
   auto shape = x.sizes().vec();
   for (size_t j = 0; j < ys.size(); ++j) {
-    shape.back() = ws[j].size(0);
+    shape.back() = ys[j].size(1);
     ys[j] = ys[j].view(shape);
     if (x.scalar_type() == at::kBFloat16 && float_out) {  // bf16 values, kept in fp32
       float* y = ys[j].data_ptr<float>();
@@ -1197,7 +1430,7 @@ class DecoderStack {
     auto product = [&](const std::vector<c10::optional<torch::Tensor>>& l, size_t i, bool int8) -> Weight {
       const torch::Tensor t = get(l, i);
       if (!int8) return {pack(t), {}};
-      const auto q = quantize(t);
+      const auto q = draft_weight(t);
       return {q[0], q[1]};
     };
     for (const auto& l : layers) {
@@ -1366,7 +1599,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("take_phases", &take_phases, "ms per phase of the decoder stack since the last call");
 #endif
   m.def("pack", &pack, "a weight [N, K] in the layout `linear` reads");
-  m.def("quantize", &quantize, "a weight [N, K] as packed int8 and its fp32 scales [N]");
+  m.def("draft_weight", &draft_weight, "a weight [N, K] for drafts: packed 4-bit where it is 4-bit, else int8 and its fp32 scales [N]");
   m.def("linear", &linear, "few-row, batch-invariant x @ w.T (+ bias) for one or more packed weights",
         py::call_guard<py::gil_scoped_release>());
   m.def("rmsnorm", &rmsnorm, "RMSNorm over the last dimension");
