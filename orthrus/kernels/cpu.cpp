@@ -214,6 +214,8 @@ inline void load16(const bf16* p, __m256& lo, __m256& hi) {
   hi = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
+constexpr int64_t PREFETCH_BYTES = 8192;  // how far ahead the tiles ask for weights
+
 // y_s[r, f] = x[r] . w_s[f] (+ bias_s[f]) for R rows of x (ldx apart) and the 16 features of each
 // of S panels: every output is one FMA chain over the inputs in `input_order`, from zero, then the
 // bias. No tile shape changes what an output is computed from or in which order, so any row count
@@ -227,7 +229,6 @@ inline void load16(const bf16* p, __m256& lo, __m256& hi) {
 // in flight to stream faster (the model's bf16 products ~10% faster at 1 row, ~18% at 4 and 8).
 // X is float (x in fp32), or, for bf16 weights on a CPU with AVX512-BF16, uint32_t: x's bf16 pairs
 // (`bf16_pairs`), multiplied by the dot instruction, 32 products an instruction instead of 16.
-constexpr int64_t PREFETCH_BYTES = 8192;
 
 template <typename X, typename W, int R, int S>
 inline void linear_tile(const X* x, int64_t ldx, int64_t K, const W* const* w, int64_t step, const PanelOut* out,
@@ -275,13 +276,14 @@ inline void linear_tile(const X* x, int64_t ldx, int64_t K, const W* const* w, i
 }
 
 #else
-// A tile has R x S x 2 chains in flight (8 to 12: enough to hide the FMA latency).
+// A tile has R x S x 2 chains in flight (8 to 12: enough to hide the FMA latency). Inputs go two
+// at a time in `input_order` (the pair's odd input first for bf16), asking for the weights
+// PREFETCH_BYTES ahead as the AVX-512 tiles do (the bf16 products of 4 rows ~ faster).
 template <typename X, typename W, int R, int S>
 inline void linear_tile(const X* x, int64_t ldx, int64_t K, const W* const* w, int64_t step, const PanelOut* out,
                         int64_t ldy) {
   __m256 acc[R][2 * S] = {};
-  for (int64_t n = 0; n < K; ++n) {
-    const int64_t k = input_order(n, K, w[0]);
+  auto input = [&](int64_t k) {
 #pragma GCC unroll 4
     for (int s = 0; s < S; ++s) {
       __m256 lo, hi;
@@ -293,7 +295,18 @@ inline void linear_tile(const X* x, int64_t ldx, int64_t K, const W* const* w, i
         acc[r][2 * s + 1] = _mm256_fmadd_ps(xr, hi, acc[r][2 * s + 1]);
       }
     }
+  };
+  const int64_t ahead = PREFETCH_BYTES / (step * static_cast<int64_t>(sizeof(W)));
+  constexpr int64_t PAIR_BYTES = 2 * PANEL * sizeof(W);  // two inputs of a panel: one cache line (bf16) or two
+  int64_t n = 0;
+  for (; n + 2 <= K; n += 2) {
+    if constexpr (R > 1)  // one row streams as fast without (its 4 panels keep the hardware prefetcher busy)
+      for (int s = 0; s < S; ++s)
+        for (int64_t b = 0; b < PAIR_BYTES; b += 64) _mm_prefetch(reinterpret_cast<const char*>(w[s] + (n + ahead) * step) + b, _MM_HINT_T0);
+    input(input_order(n, K, w[0]));
+    input(input_order(n + 1, K, w[0]));
   }
+  if (n < K) input(input_order(n, K, w[0]));
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
