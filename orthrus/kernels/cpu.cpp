@@ -767,6 +767,7 @@ inline void q4_tile(const uint32_t* x, int64_t ldx, int64_t groups, const uint8_
   __m256 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g, w += Q4_BLOCK) {
+    for (int64_t b = 0; b < Q4_BLOCK; b += 64) _mm_prefetch(reinterpret_cast<const char*>(w) + PREFETCH_BYTES + b, _MM_HINT_T0);
     __m256i dot[R][2];
     for (int r = 0; r < R; ++r) dot[r][0] = dot[r][1] = _mm256_setzero_si256();
     for (int j = 0; j < 4; ++j)
