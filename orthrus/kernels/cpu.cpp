@@ -13,6 +13,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <numeric>
 #include <atomic>
 #include <chrono>
 #include <c10/util/Optional.h>
@@ -583,9 +584,10 @@ std::vector<uint32_t> bf16_pairs(const float* x, int64_t M, int64_t K) {
 
 // x's rows for int8 weights: each row over its largest magnitude (x 127, rounded to [-127, 127]), 4
 // inputs a word (a last partial word zero-padded), then the row's scale (fp32 bits) and the sum of
-// its quantized inputs (see `int8_tile`).
-std::vector<uint32_t> int8_quads(const float* x, int64_t M, int64_t K) {
-  const int64_t steps = (K + 3) / 4, ld = steps + 2;
+// its quantized inputs (see `int8_tile`); for 4-bit weights then, per `group` inputs, the sum of
+// the group's (fp32, exact; see `q4_tile`).
+std::vector<uint32_t> int8_quads(const float* x, int64_t M, int64_t K, int64_t group = 0) {
+  const int64_t steps = (K + 3) / 4, groups = group ? K / group : 0, ld = steps + 2 + groups;
   std::vector<uint32_t> quads(M * ld, 0);
   for (int64_t m = 0; m < M; ++m) {
     uint32_t* out = quads.data() + m * ld;
@@ -593,6 +595,11 @@ std::vector<uint32_t> int8_quads(const float* x, int64_t M, int64_t K) {
     const float scale = quantize_row(x + m * K, K, reinterpret_cast<int8_t*>(out), &sum);
     std::memcpy(out + steps, &scale, 4);
     out[steps + 1] = static_cast<uint32_t>(sum);
+    const auto* q = reinterpret_cast<const int8_t*>(out);
+    for (int64_t g = 0; g < groups; ++g) {
+      const float group_sum = static_cast<float>(std::accumulate(q + g * group, q + (g + 1) * group, 0));
+      std::memcpy(out + steps + 2 + g, &group_sum, 4);
+    }
   }
   return quads;
 }
@@ -673,35 +680,15 @@ std::vector<torch::Tensor> draft_weight(const torch::Tensor& w) {
   return quantize(w);
 }
 
-// x's rows for 4-bit weights: quantized as for int8 weights (`int8_quads`: 4 inputs a word), then the
-// row's scale and, per group of Q4_INPUTS inputs, the sum of its quantized inputs (fp32, exact).
-// An output is then, per group in order, acc += float(integer dot) * d, acc += m * group sum (two
-// FMAs), then acc * the row's scale (+ bias): the same operations in every build and tile.
-std::vector<uint32_t> q4_rows(const float* x, int64_t M, int64_t K) {
-  const int64_t words = K / 4, groups = K / Q4_INPUTS, ld = words + 1 + groups;
-  std::vector<uint32_t> rows(M * ld, 0);
-  for (int64_t m = 0; m < M; ++m) {
-    uint32_t* out = rows.data() + m * ld;
-    int32_t total = 0;
-    const float scale = quantize_row(x + m * K, K, reinterpret_cast<int8_t*>(out), &total);
-    std::memcpy(out + words, &scale, 4);
-    const auto* q = reinterpret_cast<const int8_t*>(out);
-    for (int64_t g = 0; g < groups; ++g) {
-      int32_t sum = 0;
-      for (int64_t i = 0; i < Q4_INPUTS; ++i) sum += q[g * Q4_INPUTS + i];
-      const float sum_f = static_cast<float>(sum);
-      std::memcpy(out + words + 1 + g, &sum_f, 4);
-    }
-  }
-  return rows;
-}
-
 inline float word_float(const uint32_t* p) {
   float v;
   std::memcpy(&v, p, 4);
   return v;
 }
 
+// 4-bit products: x's rows as `int8_quads` with group sums; an output is, per group in order, acc +=
+// float(integer dot) * d, then acc += m * x's group sum (two FMAs), then acc * x's scale (+ bias):
+// the same operations in every build and tile.
 #ifdef __AVX512VNNI__
 // R rows over S panels (S consecutive blocks of `stride` bytes): per group, 8 integer dots of 4
 // inputs x 16 features per row and panel, then the group's d and m.
@@ -743,7 +730,7 @@ inline void q4_tile(const uint32_t* x, int64_t ldx, int64_t groups, const uint8_
 #pragma GCC unroll 6
       for (int r = 0; r < R; ++r) {
         acc[r][s] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(dot[r][s], dot_high[r][s])), d, acc[r][s]);
-        acc[r][s] = _mm512_fmadd_ps(m, _mm512_set1_ps(word_float(x + r * ldx + words + 1 + g)), acc[r][s]);
+        acc[r][s] = _mm512_fmadd_ps(m, _mm512_set1_ps(word_float(x + r * ldx + words + 2 + g)), acc[r][s]);
       }
     }
   }
@@ -786,7 +773,7 @@ inline void q4_tile(const uint32_t* x, int64_t ldx, int64_t groups, const uint8_
       const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + PANEL * Q4_INPUTS / 2 + 2 * PANEL + 16 * h)));
       for (int r = 0; r < R; ++r) {
         acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r][h]), d, acc[r][h]);
-        acc[r][h] = _mm256_fmadd_ps(m, _mm256_set1_ps(word_float(x + r * ldx + words + 1 + g)), acc[r][h]);
+        acc[r][h] = _mm256_fmadd_ps(m, _mm256_set1_ps(word_float(x + r * ldx + words + 2 + g)), acc[r][h]);
       }
     }
   }
@@ -813,8 +800,8 @@ inline void q4_panels(const uint32_t* x, int64_t ldx, int64_t groups, const uint
 // Products with 4-bit weights: the threads split every weight's panels in runs of up to GROUP; the
 // row tiles pass over a run while it stays in cache.
 void run_q4(const float* x, int64_t M, int64_t K, const std::vector<Operand>& operands, const std::vector<float*>& ys) {
-  const int64_t groups = K / Q4_INPUTS, ldx = K / 4 + 1 + groups;
-  const auto rows = q4_rows(x, M, K);
+  const int64_t groups = K / Q4_INPUTS, ldx = K / 4 + 2 + groups;
+  const auto rows = int8_quads(x, M, K, Q4_INPUTS);
   std::vector<int64_t> first(operands.size() + 1, 0);  // first global run of each weight
   for (size_t j = 0; j < operands.size(); ++j) first[j + 1] = first[j] + (operands[j].w->size(0) + GROUP - 1) / GROUP;
   const int64_t chunk = std::max<int64_t>(1, first.back() / (8 * at::get_num_threads()));
