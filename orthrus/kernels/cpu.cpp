@@ -1520,17 +1520,21 @@ class DecoderStack {
     std::vector<T> h(M * std::max(C, QD)), q(M * QD), k(M * KD), v(M * KD), act(M * I);
     std::vector<float> hf(M * std::max({C, QD, I})), qf(M * QD), kf(M * KD), vf(M * KD), yf(M * std::max(C, I)),
         uf(M * I);
+    // 8 lanes at a time, the last few one by one (the same roundings: to nearest, ties to even)
     auto widen = [&](const T* src, int64_t n) {  // a product's input in fp32 (exact)
-      for (int64_t i = 0; i < n; ++i) hf[i] = to_float(src[i]);
+      int64_t i = 0;
+      for (; i + 8 <= n; i += 8) _mm256_storeu_ps(hf.data() + i, load8(src + i));
+      for (; i < n; ++i) hf[i] = to_float(src[i]);
     };
     auto round_into = [](const float* src, T* dst, int64_t n) {
-      for (int64_t i = 0; i < n; ++i) store(src[i], dst + i);
+      int64_t i = 0;
+      for (; i + 8 <= n; i += 8) store8(round8(_mm256_loadu_ps(src + i), dst), dst + i);
+      for (; i < n; ++i) store(src[i], dst + i);
     };
-    auto add_into = [](T* x, const float* y, T* tmp, int64_t n) {  // x += round(y), as x + y in x's dtype
-      for (int64_t i = 0; i < n; ++i) {
-        store(y[i], tmp + i);
-        store(to_float(x[i]) + to_float(tmp[i]), x + i);
-      }
+    auto add_into = [](T* x, const float* y, int64_t n) {  // x += round(y), as x + y in x's dtype
+      int64_t i = 0;
+      for (; i + 8 <= n; i += 8) store8(round8(_mm256_add_ps(load8(x + i), round8(_mm256_loadu_ps(y + i), x)), x), x + i);
+      for (; i < n; ++i) store(to_float(x[i]) + to_float(static_cast<T>(y[i])), x + i);
     };
     PHASE_CLOCK;
     for (size_t l = 0; l < layers_.size(); ++l) {
@@ -1569,7 +1573,7 @@ class DecoderStack {
       PHASE(O_PROJ);
       products(hf.data(), M, QD, {operand(a.o)}, {yf.data()}, IN_BF16);
       PHASE(SMALL_OPS);
-      add_into(x, yf.data(), h.data(), M * C);
+      add_into(x, yf.data(), M * C);
       rmsnorm_impl(x, w.post_norm.data_ptr<T>(), h.data(), M, C, eps_);
       widen(h.data(), M * C);
       PHASE(GATE_UP);
@@ -1580,7 +1584,7 @@ class DecoderStack {
       PHASE(DOWN);
       products(hf.data(), M, I, {operand(a.down)}, {yf.data()}, IN_BF16);
       PHASE(SMALL_OPS);
-      add_into(x, yf.data(), h.data(), M * C);
+      add_into(x, yf.data(), M * C);
     }
   }
 
