@@ -154,40 +154,39 @@ class PassCosts:
                 "verify_per_token": list(self.verify_per_token), "draft_per_token": self.draft_per_token}
 
 
-PASS_COSTS_METHOD = 2  # moves when measure_pass_costs measures otherwise: files of another method are re-measured
+PASS_COSTS_METHOD = 3  # moves when measure_pass_costs measures otherwise: files of another method are re-measured
 
 
 @torch.inference_mode()
 def measure_pass_costs(model: OrthrusLM, block_size: int, max_tokens: int, contexts: tuple[int, int] = (128, 1024),
-                       repeats: int = 4) -> PassCosts:
+                       repeats: int = 6) -> PassCosts:
     """Time AR passes of 1..max_tokens tokens and the block's draft pass after each of two cache
     lengths (the fastest of `repeats` each): the costs at the first, and per cached token the rise
-    to the second. The two lengths are two rows of one cache, timed in turn, so a slow spell of the
-    machine hits both rather than skewing the rise (a planner weighs long rows by it). A pass over
-    more tokens is never taken as cheaper, nor a longer cache."""
+    to the second. Each repeat times every pass once, in turn, and the two lengths are two rows of
+    one cache, so a slow spell of the machine hits one repeat of every pass rather than every repeat
+    of one (which would make that pass look dear next to the others: a planner weighs them against
+    each other). A pass over more tokens is never taken as cheaper, nor a longer cache."""
     param = next(model.parameters())
     cache = KVCache(model.config, 2, max(contexts) + max(max_tokens, block_size) + 1, param.dtype, param.device)
     prefill(model, cache, torch.tensor([0, 1]), [[0] * context for context in contexts])  # as a prompt's prefill fills them
-
-    def seconds(view: str, tokens: int) -> tuple[float, float]:
-        best = [math.inf, math.inf]
-        for _ in range(repeats):
+    shapes = [("ar", t) for t in range(1, max_tokens + 1)] + [("diffusion", block_size)]
+    best = {shape: [math.inf, math.inf] for shape in shapes}
+    for repeat in range(repeats + 1):  # the first round warms up (the first use packs weights) and is not kept
+        for view, tokens in shapes:
             for row in (0, 1):
                 start = time.perf_counter()
                 window = cache.window(torch.tensor([row]), tokens, bidirectional=view == "diffusion")
                 model(torch.zeros(1, tokens, dtype=torch.long, device=param.device), window.positions, window, view)
                 if param.device.type == "cuda":
                     torch.cuda.synchronize()
-                best[row] = min(best[row], time.perf_counter() - start)
-        return best[0], best[1]
-
-    seconds("ar", max_tokens), seconds("diffusion", block_size)  # warm up (the first use packs weights)
+                if repeat:
+                    best[view, tokens][row] = min(best[view, tokens][row], time.perf_counter() - start)
     verify, far_verify = [0.0], [0.0]
     for t in range(1, max_tokens + 1):
-        near, far = seconds("ar", t)
+        near, far = best["ar", t]
         verify.append(max(near, verify[-1]))
         far_verify.append(max(far, far_verify[-1]))
-    draft, far_draft = seconds("diffusion", block_size)
+    draft, far_draft = best["diffusion", block_size]
     span = contexts[1] - contexts[0]
     per_token = [0.0]
     for near, far in zip(verify[1:], far_verify[1:]):
