@@ -216,7 +216,8 @@ def prepare(model) -> None:
 def decoder_stack(model):
     """The model's decoder layers as one compiled call (`DecoderStack`), built on first use and
     kept on the model (per kernel library and draft precision); rebuilt when a weight changes in
-    place or its data is swapped. With `model.int8_drafts` the diffusion view runs on int8 copies."""
+    place or its data is swapped. With `model.int8_drafts` the diffusion view runs on quantized
+    copies (4-bit where a weight is 4-bit already, else int8)."""
     stacks = model.__dict__.setdefault("_decoder_stacks", {})
     key = (_module, model.int8_drafts)
     stack = stacks.get(key)

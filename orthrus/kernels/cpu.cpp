@@ -279,7 +279,7 @@ inline void linear_tile(const X* x, int64_t ldx, int64_t K, const W* const* w, i
 #else
 // A tile has R x S x 2 chains in flight (8 to 12: enough to hide the FMA latency). Inputs go two
 // at a time in `input_order` (the pair's odd input first for bf16), asking for the weights
-// PREFETCH_BYTES ahead as the AVX-512 tiles do (the bf16 products of 4 rows ~ faster).
+// PREFETCH_BYTES ahead as the AVX-512 tiles do (a 4-token bf16 pass 0.81x).
 template <typename X, typename W, int R, int S>
 inline void linear_tile(const X* x, int64_t ldx, int64_t K, const W* const* w, int64_t step, const PanelOut* out,
                         int64_t ldy) {
@@ -895,7 +895,7 @@ std::vector<torch::Tensor> linear(const torch::Tensor& x, const std::vector<torc
     const bool q4 = w.scalar_type() == at::kByte;
     TORCH_CHECK(w.dim() == 2 && w.is_contiguous() &&
                 w.size(1) == (q4 ? K / Q4_INPUTS * Q4_BLOCK : packed_width(w.scalar_type(), K)) && (!q4 || K % Q4_INPUTS == 0),
-                "weights: as `pack`, `quantize` or `pack_q4` return them for x [..., K]");
+                "weights: as `pack` or `draft_weight` return them for x [..., K]");
     const int64_t N = q4 ? w.size(0) * PANEL : w.size(0);
     if (biases[j] && biases[j]->defined()) {
       TORCH_CHECK(biases[j]->numel() == N, "bias: [N]");
@@ -1341,7 +1341,7 @@ struct Weight {  // a product's weight, packed; with its scales when int8
 inline Operand operand(const Weight& w, const torch::Tensor* bias = nullptr) { return {&w.packed, &w.scale, bias}; }
 
 // One view's weights: its attention's q, k, v, o (optional fp32 biases and QK-norm weights) and the
-// MLP's gate, up, down, shared by the views unless the drafts take int8 copies.
+// MLP's gate, up, down, shared by the views unless the drafts take quantized copies.
 struct ViewWeights {
   Weight q, k, v, o, gate, up, down;
   torch::Tensor q_bias, k_bias, v_bias, q_norm, k_norm;
@@ -1415,8 +1415,9 @@ class DecoderStack {
   // layers: per layer [input_norm, post_norm, gate, up, down] then, for the AR view and then the
   // diffusion view, [q, k, v, o, q_bias, k_bias, v_bias, q_norm, k_norm] (None where absent), as
   // the model holds them (unpacked). `fresh` tells whether they are still what the model holds.
-  // `int8_drafts`: the diffusion view (the drafts) multiplies by int8 copies of its weights, half
-  // the bytes of bf16 to stream; the AR view, which verifies, keeps the model's own.
+  // `int8_drafts`: the diffusion view (the drafts) multiplies by quantized copies of its weights
+  // (`draft_weight`: 4-bit where they are 4-bit, else int8), a third to a half of bf16's bytes to
+  // stream; the AR view, which verifies, keeps the model's own.
   DecoderStack(const std::vector<std::vector<c10::optional<torch::Tensor>>>& layers, int64_t heads, int64_t kv_heads,
                int64_t head_dim, double eps, bool int8_drafts)
       : heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim), eps_(static_cast<float>(eps)) {
