@@ -325,13 +325,16 @@ inline void linear_tile(const X* x, int64_t ldx, int64_t K, const W* const* w, i
 // with each feature's weights an exact integer sum, then (float(dot) * x's scale) * the weight's
 // scale (+ bias). Integer sums do not depend on order, so every build and tile gives the same bits.
 // x: per row `steps` words of 4 int8 inputs, then the row's scale (fp32 bits) and the sum of its
-// quantized inputs (weights are stored + 128 for VNNI, whose dot takes one operand unsigned).
-inline float row_scale(const uint32_t* row, int64_t steps) {
+// quantized inputs (weights are stored + 128 for VNNI, whose dot takes one operand unsigned); for
+// 4-bit weights then the sums of each group's quantized inputs (fp32 bits).
+inline float word_float(const uint32_t* p) {
   float v;
-  std::memcpy(&v, row + steps, 4);
+  std::memcpy(&v, p, 4);
   return v;
 }
+inline float row_scale(const uint32_t* row, int64_t steps) { return word_float(row + steps); }
 inline int32_t row_sum(const uint32_t* row, int64_t steps) { return static_cast<int32_t>(row[steps + 1]); }
+inline float group_sum(const uint32_t* row, int64_t steps, int64_t g) { return word_float(row + steps + 2 + g); }
 
 #ifdef __AVX512VNNI__
 // VNNI: one instruction multiplies a word of 4 unsigned weight bytes by 4 signed inputs and adds the
@@ -680,12 +683,6 @@ std::vector<torch::Tensor> draft_weight(const torch::Tensor& w) {
   return quantize(w);
 }
 
-inline float word_float(const uint32_t* p) {
-  float v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
-
 // 4-bit products: x's rows as `int8_quads` with group sums; an output is, per group in order, acc +=
 // float(integer dot) * d, then acc += m * x's group sum (two FMAs), then acc * x's scale (+ bias):
 // the same operations in every build and tile.
@@ -730,13 +727,13 @@ inline void q4_tile(const uint32_t* x, int64_t ldx, int64_t groups, const uint8_
 #pragma GCC unroll 6
       for (int r = 0; r < R; ++r) {
         acc[r][s] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(dot[r][s], dot_high[r][s])), d, acc[r][s]);
-        acc[r][s] = _mm512_fmadd_ps(m, _mm512_set1_ps(word_float(x + r * ldx + words + 2 + g)), acc[r][s]);
+        acc[r][s] = _mm512_fmadd_ps(m, _mm512_set1_ps(group_sum(x + r * ldx, words, g)), acc[r][s]);
       }
     }
   }
   for (int r = 0; r < R; ++r)
     for (int s = 0; s < S; ++s) {
-      __m512 v = _mm512_mul_ps(acc[r][s], _mm512_set1_ps(word_float(x + r * ldx + words)));
+      __m512 v = _mm512_mul_ps(acc[r][s], _mm512_set1_ps(row_scale(x + r * ldx, words)));
       if (out[s].bias) v = _mm512_add_ps(v, _mm512_loadu_ps(out[s].bias));
       _mm512_storeu_ps(out[s].y + r * ldy, v);
     }
@@ -773,13 +770,13 @@ inline void q4_tile(const uint32_t* x, int64_t ldx, int64_t groups, const uint8_
       const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + PANEL * Q4_INPUTS / 2 + 2 * PANEL + 16 * h)));
       for (int r = 0; r < R; ++r) {
         acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r][h]), d, acc[r][h]);
-        acc[r][h] = _mm256_fmadd_ps(m, _mm256_set1_ps(word_float(x + r * ldx + words + 2 + g)), acc[r][h]);
+        acc[r][h] = _mm256_fmadd_ps(m, _mm256_set1_ps(group_sum(x + r * ldx, words, g)), acc[r][h]);
       }
     }
   }
   for (int r = 0; r < R; ++r)
     for (int h = 0; h < 2; ++h) {
-      __m256 v = _mm256_mul_ps(acc[r][h], _mm256_set1_ps(word_float(x + r * ldx + words)));
+      __m256 v = _mm256_mul_ps(acc[r][h], _mm256_set1_ps(row_scale(x + r * ldx, words)));
       if (out->bias) v = _mm256_add_ps(v, _mm256_loadu_ps(out->bias + 8 * h));
       _mm256_storeu_ps(out->y + r * ldy + 8 * h, v);
     }
