@@ -216,6 +216,9 @@ inline void load16(const bf16* p, __m256& lo, __m256& hi) {
 }
 
 constexpr int64_t PREFETCH_BYTES = 8192;  // how far ahead the tiles ask for weights
+// into L2, not L1: the tiles of a few rows stream faster so (2026-11-26, Zen 4: AVX2 4- and 8-token
+// verify 0.90x, AVX-512 draft 0.92x and AR step 0.93x against L1; `benchmarks/kernel_ab.py`)
+inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
 
 // y_s[r, f] = x[r] . w_s[f] (+ bias_s[f]) for R rows of x (ldx apart) and the 16 features of each
 // of S panels: every output is one FMA chain over the inputs in `input_order`, from zero, then the
@@ -239,7 +242,7 @@ inline void linear_tile(const X* x, int64_t ldx, int64_t K, const W* const* w, i
   const int64_t steps = (K + P - 1) / P, ahead = PREFETCH_BYTES / (step * static_cast<int64_t>(sizeof(W)));
   for (int64_t k = 0; k < steps; ++k) {
     const char* next = reinterpret_cast<const char*>(w[0] + (k + ahead) * step);
-    for (int64_t b = 0; b < S * PANEL * P * static_cast<int64_t>(sizeof(W)); b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
+    for (int64_t b = 0; b < S * PANEL * P * static_cast<int64_t>(sizeof(W)); b += 64) prefetch(next + b);
 #pragma GCC unroll 4
     for (int s = 0; s < S; ++s) {
       if constexpr (std::is_same_v<W, float>) {
@@ -284,6 +287,8 @@ template <typename X, typename W, int R, int S>
 inline void linear_tile(const X* x, int64_t ldx, int64_t K, const W* const* w, int64_t step, const PanelOut* out,
                         int64_t ldy) {
   __m256 acc[R][2 * S] = {};
+  const float* xr[R];
+  for (int r = 0; r < R; ++r) xr[r] = x + r * ldx;
   auto input = [&](int64_t k) {
 #pragma GCC unroll 4
     for (int s = 0; s < S; ++s) {
@@ -291,21 +296,22 @@ inline void linear_tile(const X* x, int64_t ldx, int64_t K, const W* const* w, i
       load16(w[s] + k * step, lo, hi);
 #pragma GCC unroll 6
       for (int r = 0; r < R; ++r) {
-        const __m256 xr = _mm256_broadcast_ss(x + r * ldx + k);
-        acc[r][2 * s] = _mm256_fmadd_ps(xr, lo, acc[r][2 * s]);
-        acc[r][2 * s + 1] = _mm256_fmadd_ps(xr, hi, acc[r][2 * s + 1]);
+        const __m256 xk = _mm256_broadcast_ss(xr[r] + k);
+        acc[r][2 * s] = _mm256_fmadd_ps(xk, lo, acc[r][2 * s]);
+        acc[r][2 * s + 1] = _mm256_fmadd_ps(xk, hi, acc[r][2 * s + 1]);
       }
     }
   };
   const int64_t ahead = PREFETCH_BYTES / (step * static_cast<int64_t>(sizeof(W)));
   constexpr int64_t PAIR_BYTES = 2 * PANEL * sizeof(W);  // two inputs of a panel: one cache line (bf16) or two
+  constexpr int64_t FIRST = std::is_same_v<W, bf16>;  // a whole pair in `input_order`: bf16's odd input first
   int64_t n = 0;
   for (; n + 2 <= K; n += 2) {
     if constexpr (R > 1)  // one row streams as fast without (its 4 panels keep the hardware prefetcher busy)
       for (int s = 0; s < S; ++s)
-        for (int64_t b = 0; b < PAIR_BYTES; b += 64) _mm_prefetch(reinterpret_cast<const char*>(w[s] + (n + ahead) * step) + b, _MM_HINT_T0);
-    input(input_order(n, K, w[0]));
-    input(input_order(n + 1, K, w[0]));
+        for (int64_t b = 0; b < PAIR_BYTES; b += 64) prefetch(reinterpret_cast<const char*>(w[s] + (n + ahead) * step) + b);
+    input(n + FIRST);
+    input(n + 1 - FIRST);
   }
   if (n < K) input(input_order(n, K, w[0]));
 #pragma GCC unroll 6
@@ -346,7 +352,7 @@ inline void int8_tile(const uint32_t* x, int64_t ldx, int64_t steps, const int8_
   const int64_t ahead = PREFETCH_BYTES / step;
   for (int64_t k = 0; k < steps; ++k) {
     const char* next = reinterpret_cast<const char*>(w[0] + (k + ahead) * step);
-    for (int64_t b = 0; b < S * PANEL * 4; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
+    for (int64_t b = 0; b < S * PANEL * 4; b += 64) prefetch(next + b);
 #pragma GCC unroll 4
     for (int s = 0; s < S; ++s) {
       const __m512i ws = _mm512_loadu_si512(w[s] + k * step);
@@ -699,7 +705,7 @@ inline void q4_tile(const uint32_t* x, int64_t ldx, int64_t groups, const uint8_
     for (int s = 0; s < S; ++s) acc[r][s] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g, w += Q4_BLOCK) {
     for (int s = 0; s < S; ++s)  // as the other tiles: the weights PREFETCH_BYTES ahead
-      for (int64_t b = 0; b < Q4_BLOCK; b += 64) _mm_prefetch(reinterpret_cast<const char*>(w + s * stride) + PREFETCH_BYTES + b, _MM_HINT_T0);
+      for (int64_t b = 0; b < Q4_BLOCK; b += 64) prefetch(reinterpret_cast<const char*>(w + s * stride) + PREFETCH_BYTES + b);
     __m512i dot[R][S], dot_high[R][S];  // two chains a row and panel (integer sums: exact in any order)
     for (int r = 0; r < R; ++r)
       for (int s = 0; s < S; ++s) dot[r][s] = dot_high[r][s] = _mm512_setzero_si512();
@@ -751,7 +757,7 @@ inline void q4_tile(const uint32_t* x, int64_t ldx, int64_t groups, const uint8_
   __m256 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g, w += Q4_BLOCK) {
-    for (int64_t b = 0; b < Q4_BLOCK; b += 64) _mm_prefetch(reinterpret_cast<const char*>(w) + PREFETCH_BYTES + b, _MM_HINT_T0);
+    for (int64_t b = 0; b < Q4_BLOCK; b += 64) prefetch(reinterpret_cast<const char*>(w) + PREFETCH_BYTES + b);
     __m256i dot[R][2];
     for (int r = 0; r < R; ++r) dot[r][0] = dot[r][1] = _mm256_setzero_si256();
     for (int j = 0; j < 4; ++j)
@@ -1098,6 +1104,7 @@ class DotScorer {
   int64_t D_;
 };
 
+constexpr int64_t KEYS_AHEAD = 32;  // how far ahead of the keys it scores attention asks for more
 constexpr int64_t VALUE_BLOCK = 16;  // values read by every query of a task while they are in L1
 constexpr int64_t MAX_TASK_QUERIES = 64;  // queries one attention task takes at most
 // From this many queries a task widens each block of a bf16 cache's values to fp32 once for all of
@@ -1117,11 +1124,20 @@ void attend_queries(const Scorer& scorer, float* const* out, const int64_t* limi
                     const KV* keys, const KV* values, int64_t kv_stride, int64_t D, float scale, std::vector<float>& scores) {
   const int64_t used = *std::max_element(limits, limits + count);
   scores.resize(count * used);
-  for (int64_t s = 0; D % 8 == 0 && s + 8 <= used; s += 8)
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(KV));
+  for (int64_t s = 0; D % 8 == 0 && s + 8 <= used; s += 8) {
+    // the cache is not in any cache after a pass's weights went through: ask for keys KEYS_AHEAD
+    // ahead, and for the values the weighted sums will read next
+    for (int64_t j = 0; j < 8; ++j)
+      for (int64_t b = 0; b < row_bytes; b += 64) {
+        prefetch(reinterpret_cast<const char*>(keys + (s + KEYS_AHEAD + j) * kv_stride) + b);
+        prefetch(reinterpret_cast<const char*>(values + (s + j) * kv_stride) + b);
+      }
     for (int64_t i = 0; i < count; ++i)
       if (s + 8 <= limits[i])
         _mm256_storeu_ps(scores.data() + i * used + s,
                          _mm256_mul_ps(scorer.eight(i, keys + s * kv_stride, kv_stride), _mm256_set1_ps(scale)));
+  }
   float totals[MAX_TASK_QUERIES];
   for (int64_t i = 0; i < count; ++i) {
     float* sc = scores.data() + i * used;
