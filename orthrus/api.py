@@ -161,6 +161,7 @@ class Orthrus:
                     "threads": torch.get_num_threads(), "block": block_size, "torch": torch.__version__,
                     "kernels": kernels.module() is not None and kernels.enabled and kernels.build_id(),
                     "int8_drafts": self.model.int8_drafts, "method": PASS_COSTS_METHOD,
+                    "draft_vocab": None if self.model.draft_vocab is None else len(self.model.draft_vocab),
                     "cpu": platform.processor() or platform.machine()}
         key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
         return identity, cache_dir() / "calibration" / f"{key}.json"

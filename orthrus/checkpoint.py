@@ -29,6 +29,7 @@ from .errors import OrthrusError
 from .model import OrthrusLM
 
 DRAFTER_ARCHITECTURE = "OrthrusDrafter"
+DRAFT_VOCAB = "draft_vocab"  # a drafter's tensor of the token ids its drafts may take (`OrthrusLM.draft_vocab`)
 
 
 def safetensors_files(folder: Path) -> list[Path]:
@@ -159,14 +160,27 @@ def load_drafter(model: OrthrusLM, folder: str | Path) -> None:
     if (hf.get("mask_token_id") is not None and hf["mask_token_id"] != model.config.mask_token_id):
         raise OrthrusError(f"{folder}: drafter uses mask token {hf['mask_token_id']}, "
                            f"the model {model.config.mask_token_id}.")
-    tensors = read_tensors(folder)
-    if hf.get("storage", "float") == "int8-delta":
-        tensors = _dequantize_deltas(model, dict(tensors), folder)
-    loaded = _load_into(model, tensors, folder, only_twins=True)
+    tensors = dict(read_tensors(folder))
+    vocab = _draft_vocab(tensors.pop(DRAFT_VOCAB, None), model.config.vocab_size, folder)
+    pairs = _dequantize_deltas(model, tensors, folder) if hf.get("storage", "float") == "int8-delta" else tensors.items()
+    loaded = _load_into(model, pairs, folder, only_twins=True)
     needed = {n for n, _ in model.twin_parameters()}
     if needed - loaded:
         raise OrthrusError(f"{folder}: drafter weights missing: {sorted(needed - loaded)[:5]}")
     model.config.block_size = hf.get("block_size", model.config.block_size)
+    model.draft_vocab = None if vocab is None else vocab.to(model.lm_head.weight.device)
+
+
+def _draft_vocab(ids: torch.Tensor | None, vocab_size: int, where: Path) -> torch.Tensor | None:
+    """A drafter's draft vocabulary as sorted int64 ids, after checking it is one."""
+    if ids is None:
+        return None
+    if ids.dim() != 1 or ids.dtype not in (torch.int32, torch.int64) or len(ids) == 0:
+        raise OrthrusError(f"{where}: {DRAFT_VOCAB} must be a non-empty 1-D tensor of token ids, got {ids.dtype} {tuple(ids.shape)}.")
+    ids = ids.long()
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab_size or not bool((ids[1:] > ids[:-1]).all()):
+        raise OrthrusError(f"{where}: {DRAFT_VOCAB} must hold distinct token ids in [0, {vocab_size}), sorted.")
+    return ids
 
 
 def _dequantize_deltas(model: OrthrusLM, tensors: dict, where: Path):
@@ -221,6 +235,8 @@ def save_drafter(model: OrthrusLM, folder: str | Path, base_model: str, dtype=to
             tensors[n], tensors[n + "_scale"] = _quantize_delta(p, model.get_parameter(n.replace("_diff.", ".")))
         else:
             tensors[n] = p.detach().to("cpu", dtype).contiguous()
+    if model.draft_vocab is not None:
+        tensors[DRAFT_VOCAB] = model.draft_vocab.to("cpu", torch.int32)
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     cfg = {
         "architectures": [DRAFTER_ARCHITECTURE],

@@ -154,7 +154,7 @@ class PassCosts:
                 "verify_per_token": list(self.verify_per_token), "draft_per_token": self.draft_per_token}
 
 
-PASS_COSTS_METHOD = 3  # moves when measure_pass_costs measures otherwise: files of another method are re-measured
+PASS_COSTS_METHOD = 4  # moves when measure_pass_costs measures otherwise: files of another method are re-measured
 
 
 @torch.inference_mode()
@@ -176,7 +176,11 @@ def measure_pass_costs(model: OrthrusLM, block_size: int, max_tokens: int, conte
             for row in (0, 1):
                 start = time.perf_counter()
                 window = cache.window(torch.tensor([row]), tokens, bidirectional=view == "diffusion")
-                model(torch.zeros(1, tokens, dtype=torch.long, device=param.device), window.positions, window, view)
+                block = torch.zeros(1, tokens, dtype=torch.long, device=param.device)
+                if view == "diffusion":
+                    model.draft(block, window.positions, window)
+                else:
+                    model(block, window.positions, window, view)
                 if param.device.type == "cuda":
                     torch.cuda.synchronize()
                 if repeat:
@@ -513,7 +517,7 @@ class Engine:
             block = torch.full((len(diffuse), b), self.model.mask_token_id, device=self.device)
             block[:, 0] = anchors[picked]
             window = self.cache.window(rows[picked.cpu()], b, bidirectional=True)
-            draft_logits = self.model(block, window.positions, window, "diffusion")[:, :-1]
+            draft_logits = self.model.draft(block, window.positions, window)
             drafts[picked, : b - 1], draft_probs = draw(draft_logits, [params[i] for i in diffuse], u[picked, : b - 1])
             if q is not None:
                 q[picked, : b - 1] = draft_probs

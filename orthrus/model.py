@@ -192,6 +192,10 @@ class OrthrusLM(nn.Module):
         # the bytes of bf16 to stream for nearly the same drafts; verification keeps the model's own
         # weights, so the output is the same either way.
         self.int8_drafts = False
+        # The tokens drafts may take (a drafter's `draft_vocab`: the ones the model writes most), or
+        # None for every token. Drafts are proposals the AR view verifies, so a head over the tokens
+        # the model actually writes drafts nearly always the same for a fraction of the full head's cost.
+        self.register_buffer("draft_vocab", None, persistent=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -228,6 +232,35 @@ class OrthrusLM(nn.Module):
             x = layer(x, cos, sin, kv, view)
         x = self.model.norm(x)
         return self.lm_head(x).float() if logits else x
+
+    def draft(self, tokens: torch.Tensor, positions: torch.Tensor, kv: KVStore) -> torch.Tensor:
+        """The diffusion view's drafts for a block [N, T]: fp32 logits [N, T - 1, vocab], row j for
+        position j + 1 (the last row's, past the block, is not computed), -inf outside `draft_vocab`."""
+        x = self(tokens, positions, kv, "diffusion", logits=False)[:, :-1]
+        head = self.draft_head()
+        if kernels.usable(x, x.shape[1]):
+            logits = kernels.linear(x.contiguous(), head, int8=self.int8_drafts, float_out=True)[0]
+        else:
+            logits = head(x).float()
+        if self.draft_vocab is None:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), float("-inf"))
+        full[..., self.draft_vocab] = logits
+        return full
+
+    def draft_head(self) -> nn.Linear:
+        """The head's rows for `draft_vocab` (the head itself without one): made on first use and kept
+        outside the parameters, remade when the head or the vocabulary changes."""
+        if self.draft_vocab is None:
+            return self.lm_head
+        w, vocab = self.lm_head.weight, self.draft_vocab
+        kept = self.__dict__.get("_draft_head")
+        if kept is None or kept[0] is not w or kept[1] != (w._version, w.data_ptr()) or kept[2] is not vocab:
+            with torch.inference_mode(False):  # a normal tensor (the kernels key packed copies on its version)
+                head = Linear(w.shape[1], len(vocab), bias=False, device=w.device, dtype=w.dtype)
+                head.weight = nn.Parameter(w.detach()[vocab.to(w.device)], requires_grad=False)
+            kept = self.__dict__["_draft_head"] = (w, (w._version, w.data_ptr()), vocab, head)
+        return kept[3]
 
     def twin_parameters(self):
         """(name, parameter) of everything a drafter owns: the twins and a learned mask."""

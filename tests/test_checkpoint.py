@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch.profiler import ProfilerActivity, profile
 
 import orthrus
@@ -73,6 +74,24 @@ def test_drafter_only_folder_round_trips_and_checks_its_base(qwen3_folder, tmp_p
     other, _ = load_model(write_random_model(tmp_path / "other", seed=7), mask_token_id=151669)
     with pytest.raises(OrthrusError, match="trained for base model"):
         load_drafter(other, tmp_path / "drafter")
+
+
+def test_a_draft_vocabulary_is_saved_with_the_drafter_and_checked(qwen3_folder, tmp_path):
+    model, _ = load_model(qwen3_folder, mask_token_id=151669)
+    save_drafter(model, tmp_path / "every", base_model="tiny-qwen3", dtype=torch.float32)
+    model.draft_vocab = torch.tensor([0, 5, 17, 400])
+    save_drafter(model, tmp_path / "d", base_model="tiny-qwen3", dtype=torch.float32, storage="int8")
+    fresh, _ = load_model(qwen3_folder, mask_token_id=151669)
+    load_drafter(fresh, tmp_path / "d")
+    assert fresh.draft_vocab.tolist() == [0, 5, 17, 400]
+    load_drafter(fresh, tmp_path / "every")  # a drafter without one: every token
+    assert fresh.draft_vocab is None
+    tensors = load_file(str(tmp_path / "d" / "model.safetensors"))
+    for bad in (torch.tensor([5, 0], dtype=torch.int32), torch.tensor([0, 10**6], dtype=torch.int32),
+                torch.tensor([0.5, 1.0])):
+        save_file({**tensors, "draft_vocab": bad}, str(tmp_path / "d" / "model.safetensors"))
+        with pytest.raises(OrthrusError, match="draft_vocab must"):
+            load_drafter(fresh, tmp_path / "d")
 
 
 def test_learned_mask_embedding_is_saved_with_the_drafter(smollm2_folder, tmp_path):

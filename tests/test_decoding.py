@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+from orthrus.cache import KVCache
 from orthrus.checkpoint import init_untrained_twins
 from orthrus.engine import (SOURCES, PassCosts, PromptLookup, Sequence, SequenceStats, exploration_interval,
                             plan_cycle, plan_leaves)
@@ -14,26 +15,23 @@ from .conftest import PROMPTS
 
 
 def make_oracle(llm, references: list[list[int]], second_every: int = 0):
-    """Replace the diffusion view by one that drafts the known AR continuation of each row; with
-    `second_every`, at every that many-th position the drafter likes another token better and the
-    right one second (a tree's leaf catches it)."""
+    """Replace the drafts by the known AR continuation of each row; with `second_every`, at every
+    that many-th position the drafter likes another token better and the right one second (a
+    tree's leaf catches it)."""
     model = llm.model
-    real_forward = model.forward
 
-    def forward(tokens, positions, kv, view="ar", logits=True):
-        if view != "diffusion":
-            return real_forward(tokens, positions, kv, view, logits)
-        out = torch.full((*tokens.shape, model.config.vocab_size), -1e4)
+    def draft(tokens, positions, kv):
+        out = torch.full((tokens.shape[0], tokens.shape[1] - 1, model.config.vocab_size), -1e4)
         for i, row in enumerate(kv.rows.tolist()):
-            for j, pos in enumerate(positions[i].tolist()):
+            for j, pos in enumerate(positions[i, :-1].tolist()):
                 if pos + 1 < len(references[row]):
                     out[i, j, references[row][pos + 1]] = 0.0
                     if second_every and pos % second_every == 0:
                         out[i, j, (references[row][pos + 1] + 1) % model.config.vocab_size] = 1.0
         return out
 
-    model.forward = forward
-    return lambda: delattr(model, "forward")
+    model.draft = draft
+    return lambda: delattr(model, "draft")
 
 
 def randomize_twins(llm, seed=0):
@@ -92,6 +90,33 @@ def test_greedy_orthrus_equals_ar_with_three_drafters(request, name, block, path
     assert [g.token_ids for g in rand] == expected
     diffusion = [a for g in rand for a, s in zip(g.stats.accepted, g.stats.sources) if s == "diffusion"]
     assert diffusion and sum(diffusion) / len(diffusion) < 0.5
+
+
+@pytest.mark.parametrize("name", ["qwen3", "qwen3_bf16", "qwen3_int8_drafts"])
+def test_drafts_from_a_draft_vocabulary_are_the_full_heads_there_and_keep_the_output(request, name):
+    llm = request.getfixturevalue(name)
+    model = llm.model
+    cache = KVCache(model.config, 1, 16, next(model.parameters()).dtype, "cpu")
+    window = cache.window(torch.tensor([0]), 4, bidirectional=True)
+    block = torch.tensor([[7, model.mask_token_id, model.mask_token_id, model.mask_token_id]])
+    with torch.inference_mode():
+        full = model.draft(block, window.positions, window)
+        assert full.shape == (1, 3, model.config.vocab_size)
+        model.draft_vocab = vocab = torch.arange(1, model.config.vocab_size, 3)
+        try:
+            restricted = model.draft(block, window.positions, window)
+            assert torch.equal(restricted[..., vocab], full[..., vocab])  # each head row alone, bit for bit
+            outside = torch.ones(model.config.vocab_size, dtype=torch.bool)
+            outside[vocab] = False
+            assert bool((restricted[..., outside] == float("-inf")).all())
+            prompts = [[{"role": "user", "content": p}] for p in PROMPTS[:6]]
+            expected = [g.token_ids for g in llm.generate(prompts, max_new_tokens=16, mode="ar")]
+            drafted = llm.generate(prompts, max_new_tokens=16, block_size=4, sources=("diffusion",))
+            assert [g.token_ids for g in drafted] == expected
+            sampled = llm.generate(prompts, max_new_tokens=16, block_size=4, temperature=0.8, seed=3, sources=("diffusion",))
+            assert all(len(g.token_ids) > 0 for g in sampled)
+        finally:
+            model.draft_vocab = None
 
 
 def test_batch_equals_each_prompt_alone(qwen3):

@@ -2,6 +2,7 @@
 runs resume exactly after kill -9 and refuse foreign checkpoints, two gloo processes match one,
 distillation resumes, and an exported (int8) drafter loads and decodes losslessly."""
 
+import collections
 import gzip
 import json
 import os
@@ -220,7 +221,7 @@ def test_export_int8_and_float_drafters_load_and_decode_losslessly(llama_folder,
     train(cfg, tmp_path / "run", device="cpu")
     trained, _ = final_twins(tmp_path / "run")
     export_drafter(tmp_path / "run", tmp_path / "int8", storage="int8")
-    export_drafter(tmp_path / "run", tmp_path / "float", storage="float", block_size=4)
+    export_drafter(tmp_path / "run", tmp_path / "float", storage="float", block_size=4, draft_vocab=50)
     sizes = {s: (tmp_path / s / "model.safetensors").stat().st_size for s in ("int8", "float")}
     assert sizes["int8"] < 0.6 * sizes["float"]
     base, _ = load_model(llama_folder, mask_token_id=MASK_ID)
@@ -237,6 +238,12 @@ def test_export_int8_and_float_drafters_load_and_decode_losslessly(llama_folder,
         prompt = [17, 99, 1234, 5, 77, 300]
         ar = llm.generate(prompt, max_new_tokens=12, mode="ar")
         assert llm.generate(prompt, max_new_tokens=12).token_ids == ar.token_ids
+    # the float export drafts from the 50 tokens the data's replies use most, the stop tokens among them
+    vocab = llm.model.draft_vocab.tolist()
+    replies = collections.Counter(t for r in read_shards(data_folder) for t in r["tokens"][r["prompt_len"]:])
+    stops = {t for t in llm.stop_token_ids if t < VOCAB}
+    assert len(vocab) == 50 and vocab == sorted(vocab) and stops <= set(vocab)
+    assert {t for t, _ in replies.most_common(40)} <= set(vocab)
     # a new run at another block size starts from the exported drafter (lr 0: the twins stay put)
     train(TrainConfig(**{**cfg.__dict__, "block_size": 4, "steps": 1, "lr": 0.0, "init_from": str(tmp_path / "float")}),
           tmp_path / "b4", device="cpu")

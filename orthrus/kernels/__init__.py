@@ -209,8 +209,7 @@ def prepare(model) -> None:
     if _kernel_tensor(model.lm_head.weight):
         decoder_stack(model)
         packed(model.lm_head)
-        if model.int8_drafts:
-            packed(model.lm_head, int8=True)
+        packed(model.draft_head(), int8=model.int8_drafts)
 
 
 def decoder_stack(model):

@@ -59,6 +59,9 @@ def register(sub) -> None:
     t.add_argument("--export-storage", choices=["float", "int8"], default="int8", help="drafter storage for --export: bf16 floats or int8 deltas")
     t.add_argument("--export-block-size", type=int, default=None,
                    help="the exported drafter's default decode block (default: the trained block size)")
+    t.add_argument("--export-draft-vocab", type=int, default=0, metavar="N",
+                   help="the exported drafter drafts only the N tokens the run's data replies with most: a smaller "
+                        "head in each draft pass, for large vocabularies (default 0: every token)")
     t.add_argument("--plot", action="store_true", help="only draw the run's curves (curves.png) and print the acceptance trend, then exit")
     t.set_defaults(func=cmd_train)
 
@@ -104,7 +107,7 @@ def cmd_train(args) -> None:
         return
     if args.export:
         export_drafter(run, Path(args.export), storage=args.export_storage, model=args.model,
-                       block_size=args.export_block_size)
+                       block_size=args.export_block_size, draft_vocab=args.export_draft_vocab)
         print(f"orthrus train: exported {run} to {args.export}")
         return
     cfg = TrainConfig(data=str(folder(args.data, "distill")), model=args.model, block_size=args.block_size,

@@ -11,6 +11,7 @@ file + rename) and never change afterwards, so a run can name the shards it uses
 
 from __future__ import annotations
 
+import collections
 import gzip
 import itertools
 import json
@@ -193,6 +194,17 @@ def read_shards(folder: Path, names: list[str] | None = None) -> list[dict]:
     for path in paths:
         rows.extend(json.loads(line) for line in shard_lines(path))
     return sorted(rows, key=lambda r: r["index"])
+
+
+def frequent_tokens(rows: list[dict], count: int, always: list[int] = ()) -> torch.Tensor:
+    """The `count` tokens the rows' replies use most, `always` (stop tokens) first, as sorted ids: a
+    drafter's draft vocabulary. (SmolLM2's own replies, 2.66M tokens, use 19,699 distinct tokens;
+    the 16,384 most used cover 99.9% of them.)"""
+    counts = collections.Counter()
+    for r in rows:
+        counts.update(r["tokens"][r.get("prompt_len", 0):])
+    ids = list(dict.fromkeys([*always, *(t for t, _ in counts.most_common())]))[:count]
+    return torch.tensor(sorted(ids), dtype=torch.long)
 
 
 # ---- packing -----------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from ..checkpoint import base_fingerprint, load_drafter, publish_folder, save_dr
 from .. import kernels
 from ..errors import OrthrusError
 from ..model import OrthrusLM
-from .data import PackedRows, draw_anchors, pack, read_shards, shard_files, split_held_out
+from .data import PackedRows, draw_anchors, frequent_tokens, pack, read_shards, shard_files, split_held_out
 
 
 @dataclass
@@ -595,9 +595,13 @@ def plot_curves(run: Path) -> Path:
     return out
 
 
-def export_drafter(run: Path, out: Path, storage: str = "int8", model: str | None = None, block_size: int | None = None) -> None:
+def export_drafter(run: Path, out: Path, storage: str = "int8", model: str | None = None, block_size: int | None = None,
+                   draft_vocab: int = 0) -> None:
     """Write the run's last checkpoint as a drafter-only folder (orthrus.checkpoint.save_drafter).
-    `block_size`: the drafter's default decode block, if not the trained one (pick it by measurement)."""
+    `block_size`: the drafter's default decode block, if not the trained one (pick it by measurement).
+    `draft_vocab`: how many of the tokens the run's data replies with most its drafts may take (0: every
+    token). Worth it where the head is a large part of a draft pass (Qwen3's 151,936 tokens); on
+    SmolLM2 (49,152) its 16,384 most used tokens saved what they cost in acceptance (BENCHMARKS.md)."""
     from ..api import load
 
     latest = Checkpoints(Path(run)).latest()
@@ -612,6 +616,10 @@ def export_drafter(run: Path, out: Path, storage: str = "int8", model: str | Non
         for n in f.keys():
             params[n].copy_(f.get_tensor(n))
     llm.model.config.block_size = block_size or state["config"]["block_size"]
+    if draft_vocab:
+        rows = read_shards(Path(state["config"]["data"]))
+        stops = sorted(t for t in llm.stop_token_ids if t < llm.model.config.vocab_size)
+        llm.model.draft_vocab = frequent_tokens(rows, draft_vocab, stops)
     before = state.get("init_trained", {})  # a run started from a drafter counts what that one had seen
     steps, tokens = state["step"] + before.get("steps", 0), state["tokens"] + before.get("tokens", 0)
     save_drafter(llm.model, out, base_model=state["base_model"], storage=storage,
