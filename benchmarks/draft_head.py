@@ -1,10 +1,12 @@
 """The draft pass's head alone: the default model's head (the drafts' int8 copy, as the engine
 runs it) over 3 and 4 rows, for every token and for the N tokens the repo's distilled replies use
-most (a drafter's `draft_vocab`, `orthrus train --export ... --export-draft-vocab N`):
+most (a drafter's `draft_vocab`, `orthrus train --export ... --export-draft-vocab N`); then the
+whole draft pass as the engine runs it (`model.draft`: the head over the 3 rows that draft) and as
+the diffusion view's forward with every row's logits, alternating, after 256 cached tokens:
 
     [ORTHRUS_ISA=avx2] python benchmarks/draft_head.py --vocab 8192,16384
 
-Medians of 200 products, ms, 2 threads. Pause background jobs first.
+Medians of 200 products or passes, ms, 2 threads. Pause background jobs first.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from cpu_hot_path import prefilled_cache
 
 import orthrus
 from orthrus import kernels
@@ -54,6 +57,24 @@ def main(argv=None) -> None:
     print(f"| draft head ({kernels.isa()} build) | 3 rows, ms | 4 rows, ms |\n|---|---:|---:|")
     for name, head in heads.items():
         print(f"| {name} | {head_ms(head, 3, args.repeats):.3f} | {head_ms(head, 4, args.repeats):.3f} |")
+
+    model = llm.model
+    model.draft_vocab = None
+    cache, rows = prefilled_cache(model, 256)
+    block = torch.tensor([[100] + [model.mask_token_id] * 3])
+    passes = {"model.draft (3 rows' head)": lambda w: model.draft(block, w.positions, w),
+              "diffusion forward (4 rows' head)": lambda w: model(block, w.positions, w, "diffusion")}
+    times = {name: [] for name in passes}
+    with torch.inference_mode():
+        for i in range(args.repeats + 10):
+            for name, run in passes.items():
+                start = time.perf_counter()
+                run(cache.window(rows, 4, bidirectional=True))
+                if i >= 10:
+                    times[name].append(time.perf_counter() - start)
+    print("\n| draft pass, 256 cached | ms |\n|---|---:|")
+    for name, t in times.items():
+        print(f"| {name} | {statistics.median(t) * 1e3:.3f} |")
 
 
 if __name__ == "__main__":
