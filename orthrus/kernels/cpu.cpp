@@ -493,21 +493,16 @@ void parallel_chunks(int64_t total, int64_t chunk, const F& body) {
 template <typename X, typename W>
 int64_t linear_rows(const X* x, int64_t ldx, int64_t K, const W* const* w, const PanelOut* out,
                     int64_t ldy, int count, int64_t rest) {
-  if (rest == 7 || rest == 8) {
-    if (rest == 7)
-      linear_panels<X, W, 7, 2>(x, ldx, K, w, out, ldy, count);
-    else
-      linear_panels<X, W, 8, 2>(x, ldx, K, w, out, ldy, count);
-    return rest;
-  }
-  const int64_t rows = rest <= 6 ? rest : rest <= 12 ? (rest + 1) / 2 : 6;
+  const int64_t rows = rest <= 8 ? rest : rest <= 12 ? (rest + 1) / 2 : 6;
   switch (rows) {
     case 1: linear_panels<X, W, 1, GROUP>(x, ldx, K, w, out, ldy, count); break;
     case 2: linear_panels<X, W, 2, GROUP>(x, ldx, K, w, out, ldy, count); break;
     case 3: linear_panels<X, W, 3, GROUP>(x, ldx, K, w, out, ldy, count); break;
     case 4: linear_panels<X, W, 4, GROUP>(x, ldx, K, w, out, ldy, count); break;
     case 5: linear_panels<X, W, 5, GROUP>(x, ldx, K, w, out, ldy, count); break;
-    default: linear_panels<X, W, 6, GROUP>(x, ldx, K, w, out, ldy, count); break;
+    case 6: linear_panels<X, W, 6, GROUP>(x, ldx, K, w, out, ldy, count); break;
+    case 7: linear_panels<X, W, 7, 2>(x, ldx, K, w, out, ldy, count); break;
+    default: linear_panels<X, W, 8, 2>(x, ldx, K, w, out, ldy, count); break;
   }
   return rows;
 }
