@@ -21,6 +21,7 @@ from .errors import OrthrusError
 GREEDY_BELOW = 1e-5  # a smaller positive temperature is greedy (as in vLLM): 1/T would overflow
 TOP_K_MAX = 2**31  # a top_k at least this large keeps every token of any vocabulary: no limit
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+NUCLEUS_CANDIDATES = 256  # the largest tokens top-k / top-p sort first (most nuclei hold fewer)
 
 
 @dataclass(frozen=True)
@@ -51,26 +52,44 @@ class SamplingParams:
 
 def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """logits [N, T, V] (fp32) -> the probabilities each row samples from, row n under params[n]."""
-    n, _, v = logits.shape
+    v = logits.shape[-1]
     if all(p.greedy for p in params):
         return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     temperature = torch.tensor([p.temperature or 1.0 for p in params], device=logits.device)
     x = logits / temperature[:, None, None]
     if any(p.top_k or p.top_p < 1 for p in params):
-        top_k = torch.tensor([p.top_k or v for p in params], device=logits.device)
-        top_p = torch.tensor([p.top_p for p in params], device=logits.device)
-        sorted_x, order = x.sort(-1, descending=True)
-        rank = torch.arange(v, device=logits.device)
-        sorted_x = sorted_x.masked_fill(rank >= top_k[:, None, None], -math.inf)
-        sorted_p = sorted_x.softmax(-1)
-        mass_before = sorted_p.cumsum(-1) - sorted_p  # keep a token while the mass above it is < top_p
-        sorted_x = sorted_x.masked_fill((mass_before >= top_p[:, None, None]) & (rank > 0), -math.inf)
-        x = torch.full_like(x, -math.inf).scatter_(-1, order, sorted_x)
+        x = truncate(x, torch.tensor([min(p.top_k or v, v) for p in params]), torch.tensor([p.top_p for p in params]))
     probs = x.softmax(-1)
     greedy = [i for i, p in enumerate(params) if p.greedy]  # each full-vocabulary pass costs: only where needed
     if greedy:
         probs[greedy] = torch.zeros_like(probs[greedy]).scatter_(-1, logits[greedy].argmax(-1, keepdim=True), 1.0)
     return probs
+
+
+def truncate(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Tempered logits x [N, T, V] with -inf outside each row's nucleus: its top_k[n] largest tokens
+    (V = no limit), and of those the fewest, largest first, whose mass (normalised over the top_k)
+    reaches top_p[n]. Only the largest NUCLEUS_CANDIDATES tokens are sorted, 4x more until every
+    row's cut falls among them: a full sort of a large vocabulary costs more than a forward pass
+    (12 ms against 0.3 ms for 5 x 49,152 logits)."""
+    v = x.shape[-1]
+    top_k, top_p = top_k.to(x.device)[:, None, None], top_p.to(x.device)[:, None, None]
+    everything = x.logsumexp(-1, keepdim=True) if bool((top_k == v).any()) else None  # the mass with no top_k
+    width = min(NUCLEUS_CANDIDATES, int(top_k.max()))
+    while True:
+        width = min(width, v)
+        values, order = x.topk(width, -1)
+        rank = torch.arange(width, device=x.device)
+        values = values.masked_fill(rank >= top_k, -math.inf)
+        total = values.logsumexp(-1, keepdim=True)  # the top_k's mass where the candidates hold it
+        if everything is not None:
+            total = torch.where(top_k == v, everything, total)
+        probs = (values - total).exp()
+        cut = ((probs.cumsum(-1) - probs) >= top_p) & (rank > 0)  # keep a token while the mass above it is < top_p
+        settled = (top_k <= width) | ((top_k == v) & cut[..., -1:])
+        if width == v or bool(settled.all()):
+            return torch.full_like(x, -math.inf).scatter_(-1, order, values.masked_fill(cut, -math.inf))
+        width *= 4
 
 
 def sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from orthrus.errors import OrthrusError
-from orthrus.sampling import (Leaves, SamplingParams, accept, argmax, draw, greedy_accept, sample, sampling_probs,
-                              speculative_accept)
+from orthrus.sampling import (NUCLEUS_CANDIDATES, Leaves, SamplingParams, accept, argmax, draw, greedy_accept, sample,
+                              sampling_probs, speculative_accept, truncate)
 
 
 def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
@@ -161,6 +161,36 @@ def test_top_k_top_p_temperature():
     assert soft[0] > hot[0]
     mixed = sampling_probs(logits.expand(2, 1, 5), [SamplingParams(), SamplingParams(temperature=1.0)])
     assert mixed[0, 0].tolist() == [1.0, 0, 0, 0, 0] and torch.allclose(mixed[1, 0], soft)
+
+
+def nucleus_by_full_sort(x: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """The kept tokens of x [V] by the definition: sort all, keep the top_k, then while the mass above is < top_p."""
+    values, order = x.sort(descending=True)
+    values[top_k:] = -math.inf
+    probs = values.softmax(-1)
+    keep = (probs.cumsum(-1) - probs < top_p) & (values > -math.inf)
+    keep[0] = True
+    return torch.zeros(x.shape, dtype=torch.bool).scatter_(0, order, keep)
+
+
+def test_top_k_top_p_keep_the_nucleus_a_full_sort_keeps():
+    # sharp rows (a nucleus of a few tokens), flat ones (thousands: the candidates widen), every
+    # mix of limits in one batch, a top_k past the vocabulary; in fp64, so that no token's mass above
+    # it lies within rounding of top_p (where the two sums' orders could decide apart)
+    g = torch.Generator().manual_seed(5)
+    vocab = 20_000
+    scales = [8.0, 3.0, 0.3, 0.05]
+    limits = [(0, 0.9), (50, 1.0), (40, 0.5), (0, 0.999), (5000, 0.97), (3 * vocab, 0.8), (1, 0.3)]
+    logits = torch.randn(len(limits), len(scales), vocab, generator=g, dtype=torch.float64) * torch.tensor(scales)[:, None]
+    kept = truncate(logits, torch.tensor([min(k or vocab, vocab) for k, _ in limits]), torch.tensor([p for _, p in limits]))
+    probs = sampling_probs(logits * 0.7, [SamplingParams(temperature=0.7, top_k=k, top_p=p) for k, p in limits])
+    for n, (k, p) in enumerate(limits):
+        for t in range(len(scales)):
+            want = nucleus_by_full_sort(logits[n, t], k or vocab, p)
+            assert torch.equal(kept[n, t] > -math.inf, want), (k, p, scales[t])
+            torch.testing.assert_close(kept[n, t][want], logits[n, t][want])
+            torch.testing.assert_close(probs[n, t], kept[n, t].softmax(-1))
+    assert int((kept[0, 3] > -math.inf).sum()) > 4 * NUCLEUS_CANDIDATES  # a nucleus wider than the first candidates
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(temperature=float("nan")), dict(top_p=0),
