@@ -1,7 +1,7 @@
-"""The engine's own time: wall time of `generate` minus the time spent in the model's forward
-passes, per cycle (Orthrus) or per step (AR). What sampling, acceptance, the planner, the cache
-bookkeeping and text decoding cost on top of the passes (prefill included: it is a forward), and
-the engine's functions that take most of it, per call.
+"""The engine's own time: wall time of `generate` minus the time spent in the model's passes
+(`forward`, and `draft` with its head), per cycle (Orthrus) or per step (AR). What sampling,
+acceptance, the planner, the cache bookkeeping and text decoding cost on top of the passes (prefill
+included: it is a forward), and the engine's functions that take most of it, per call.
 
     python benchmarks/engine_overhead.py --max-new-tokens 128 --repeats 2 [--temperature 0.7]
 
@@ -38,17 +38,22 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     llm = orthrus.load(None)
-    in_forward = [0.0]
-    forward = type(llm.model).forward
+    in_forward, depth = [0.0], [0]
 
-    def timed_forward(self, *a, **k):
-        start = time.perf_counter()
-        try:
-            return forward(self, *a, **k)
-        finally:
-            in_forward[0] += time.perf_counter() - start
+    def timed_pass(function):  # a pass: forward, or draft (which calls forward, then the draft head)
+        def run(self, *a, **k):
+            depth[0] += 1
+            start = time.perf_counter()
+            try:
+                return function(self, *a, **k)
+            finally:
+                depth[0] -= 1
+                if depth[0] == 0:
+                    in_forward[0] += time.perf_counter() - start
+        return run
 
-    type(llm.model).forward = timed_forward
+    for name in ("forward", "draft"):
+        setattr(type(llm.model), name, timed_pass(getattr(type(llm.model), name)))
     spent = {name: [0.0, 0] for name in TIMED}
 
     def timed(name, function):
