@@ -52,6 +52,25 @@ def test_bench_runs_every_method_and_writes_json_table_plots(qwen3_folder, tmp_p
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_passes_top_k_and_top_p_to_every_method(qwen3_folder, tmp_path, capsys):
+    # top-k 1 leaves each method one token to sample: all must give the greedy tokens, so a method
+    # that dropped top_k (sampling at temperature 2 from the whole vocabulary) would not match
+    out = tmp_path / "out"
+    base = ["bench", "--model", str(qwen3_folder), "--drafter", "none", "--dtype", "float32", "--device", "cpu",
+            "--sets", "gsm", "--num-prompts", "2", "--max-new-tokens", "8", "--out", str(out)]
+    assert main(base + ["--methods", "orthrus,ar,hf", "--temperature", "2", "--top-k", "1", "--top-p", "0.9"]) == 0
+    result = json.loads((out / "bench.json").read_text())
+    assert (result["config"]["temperature"], result["config"]["top_k"], result["config"]["top_p"]) == (2.0, 1, 0.9)
+    greedy = tmp_path / "greedy"
+    assert main(base[:-1] + [str(greedy), "--methods", "ar"]) == 0
+    want = [r["token_ids"] for r in json.loads((greedy / "bench.json").read_text())["runs"]]
+    for method in ("orthrus", "ar", "hf"):
+        assert [r["token_ids"] for r in result["runs"] if r["method"] == method] == want, method
+    capsys.readouterr()
+    assert main(base + ["--methods", "ar", "--temperature", "0.7", "--top-p", "1.5"]) == 2
+    assert "top_p must be in (0, 1]" in capsys.readouterr().err
+
+
 def test_bench_rejects_unknown_method_and_set(qwen3_folder, tmp_path, capsys):
     base = ["bench", "--model", str(qwen3_folder), "--drafter", "none", "--out", str(tmp_path)]
     assert main(base + ["--methods", "orthrus,vllm", "--sets", "gsm", "--num-prompts", "1"]) == 2

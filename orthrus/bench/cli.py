@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..cli import add_model_args
 from ..errors import OrthrusError
+from ..sampling import SamplingParams
 from .prompts import PROMPT_SETS, load_prompt_set
 from .report import markdown_table, plot, summarize
 from .runner import DEFAULT_METHODS, METHODS, Runner, check_methods, runs_as_dicts
@@ -34,6 +35,7 @@ def cmd_bench(args) -> None:
     from ..hub import DEFAULT_MODEL, default_gguf, resolve_model
 
     methods = check_methods(args.methods.split(","))  # user mistakes first, before the slow loads
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     sets = [load_prompt_set(spec, args.num_prompts) for spec in args.sets.split(",") if spec]
     if not sets:
         raise OrthrusError("--sets is empty: name at least one prompt set")
@@ -45,8 +47,7 @@ def cmd_bench(args) -> None:
             raise OrthrusError("the llama.cpp method needs the model as a GGUF file: give --gguf PATH")
     llm = load(str(folder), drafter=args.drafter, dtype=args.dtype, device=args.device, block_size=args.block_size,
                draft_dtype=args.draft_dtype)
-    runner = Runner(llm, folder, methods, args.max_new_tokens, args.temperature, args.seed, args.block_size,
-                    args.draft_confidence, gguf)
+    runner = Runner(llm, folder, methods, args.max_new_tokens, sampling, args.seed, args.block_size, args.draft_confidence, gguf)
     log = (lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True))
     runs = runner.run(sets, progress=log)
 
@@ -57,7 +58,7 @@ def cmd_bench(args) -> None:
               "draft_dtype": "int8" if llm.model.int8_drafts else str(param.dtype).removeprefix("torch."),
               "draft_confidence": args.draft_confidence, "methods": runner.methods,
               "sets": [s.name for s in sets], "prompts_per_set": args.num_prompts, "max_new_tokens": args.max_new_tokens,
-              "temperature": args.temperature, "seed": args.seed, "machine": machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed, "machine": machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "date": time.strftime("%Y-%m-%d"),
               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     summary = summarize(runs, config["block_size"])
@@ -83,6 +84,8 @@ def register(subparsers) -> None:
     p.add_argument("--num-prompts", type=int, default=10, help="prompts per set (default 10)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = no limit; every method)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample from the nucleus of this mass (1 = all; every method)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed of the first prompt (prompt i uses seed + i)")
     p.add_argument("--out", default="bench-out", help="output folder for bench.json, bench.md and the PNG plots")
     add_model_args(p)

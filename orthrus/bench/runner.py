@@ -19,6 +19,7 @@ import torch
 
 from ..engine import SOURCES
 from ..errors import OrthrusError
+from ..sampling import SamplingParams
 from .prompts import PromptSet
 
 # orthrus: the planner's choice of drafter (with tree leaves), prompt lookup or AR step each cycle;
@@ -60,10 +61,11 @@ class HFGenerate:
         self.calls += 1
 
     @torch.inference_mode()
-    def generate(self, ids: list[int], max_new_tokens: int, temperature: float, seed: int,
+    def generate(self, ids: list[int], max_new_tokens: int, params: SamplingParams, seed: int,
                  prompt_lookup: bool) -> tuple[list[int], int]:
-        sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
-        if temperature > 0:
+        sampling = dict(do_sample=False)
+        if not params.greedy:
+            sampling = dict(do_sample=True, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
             torch.manual_seed(seed)
         extra = dict(prompt_lookup_num_tokens=PROMPT_LOOKUP_TOKENS) if prompt_lookup else {}
         self.calls = 0
@@ -91,10 +93,12 @@ class LlamaCpp:
         self.model = Llama(str(gguf), n_ctx=context, n_threads=threads, n_threads_batch=threads, verbose=False)
         self.stop = set(stop_token_ids)
 
-    def generate(self, ids: list[int], max_new_tokens: int, temperature: float, seed: int) -> tuple[list[int], int]:
+    def generate(self, ids: list[int], max_new_tokens: int, params: SamplingParams, seed: int) -> tuple[list[int], int]:
         self.model.reset()
         self.model.set_seed(seed)
-        sampling = dict(temp=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(temp=0.0, top_k=1)
+        sampling = dict(temp=0.0, top_k=1)
+        if not params.greedy:
+            sampling = dict(temp=params.temperature, top_k=params.top_k, top_p=params.top_p)
         tokens = []
         for token in self.model.generate(ids, repeat_penalty=1.0, min_p=0.0, **sampling):
             tokens.append(int(token))
@@ -111,12 +115,12 @@ def check_methods(methods: list[str]) -> list[str]:
 
 
 class Runner:
-    def __init__(self, llm, folder: Path, methods=DEFAULT_METHODS, max_new_tokens: int = 64, temperature: float = 0.0,
-                 seed: int = 0, block_size: int | None = None, draft_confidence: float = 0.0, gguf: Path | None = None):
+    def __init__(self, llm, folder: Path, methods=DEFAULT_METHODS, max_new_tokens: int = 64,
+                 sampling: SamplingParams = SamplingParams(), seed: int = 0, block_size: int | None = None, draft_confidence: float = 0.0, gguf: Path | None = None):
         if max_new_tokens < 1:
             raise OrthrusError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.llm, self.methods = llm, check_methods(list(methods))
-        self.max_new_tokens, self.temperature, self.seed, self.block_size = max_new_tokens, temperature, seed, block_size
+        self.max_new_tokens, self.sampling, self.seed, self.block_size = max_new_tokens, sampling, seed, block_size
         self.draft_confidence = draft_confidence
         self.hf = None
         if any(m.startswith("hf") for m in methods):
@@ -128,12 +132,14 @@ class Runner:
         """(tokens, seconds, forwards, accepted, sources, branches): the fields of a `Run` after its method."""
         start = time.perf_counter()
         if method.startswith("hf"):
-            tokens, forwards = self.hf.generate(ids, max_new_tokens, self.temperature, seed, prompt_lookup=method == "hf-pld")
+            tokens, forwards = self.hf.generate(ids, max_new_tokens, self.sampling, seed, prompt_lookup=method == "hf-pld")
             return tokens, time.perf_counter() - start, forwards, [], [], []
         if method == "llama.cpp":
-            tokens, forwards = self.llama_cpp.generate(ids, max_new_tokens, self.temperature, seed)
+            tokens, forwards = self.llama_cpp.generate(ids, max_new_tokens, self.sampling, seed)
             return tokens, time.perf_counter() - start, forwards, [], [], []
-        out = self.llm.generate(ids, max_new_tokens=max_new_tokens, temperature=self.temperature, seed=seed,
+        params = self.sampling
+        out = self.llm.generate(ids, max_new_tokens=max_new_tokens, temperature=params.temperature, top_k=params.top_k,
+                                top_p=params.top_p, seed=seed,
                                 mode="ar" if method == "ar" else "orthrus", sources=ORTHRUS_SOURCES[method],
                                 block_size=self.block_size, draft_confidence=self.draft_confidence)
         seconds = time.perf_counter() - start
