@@ -343,6 +343,9 @@ def test_acceptance_trend_fits_the_fixed_held_out_evaluations_and_extrapolates_t
     assert trend["tokens_to_reach"][3.0] == pytest.approx(16_000) and trend["tokens_to_reach"][4.0] == pytest.approx(256_000)
     falling = [dict(r, acceptance=3.0 - r["acceptance"] / 10) if "acceptance" in r else r for r in records]
     assert acceptance_trend(falling)["tokens_to_reach"] == {3.0: None, 4.0: None}
+    # a line that barely rises reaches the targets past any float (once an OverflowError that ended a run)
+    flat = [dict(r, acceptance=2.0 + 1e-6 * r["step"]) if "acceptance" in r else r for r in records]
+    assert acceptance_trend(flat)["tokens_to_reach"] == {3.0: None, 4.0: None}
     assert acceptance_trend(records[:4]) is None
 
 

@@ -532,10 +532,14 @@ def read_log(run: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+MAX_TREND_DOUBLINGS = 60  # a trend line reaching a target only past 2**60 tokens is flat: "never"
+
+
 def acceptance_trend(records: list[dict], targets=(3.0, 4.0)) -> dict | None:
     """Least-squares fit of held-out acceptance against log2(tokens trained), over the evaluations
     on the final (fixed) held-out set: the gain per doubling of tokens, and the tokens the line
-    reaches each target at (None where it never does). None with fewer than 3 such evaluations."""
+    reaches each target at (None where it never does, or only past 2**MAX_TREND_DOUBLINGS tokens: a
+    nearly flat line). None with fewer than 3 such evaluations."""
     tokens_at = {r["step"]: r["tokens"] for r in records if "loss" in r}
     evals = [r for r in records if "acceptance" in r and tokens_at.get(r["step"], 0) > 0]
     evals = [r for r in evals if r["eval_blocks"] == evals[-1]["eval_blocks"]] if evals else []
@@ -545,7 +549,8 @@ def acceptance_trend(records: list[dict], targets=(3.0, 4.0)) -> dict | None:
     y = torch.tensor([r["acceptance"] for r in evals], dtype=torch.float64)
     slope = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum().clamp(min=1e-12))
     intercept = float(y.mean() - slope * x.mean())
-    reach = {t: (2 ** ((t - intercept) / slope) if slope > 0 else None) for t in targets}
+    doublings = {t: (t - intercept) / slope if slope > 0 else math.inf for t in targets}  # log2 of the tokens
+    reach = {t: 2.0**d if d < MAX_TREND_DOUBLINGS else None for t, d in doublings.items()}
     return {"per_doubling": slope, "intercept": intercept, "evaluations": len(evals), "first_tokens": int(2 ** float(x[0])),
             "tokens": int(2 ** float(x[-1])), "acceptance": float(y[-1]), "tokens_to_reach": reach}
 
