@@ -616,7 +616,10 @@ std::vector<uint32_t> int8_quads(const float* x, int64_t M, int64_t K, int64_t g
   return quads;
 }
 
-// Rounding to the dtype a value is stored in, on 8 lanes (bf16: to nearest, ties to even).
+// Rounding to the dtype a value is stored in, one value or 8 lanes (bf16: to nearest, ties to even).
+inline float store_round(float v, float*) { return v; }
+inline float store_round(float v, bf16*) { return static_cast<float>(static_cast<bf16>(v)); }
+
 inline __m256 round8(__m256 v, float*) { return v; }
 inline __m256 round8(__m256 v, bf16*) {
   const __m256i i = _mm256_castps_si256(v);
@@ -995,27 +998,54 @@ inline Wide wide_fma(Wide a, Wide b, Wide c) { return _mm256_fmadd_ps(a, b, c); 
 inline void wide_store(float* p, Wide v) { _mm256_storeu_ps(p, v); }
 #endif
 
-// out[0, W*A) += sum over keys s < count of p[s] * values[s][0, W*A): each dimension's FMA chain
-// continued, in key order, from what out holds.
-template <int A, typename KV>
-inline void weighted_sum_into(const float* p, const KV* values, int64_t kv_stride, int64_t count, float* out) {
+constexpr int64_t KEYS_AHEAD = 32;  // how far ahead of the keys it scores attention asks for more
+constexpr int64_t VALUE_BLOCK = 16;  // values read by every query of a task while they are in L1 (even: whole pairs)
+constexpr int64_t MAX_TASK_QUERIES = 64;  // queries one attention task takes at most
+// From this many queries a task lays out each block of a bf16 cache's values once for all of them
+// (widened to fp32, or as key pairs for the dot instruction), instead of each query reading the
+// cache's again (heads up to MAX_WIDE_D wide).
+constexpr int64_t WIDEN_QUERIES = 4;
+constexpr int64_t MAX_WIDE_D = 256;
+
+// The weighted sums of values take the keys in pairs by position, (0, 1), (2, 3), ..., and add the
+// odd key's product first, then the even one's: the order of AVX512-BF16's dot instruction, which
+// multiplies a pair of keys for 16 dimensions in one instruction where a bf16 cache's block of
+// values is shared by enough queries (`pair_dots_into`). Elsewhere the same adds run as FMAs (a
+// bf16 model's weights p are rounded to bf16, as its attention does, so each product of two bf16
+// values is exact in fp32, as the instruction's): every build and every query count give the same
+// bits. A key count that is odd ends with a pair whose odd key is zero (its weight and values).
+
+// out[0, W*A) += the pair sums of keys s < count (values[s][0, W*A), p[s]), continuing each
+// dimension's chain from what out holds.
+template <int A, typename V>
+inline void pair_sums_into(const float* p, const V* values, int64_t stride, int64_t count, float* out) {
   Wide acc[A];
   for (int a = 0; a < A; ++a) acc[a] = wide_load(out + WIDE * a);
-  for (int64_t s = 0; s < count; ++s) {
-    const Wide w = wide_set1(p[s]);
-    for (int a = 0; a < A; ++a) acc[a] = wide_fma(w, wide_load(values + s * kv_stride + WIDE * a), acc[a]);
+  const Wide zero = wide_set1(0.f);
+  for (int64_t s = 0; s < count; s += 2) {
+    if (s + 1 < count) {
+      const Wide odd = wide_set1(p[s + 1]);
+      for (int a = 0; a < A; ++a) acc[a] = wide_fma(odd, wide_load(values + (s + 1) * stride + WIDE * a), acc[a]);
+    } else {
+      for (int a = 0; a < A; ++a) acc[a] = wide_fma(zero, zero, acc[a]);
+    }
+    const Wide even = wide_set1(p[s]);
+    for (int a = 0; a < A; ++a) acc[a] = wide_fma(even, wide_load(values + s * stride + WIDE * a), acc[a]);
   }
   for (int a = 0; a < A; ++a) wide_store(out + WIDE * a, acc[a]);
 }
 
-// out[0, D) += sum over keys s < count of p[s] * values[s][0, D), in the widest vectors that fit.
-template <typename KV>
-inline void weighted_sum(const float* p, const KV* values, int64_t kv_stride, int64_t count, int64_t D, float* out) {
+// out[0, D) += the pair sums of keys s < count, in the widest vectors that fit.
+template <typename V>
+inline void pair_sums(const float* p, const V* values, int64_t stride, int64_t count, int64_t D, float* out) {
   int64_t d = 0;
-  for (; d + 4 * WIDE <= D; d += 4 * WIDE) weighted_sum_into<4>(p, values + d, kv_stride, count, out + d);
-  for (; d + WIDE <= D; d += WIDE) weighted_sum_into<1>(p, values + d, kv_stride, count, out + d);
+  for (; d + 4 * WIDE <= D; d += 4 * WIDE) pair_sums_into<4>(p, values + d, stride, count, out + d);
+  for (; d + WIDE <= D; d += WIDE) pair_sums_into<1>(p, values + d, stride, count, out + d);
   for (; d < D; ++d)
-    for (int64_t s = 0; s < count; ++s) out[d] = std::fma(p[s], to_float(values[s * kv_stride + d]), out[d]);
+    for (int64_t s = 0; s < count; s += 2) {
+      out[d] = s + 1 < count ? std::fma(p[s + 1], to_float(values[(s + 1) * stride + d]), out[d]) : std::fma(0.f, 0.f, out[d]);
+      out[d] = std::fma(p[s], to_float(values[s * stride + d]), out[d]);
+    }
 }
 
 // rows [0, count) of D bf16 values (`stride` apart) widened to fp32 into out (D apart): exact, so
@@ -1027,7 +1057,66 @@ inline void widen_rows(const bf16* rows, int64_t stride, int64_t count, int64_t 
     for (; d < D; ++d) out[s * D + d] = to_float(rows[s * stride + d]);
   }
 }
-inline void widen_rows(const float*, int64_t, int64_t, int64_t, float*) {}  // fp32 caches are read as they are
+
+#ifdef __AVX512BF16__
+// Rows [0, count) of D bf16 values (`stride` apart; D a multiple of 16) as key pairs: for pair m and
+// dimension d, rows 2m (low half) and 2m + 1 (high half) side by side, as the dot instruction
+// reads them (an odd count's last pair with a zero row).
+inline void pair_rows(const bf16* rows, int64_t stride, int64_t count, int64_t D, uint32_t* out) {
+  alignas(64) static const uint16_t interleave[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i order = _mm512_load_si512(interleave);
+  auto row = [&](int64_t s, int64_t d) {
+    return s < count ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + s * stride + d)) : _mm256_setzero_si256();
+  };
+  for (int64_t m = 0; 2 * m < count; ++m)
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(row(2 * m, d)), row(2 * m + 1, d), 1);
+      _mm512_storeu_si512(out + m * D + d, _mm512_permutexvar_epi16(order, both));
+    }
+}
+
+// out[0, 16*A) += the pair sums of `pairs` key pairs (`pair_rows`' layout, D apart), each pair's
+// weights as one word (the even key's bf16 bits low): one dot instruction per pair and 16
+// dimensions; then, with a `lone` weight, the even key of pair `pairs` alone (its odd key zero, as
+// `pair_sums_into` adds it, whatever the block holds there).
+template <int A>
+inline void pair_dots_into(const uint32_t* weights, const uint32_t* values, int64_t D, int64_t pairs, const float* lone,
+                           float* out) {
+  __m512 acc[A];
+  for (int a = 0; a < A; ++a) acc[a] = _mm512_loadu_ps(out + 16 * a);
+  for (int64_t m = 0; m < pairs; ++m) {
+    const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int>(weights[m]));
+    for (int a = 0; a < A; ++a)
+      acc[a] = _mm512_dpbf16_ps(acc[a], (__m512bh)_mm512_loadu_si512(values + m * D + 16 * a), w);
+  }
+  if (lone) {
+    const __m512 zero = _mm512_setzero_ps(), w = _mm512_set1_ps(*lone);
+    for (int a = 0; a < A; ++a) {
+      const __m512i both = _mm512_loadu_si512(values + pairs * D + 16 * a);  // the even key in the low halves
+      acc[a] = _mm512_fmadd_ps(zero, zero, acc[a]);
+      acc[a] = _mm512_fmadd_ps(w, _mm512_castsi512_ps(_mm512_slli_epi32(both, 16)), acc[a]);
+    }
+  }
+  for (int a = 0; a < A; ++a) _mm512_storeu_ps(out + 16 * a, acc[a]);
+}
+
+// The pair sums of keys s < count of a block in `pair_rows`' layout (D a multiple of 16).
+inline void pair_dots(const float* p, const uint32_t* values, int64_t count, int64_t D, float* out) {
+  uint32_t weights[VALUE_BLOCK / 2];
+  const int64_t pairs = count / 2;
+  for (int64_t m = 0; m < pairs; ++m) {
+    uint32_t even, odd;
+    std::memcpy(&even, p + 2 * m, 4);
+    std::memcpy(&odd, p + 2 * m + 1, 4);
+    weights[m] = (odd & 0xFFFF0000u) | (even >> 16);  // p holds bf16 values: their low halves are zero
+  }
+  const float* lone = count % 2 ? p + count - 1 : nullptr;
+  int64_t d = 0;
+  for (; d + 64 <= D; d += 64) pair_dots_into<4>(weights, values + d, D, pairs, lone, out + d);
+  for (; d < D; d += 16) pair_dots_into<1>(weights, values + d, D, pairs, lone, out + d);
+}
+#endif
 
 // Scores of bf16 keys in the order of AVX512-BF16's dot instruction (the order the bf16 products
 // use too): 16 lanes, lane l adding, for each 32 dimensions c, the product of dimensions c + 2l + 1
@@ -1107,13 +1196,6 @@ class DotScorer {
   int64_t D_;
 };
 
-constexpr int64_t KEYS_AHEAD = 32;  // how far ahead of the keys it scores attention asks for more
-constexpr int64_t VALUE_BLOCK = 16;  // values read by every query of a task while they are in L1
-constexpr int64_t MAX_TASK_QUERIES = 64;  // queries one attention task takes at most
-// From this many queries a task widens each block of a bf16 cache's values to fp32 once for all of
-// them, instead of each query widening them again (heads up to MAX_WIDE_D wide).
-constexpr int64_t WIDEN_QUERIES = 4;
-constexpr int64_t MAX_WIDE_D = 256;
 
 // Queries sharing one kv head (query i as `scorer` holds it, its output at out[i], seeing keys
 // [0, limits[i]), the last of them read from slot lasts[i]: a token tree's leaf, whose own key sits
@@ -1157,29 +1239,54 @@ void attend_queries(const Scorer& scorer, float* const* out, const int64_t* limi
     float top = *std::max_element(lanes, lanes + 8);
     for (; s < limit; ++s) top = std::max(top, sc[s] = scorer.one(i, key(s)) * scale);
     __m256 total8 = _mm256_setzero_ps();  // key s adds into lane s % 8, in key order; then hsum's tree
-    for (s = 0; s + 8 <= limit; s += 8) {
-      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + s), _mm256_set1_ps(top)));
+    for (s = 0; s + 8 <= limit; s += 8) {  // a bf16 cache's weights rounded to bf16 (see pair_sums)
+      const __m256 e = round8(exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + s), _mm256_set1_ps(top))), static_cast<KV*>(nullptr));
       _mm256_storeu_ps(sc + s, e);
       total8 = _mm256_add_ps(total8, e);
     }
     totals[i] = hsum(total8);
-    for (; s < limit; ++s) totals[i] += sc[s] = exp1(sc[s] - top);
+    for (; s < limit; ++s) totals[i] += sc[s] = store_round(exp1(sc[s] - top), static_cast<KV*>(nullptr));
     std::fill_n(out[i], D, 0.f);
   }
-  const bool widen = !std::is_same_v<KV, float> && count >= WIDEN_QUERIES && D <= MAX_WIDE_D;
-  alignas(64) float block[VALUE_BLOCK * MAX_WIDE_D];  // a block of values widened to fp32
+  constexpr bool bf16_cache = std::is_same_v<KV, bf16>;
+  const bool shared = bf16_cache && count >= WIDEN_QUERIES && D <= MAX_WIDE_D;
+#ifdef __AVX512BF16__
+  const bool dots = shared && D % 16 == 0;
+#else
+  const bool dots = false;
+#endif
+  alignas(64) float block[VALUE_BLOCK * MAX_WIDE_D];  // a block of values widened to fp32, or as key pairs (`dots`)
+  std::vector<KV> last_pair(2 * D);  // a tree leaf's last pair of keys, its moved key in place
   for (int64_t first = 0; first < used; first += VALUE_BLOCK) {
-    if (widen) widen_rows(values + first * kv_stride, kv_stride, std::min(VALUE_BLOCK, used - first), D, block);
+    const int64_t rows = std::min(VALUE_BLOCK, used - first);
+    if constexpr (bf16_cache) {
+#ifdef __AVX512BF16__
+      if (dots) pair_rows(values + first * kv_stride, kv_stride, rows, D, reinterpret_cast<uint32_t*>(block));
+#endif
+      if (shared && !dots) widen_rows(values + first * kv_stride, kv_stride, rows, D, block);
+    }
     for (int64_t i = 0; i < count; ++i) {
       const int64_t n = std::min(VALUE_BLOCK, limits[i] - first);
       if (n <= 0) continue;
       const float* p = scores.data() + i * used + first;
-      const bool moved = first + n == limits[i] && lasts[i] != limits[i] - 1;  // the block ends with a moved last key
-      if (widen)
-        weighted_sum(p, block, D, n - moved, D, out[i]);
-      else
-        weighted_sum(p, values + first * kv_stride, kv_stride, n - moved, D, out[i]);
-      if (moved) weighted_sum(p + n - 1, values + lasts[i] * kv_stride, kv_stride, 1, D, out[i]);  // the chains go on
+      // a block that ends with a moved last key: the pairs before the moved key's own pair, then that pair
+      const bool moved = first + n == limits[i] && lasts[i] != limits[i] - 1;
+      const int64_t plain = n - moved, paired = moved ? plain & ~int64_t{1} : n;
+      if (dots) {
+#ifdef __AVX512BF16__
+        pair_dots(p, reinterpret_cast<const uint32_t*>(block), paired, D, out[i]);
+#endif
+      } else if (shared) {
+        pair_sums(p, block, D, paired, D, out[i]);
+      } else {
+        pair_sums(p, values + first * kv_stride, kv_stride, paired, D, out[i]);
+      }
+      if (moved) {
+        const KV* moved_key = values + lasts[i] * kv_stride;
+        if (plain > paired) std::copy_n(values + (first + paired) * kv_stride, D, last_pair.data());
+        std::copy_n(moved_key, D, last_pair.data() + (plain - paired) * D);
+        pair_sums(p + paired, last_pair.data(), D, n - paired, D, out[i]);
+      }
     }
   }
   for (int64_t i = 0; i < count; ++i)
@@ -1222,8 +1329,6 @@ void attend_raw(const float* q, int64_t N, int64_t T, int64_t H, int64_t G, int6
 
 // ---- the small per-token ops around the products: one call each instead of several aten ops ----
 
-inline float store_round(float v, float*) { return v; }
-inline float store_round(float v, bf16*) { return static_cast<float>(static_cast<bf16>(v)); }
 inline void store(float v, float* p) { *p = v; }
 inline void store(float v, bf16* p) { *p = static_cast<bf16>(v); }
 
