@@ -1152,18 +1152,50 @@ class PairScorer {
 
   __m256 eight(int64_t i, const bf16* k, int64_t stride) const {  // keys k, k + stride, ..., k + 7 stride
     __m256 v[8];
-    for (int j = 0; j < 8; ++j) v[j] = lanes(i, k + j * stride);
+#ifdef __AVX512BF16__  // `lanes` of the 8 keys side by side: 8 independent chains in flight, not one
+    const float* qi = data_ + i * D_;
+    __m512 acc[8];
+    for (int j = 0; j < 8; ++j) acc[j] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < D_; c += 32) {
+      const __m512bh q = (__m512bh)_mm512_loadu_si512(qi + c / 2);
+      for (int j = 0; j < 8; ++j) acc[j] = _mm512_dpbf16_ps(acc[j], q, (__m512bh)_mm512_loadu_si512(k + j * stride + c));
+    }
+    for (int j = 0; j < 8; ++j) v[j] = halves(acc[j]);
+#else  // `lanes` of 4 keys at a time side by side (8 chains: what 16 vector registers hold)
+    const float* qi = data_ + i * D_;
+    for (int j0 = 0; j0 < 8; j0 += 4) {
+      __m256 half[4][2];
+      for (int j = 0; j < 4; ++j) half[j][0] = half[j][1] = _mm256_setzero_ps();
+      for (int64_t c = 0; c < D_; c += 32)
+        for (int h = 0; h < 2; ++h) {
+          const int64_t p = c / 2 + 8 * h;
+          const __m256 q_odd = _mm256_loadu_ps(qi + p), q_even = _mm256_loadu_ps(qi + D_ / 2 + p);
+          for (int j = 0; j < 4; ++j) {
+            __m256 even, odd;
+            load16(k + (j0 + j) * stride + c + 16 * h, even, odd);
+            half[j][h] = _mm256_fmadd_ps(q_even, even, _mm256_fmadd_ps(q_odd, odd, half[j][h]));
+          }
+        }
+      for (int j = 0; j < 4; ++j) v[j0 + j] = _mm256_add_ps(half[j][0], half[j][1]);
+    }
+#endif
     return hsum8(v);
   }
 
  private:
+#ifdef __AVX512BF16__
+  static __m256 halves(__m512 acc) {  // lanes 0-7 + lanes 8-15
+    return _mm256_add_ps(_mm512_castps512_ps256(acc), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1)));
+  }
+#endif
+
   __m256 lanes(int64_t i, const bf16* k) const {  // the two halves of the 16 lanes, added
     const float* qi = data_ + i * D_;
 #ifdef __AVX512BF16__
     __m512 acc = _mm512_setzero_ps();
     for (int64_t c = 0; c < D_; c += 32)
       acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(qi + c / 2), (__m512bh)_mm512_loadu_si512(k + c));
-    return _mm256_add_ps(_mm512_castps512_ps256(acc), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1)));
+    return halves(acc);
 #else
     __m256 half[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};  // lanes 0-7 and 8-15
     for (int64_t c = 0; c < D_; c += 32)
