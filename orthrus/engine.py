@@ -89,6 +89,13 @@ LOOKUP_NGRAMS = (3, 2)  # suffix lengths prompt lookup matches, longest first
 MAX_LOOKUP_DRAFTS = 7  # the planner verifies fewer when the pass costs say so
 EXPLORE_EVERY = 8  # a row that has not tried the drafter for this many cycles tries it again ...
 MAX_EXPLORE_EVERY = 64  # ... or for up to this many, after tries in a row that lost to AR steps
+# A row's expected drafts a drafter cycle: its recent cycles' mean, with PRIOR_CYCLES pseudo-cycles
+# of PRIOR_ACCEPTED. A row turns to AR steps right after bad luck, and its AR steps learn nothing
+# about the drafter: with one pseudo-cycle of 1.0, rows kept to AR steps where the drafter went on
+# to accept 1.5-1.9 drafts a cycle (`benchmarks/planner_replay.py`; AVX2 build, MT-Bench: 562 AR
+# steps in 848 cycles, now 109).
+PRIOR_ACCEPTED = 1.5
+PRIOR_CYCLES = 4
 MAX_LEAVES = 4  # tree leaves (other tokens at the block draft's positions) a drafter cycle may verify
 LEAF_CHOICES = 3  # other tokens weighed per draft position
 MIN_LEAF_CHANCE = 0.01  # a leaf less likely than this is never worth its row, however cheap rows look
@@ -301,10 +308,10 @@ class SequenceStats:
     def cycles(self) -> int:
         return len(self.accepted)
 
-    def recent_accepted(self, source: str, window: int = 16, prior: float = 1.0) -> float:
-        """Mean accepted drafts over the last `window` cycles of `source`, with one pseudo-cycle of `prior`."""
+    def recent_accepted(self, source: str, window: int = 16) -> float:
+        """Mean accepted drafts over the last `window` cycles of `source`, with PRIOR_CYCLES pseudo-cycles of PRIOR_ACCEPTED."""
         recent = [a for a, s in zip(reversed(self.accepted), reversed(self.sources)) if s == source][:window]
-        return (sum(recent) + prior) / (len(recent) + 1)
+        return (sum(recent) + PRIOR_ACCEPTED * PRIOR_CYCLES) / (len(recent) + PRIOR_CYCLES)
 
     def lookup_rate(self, window: int = 16) -> float:
         """The chance a lookup draft is accepted, over the last `window` lookup cycles (Laplace: 1/2 with none)."""

@@ -162,6 +162,8 @@ def test_the_planner_picks_the_source_with_the_most_tokens_per_second():
     seq = Sequence([1, 2, 3, 9, 1, 2, 3])  # a lookup finds [9, 1, 2, 3]
     flat = PassCosts((0.0,) + (1.0,) * 8, 1.0)  # every pass costs the same
     assert plan_cycle([seq], 4, flat, ("diffusion", "ar"), [7])[0].source == "diffusion"  # a new row tries the drafter
+    seq.stats = SequenceStats(accepted=[0], sources=["diffusion"], drafted=[3])
+    assert plan_cycle([seq], 4, flat, ("diffusion", "ar"), [7])[0].source == "diffusion"  # one unlucky cycle: drafts on
     seq.stats = SequenceStats(accepted=[0] * 8, sources=["diffusion"] * 8, drafted=[3] * 8)  # which accepts nothing
     assert plan_cycle([seq], 4, flat, ("diffusion", "ar"), [7])[0].source == "ar"  # two passes for ~1 token: an AR step
     plan = plan_cycle([seq], 4, flat, SOURCES, [7])[0]
@@ -198,7 +200,9 @@ def test_tree_leaves_go_where_the_drafter_is_unsure_and_rows_are_cheap():
 
 def test_the_planner_tries_a_losing_drafter_less_and_less_often():
     seq = Sequence([1, 2, 3])
-    flat = PassCosts((0.0,) + (1.0,) * 8, 1.0)  # a drafter cycle is two passes: it must give 2 tokens to pay
+    # a drafter cycle costs three passes: it must give 3 tokens (2 drafts) to pay, more than the
+    # planner's prior expects, so a row with no winning try keeps to AR steps between tries
+    flat = PassCosts((0.0,) + (1.0,) * 8, 2.0)
     plan = lambda: plan_cycle([seq], 4, flat, ("diffusion", "ar"), [7])[0].source
     history = lambda *cycles: SequenceStats(accepted=[a for a, _ in cycles], sources=[s for _, s in cycles],
                                             drafted=[3 * (s == "diffusion") for _, s in cycles])
