@@ -58,7 +58,8 @@ def cmd_bench(args) -> None:
               "draft_dtype": "int8" if llm.model.int8_drafts else str(param.dtype).removeprefix("torch."),
               "draft_confidence": args.draft_confidence, "methods": runner.methods,
               "sets": [s.name for s in sets], "prompts_per_set": args.num_prompts, "max_new_tokens": args.max_new_tokens,
-              "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed, "machine": machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
+              "machine": machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "date": time.strftime("%Y-%m-%d"),
               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     summary = summarize(runs, config["block_size"])

@@ -116,7 +116,8 @@ def check_methods(methods: list[str]) -> list[str]:
 
 class Runner:
     def __init__(self, llm, folder: Path, methods=DEFAULT_METHODS, max_new_tokens: int = 64,
-                 sampling: SamplingParams = SamplingParams(), seed: int = 0, block_size: int | None = None, draft_confidence: float = 0.0, gguf: Path | None = None):
+                 sampling: SamplingParams = SamplingParams(), seed: int = 0, block_size: int | None = None,
+                 draft_confidence: float = 0.0, gguf: Path | None = None):
         if max_new_tokens < 1:
             raise OrthrusError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.llm, self.methods = llm, check_methods(list(methods))

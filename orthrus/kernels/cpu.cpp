@@ -1228,7 +1228,6 @@ class DotScorer {
   int64_t D_;
 };
 
-
 // Queries sharing one kv head (query i as `scorer` holds it, its output at out[i], seeing keys
 // [0, limits[i]), the last of them read from slot lasts[i]: a token tree's leaf, whose own key sits
 // after its ancestors' siblings, attends as if it were right after its ancestors) attend: scores (8 keys at a time), softmax and the weighted sum of values run
@@ -1288,7 +1287,7 @@ void attend_queries(const Scorer& scorer, float* const* out, const int64_t* limi
   const bool dots = false;
 #endif
   alignas(64) float block[VALUE_BLOCK * MAX_WIDE_D];  // a block of values widened to fp32, or as key pairs (`dots`)
-  std::vector<KV> last_pair(2 * D);  // a tree leaf's last pair of keys, its moved key in place
+  std::vector<KV> last_pair;  // a tree leaf's last pair of keys, its moved key in place
   for (int64_t first = 0; first < used; first += VALUE_BLOCK) {
     const int64_t rows = std::min(VALUE_BLOCK, used - first);
     if constexpr (bf16_cache) {
@@ -1315,6 +1314,7 @@ void attend_queries(const Scorer& scorer, float* const* out, const int64_t* limi
       }
       if (moved) {
         const KV* moved_key = values + lasts[i] * kv_stride;
+        last_pair.resize(2 * D);
         if (plain > paired) std::copy_n(values + (first + paired) * kv_stride, D, last_pair.data());
         std::copy_n(moved_key, D, last_pair.data() + (plain - paired) * D);
         pair_sums(p + paired, last_pair.data(), D, n - paired, D, out[i]);
