@@ -57,8 +57,10 @@ def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
         return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     temperature = torch.tensor([p.temperature or 1.0 for p in params], device=logits.device)
     x = logits / temperature[:, None, None]
-    if any(p.top_k or p.top_p < 1 for p in params):
-        x = truncate(x, torch.tensor([min(p.top_k or v, v) for p in params]), torch.tensor([p.top_p for p in params]))
+    limited = [i for i, p in enumerate(params) if p.top_k or p.top_p < 1]  # the others keep every token
+    if limited:
+        x[limited] = truncate(x[limited], torch.tensor([min(params[i].top_k or v, v) for i in limited]),
+                              torch.tensor([params[i].top_p for i in limited]))
     probs = x.softmax(-1)
     greedy = [i for i, p in enumerate(params) if p.greedy]  # each full-vocabulary pass costs: only where needed
     if greedy:

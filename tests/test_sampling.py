@@ -191,6 +191,9 @@ def test_top_k_top_p_keep_the_nucleus_a_full_sort_keeps():
             torch.testing.assert_close(kept[n, t][want], logits[n, t][want])
             torch.testing.assert_close(probs[n, t], kept[n, t].softmax(-1))
     assert int((kept[0, 3] > -math.inf).sum()) > 4 * NUCLEUS_CANDIDATES  # a nucleus wider than the first candidates
+    # a row with no limit beside limited ones keeps every token
+    mixed = sampling_probs(logits[:2].float(), [SamplingParams(temperature=0.7), SamplingParams(temperature=0.7, top_p=0.5)])
+    assert torch.equal(mixed[0], (logits[0].float() / 0.7).softmax(-1)) and bool((mixed[1] == 0).any())
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(temperature=float("nan")), dict(top_p=0),
