@@ -71,6 +71,31 @@ def test_bench_passes_top_k_and_top_p_to_every_method(qwen3_folder, tmp_path, ca
     assert "top_p must be in (0, 1]" in capsys.readouterr().err
 
 
+def test_repeats_keep_each_methods_fastest_run_of_a_prompt(monkeypatch):
+    from orthrus.bench.prompts import PromptSet
+    from orthrus.bench.runner import Runner
+
+    class Encoder:
+        def encode(self, prompt):
+            return [len(prompt)]
+
+    times = iter([3.0, 5.0, 1.0, 6.0, 2.0, 4.0])  # orthrus, ar, then ar, orthrus (turns rotate), then orthrus, ar
+    calls = []
+
+    def run_one(self, method, ids, max_new_tokens, seed):
+        calls.append(method)
+        return [7], next(times), 1, [], [], []
+
+    monkeypatch.setattr(Runner, "run_one", run_one)
+    monkeypatch.setattr(Runner, "warm_up", lambda self, ids: None)
+    runner = Runner(Encoder(), None, ["orthrus", "ar"], repeats=3)
+    runs = runner.run([PromptSet("mine", ["a prompt"])])
+    assert calls == ["orthrus", "ar", "ar", "orthrus", "orthrus", "ar"]
+    assert [(r.method, r.seconds) for r in runs] == [("orthrus", 2.0), ("ar", 1.0)]
+    with pytest.raises(OrthrusError, match="repeats"):
+        Runner(Encoder(), None, ["ar"], repeats=0)
+
+
 def test_bench_rejects_unknown_method_and_set(qwen3_folder, tmp_path, capsys):
     base = ["bench", "--model", str(qwen3_folder), "--drafter", "none", "--out", str(tmp_path)]
     assert main(base + ["--methods", "orthrus,vllm", "--sets", "gsm", "--num-prompts", "1"]) == 2

@@ -47,7 +47,8 @@ def cmd_bench(args) -> None:
             raise OrthrusError("the llama.cpp method needs the model as a GGUF file: give --gguf PATH")
     llm = load(str(folder), drafter=args.drafter, dtype=args.dtype, device=args.device, block_size=args.block_size,
                draft_dtype=args.draft_dtype)
-    runner = Runner(llm, folder, methods, args.max_new_tokens, sampling, args.seed, args.block_size, args.draft_confidence, gguf)
+    runner = Runner(llm, folder, methods, args.max_new_tokens, sampling, args.seed, args.block_size, args.draft_confidence, gguf,
+                    args.repeats)
     log = (lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True))
     runs = runner.run(sets, progress=log)
 
@@ -58,7 +59,7 @@ def cmd_bench(args) -> None:
               "draft_dtype": "int8" if llm.model.int8_drafts else str(param.dtype).removeprefix("torch."),
               "draft_confidence": args.draft_confidence, "methods": runner.methods,
               "sets": [s.name for s in sets], "prompts_per_set": args.num_prompts, "max_new_tokens": args.max_new_tokens,
-              "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
+              "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed, "repeats": args.repeats,
               "machine": machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "date": time.strftime("%Y-%m-%d"),
               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
@@ -88,6 +89,8 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = no limit; every method)")
     p.add_argument("--top-p", type=float, default=1.0, help="sample from the nucleus of this mass (1 = all; every method)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed of the first prompt (prompt i uses seed + i)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs of each method on each prompt, in turn; the fastest is kept (default 1)")
     p.add_argument("--out", default="bench-out", help="output folder for bench.json, bench.md and the PNG plots")
     add_model_args(p)
     p.set_defaults(func=cmd_bench)
