@@ -628,6 +628,14 @@ inline __m256 round8(__m256 v, bf16*) {
   return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
 }
 
+// 8 lanes stored in T's format; `v` already holds values of that format (exact).
+inline void store8(__m256 v, float* p) { _mm256_storeu_ps(p, v); }
+inline void store8(__m256 v, bf16* p) {
+  const __m256i hi = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packus_epi32(_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1)));
+}
+
 // One weight of a product: packed (fp32, bf16 or int8), with its fp32 scales (int8 only) and fp32
 // bias; a null or undefined tensor where there is none.
 struct Operand {
@@ -1380,7 +1388,11 @@ void rmsnorm_impl(const T* x, const T* w, T* y, int64_t M, int64_t C, float eps)
       float ss = hsum(acc);
       for (; c < C; ++c) ss = std::fma(to_float(row[c]), to_float(row[c]), ss);
       const float inv = 1.f / std::sqrt(ss / static_cast<float>(C) + eps);
-      for (c = 0; c < C; ++c) store(to_float(w[c]) * store_round(to_float(row[c]) * inv, y), y + m * C + c);
+      const __m256 inv8 = _mm256_set1_ps(inv);
+      T* out = y + m * C;
+      for (c = 0; c + 8 <= C; c += 8)
+        store8(round8(_mm256_mul_ps(load8(w + c), round8(_mm256_mul_ps(load8(row + c), inv8), y)), y), out + c);
+      for (; c < C; ++c) store(to_float(w[c]) * store_round(to_float(row[c]) * inv, y), out + c);
     }
   });
 }
@@ -1448,19 +1460,28 @@ std::vector<torch::Tensor> top_tokens(const torch::Tensor& x, int64_t k) {
 template <typename T>
 void rope_impl(T* x, const float* cos, const float* sin, int64_t NT, int64_t T_, int64_t H, int64_t D, int64_t sn,
                int64_t st) {
-  const int64_t half = D / 2;
+  // x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[half:], x[:half]); each half read before
+  // either is written. 8 lanes at a time where a half holds whole groups of 8, same ops as one.
+  const int64_t half = D / 2, vectored = half % 8 ? 0 : half;
   at::parallel_for(0, NT, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(D);
     for (int64_t i = begin; i < end; ++i)
       for (int64_t h = 0; h < H; ++h) {
         T* p = x + (i / T_) * sn + (i % T_) * st + h * D;
         const float* c = cos + i * D;
         const float* s = sin + i * D;
-        for (int64_t d = 0; d < D; ++d) row[d] = to_float(p[d]);
-        for (int64_t d = 0; d < D; ++d) {
-          const float rotated = d < half ? -row[d + half] : row[d - half];
-          const float a = row[d] * c[d], b = rotated * s[d];
-          store(a + b, p + d);
+        for (int64_t d = 0; d < vectored; d += 8) {
+          const __m256 lo = load8(p + d), hi = load8(p + half + d);
+          const __m256 neg_hi = _mm256_xor_ps(hi, _mm256_set1_ps(-0.f));
+          const __m256 out_lo = _mm256_add_ps(_mm256_mul_ps(lo, load8(c + d)), _mm256_mul_ps(neg_hi, load8(s + d)));
+          const __m256 out_hi =
+              _mm256_add_ps(_mm256_mul_ps(hi, load8(c + half + d)), _mm256_mul_ps(lo, load8(s + half + d)));
+          store8(round8(out_lo, p), p + d);
+          store8(round8(out_hi, p), p + half + d);
+        }
+        for (int64_t d = vectored; d < half; ++d) {
+          const float lo = to_float(p[d]), hi = to_float(p[half + d]);
+          store(lo * c[d] + -hi * s[d], p + d);
+          store(hi * c[half + d] + lo * s[half + d], p + half + d);
         }
       }
   });
@@ -1505,14 +1526,6 @@ struct LayerWeights {
   ViewWeights ar, diffusion;
 };
 
-// 8 lanes stored in T's format; `v` already holds values of that format (exact).
-inline void store8(__m256 v, float* p) { _mm256_storeu_ps(p, v); }
-inline void store8(__m256 v, bf16* p) {
-  const __m256i hi = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
-                   _mm_packus_epi32(_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1)));
-}
-
 // out = silu(gate) * up over n values, each operand and result rounded to T as the plain path
 // stores them; the last partial group of 8 runs through the same lanes (zero-padded), so every
 // value gets the same bits wherever it sits.
@@ -1535,6 +1548,10 @@ void silu_mul(const float* gate, const float* up, T* out, int64_t n) {
     for (int64_t j = 0; i + j < n; ++j) store(y8[j], out + i + j);  // exact: already rounded
   }
 }
+
+// Rows from which SiLU * up (the widest small op, an exp and a division a value) splits across
+// threads; fewer run inline, where waking a thread costs more than it saves.
+constexpr int64_t SPLIT_SMALL_OPS = 4;
 
 // Where a pass's time goes, phase by phase, when built with -DORTHRUS_PHASES
 // (`benchmarks/pass_phases.py`); the normal build has none of this.
@@ -1733,8 +1750,13 @@ class DecoderStack {
       PHASE(GATE_UP);
       products(hf.data(), M, C, {operand(a.gate), operand(a.up)}, {yf.data(), uf.data()}, IN_BF16);
       PHASE(SMALL_OPS);
-      silu_mul(yf.data(), uf.data(), act.data(), M * I);
-      widen(act.data(), M * I);
+      parallel_chunks(M, M < SPLIT_SMALL_OPS ? M : 1, [&](int64_t begin, int64_t end) {  // by rows
+        const int64_t at = begin * I, n = (end - begin) * I;
+        silu_mul(yf.data() + at, uf.data() + at, act.data() + at, n);
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(hf.data() + at + i, load8(act.data() + at + i));
+        for (; i < n; ++i) hf[at + i] = to_float(act[at + i]);
+      });
       PHASE(DOWN);
       products(hf.data(), M, I, {operand(a.down)}, {yf.data()}, IN_BF16);
       PHASE(SMALL_OPS);
