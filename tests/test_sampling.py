@@ -148,6 +148,21 @@ def test_tree_leaves_keep_the_target_distribution():
     assert all(torch.equal(a, b) for a, b in zip(got, want)) and bool((got[2] >= 0).any())
 
 
+def test_a_repeated_leaf_is_not_tried_again():
+    """Draft 1 (token 0) is always rejected here (p has no mass on it); the residual is half token 1,
+    half token 2. Leaves [1, 1] for that position: the first is taken half the time, and its repeat
+    never (its mass left the residual with the refusal), so the rest draw token 2."""
+    n = 4000
+    p = torch.tensor([[0.0, 0.5, 0.5], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]).expand(n, -1, -1)
+    q = torch.tensor([[1.0, 0.0, 0.0]]).expand(n, -1, -1)
+    leaves = Leaves(torch.tensor([[1, 1]]).expand(n, -1), torch.tensor([[1, 1]]).expand(n, -1))
+    g = torch.Generator().manual_seed(3)
+    accepted, nxt, leaf = speculative_accept(p, q, torch.zeros(n, 1, dtype=torch.long), torch.rand(n, 1, generator=g),
+                                             torch.rand(n, generator=g), leaves=leaves, u_leaves=torch.rand(n, 2, generator=g))
+    assert not bool((leaf == 1).any()) and 0.45 < float((leaf == 0).float().mean()) < 0.55
+    assert bool((nxt[leaf < 0] == 2).all()) and bool((accepted == (leaf == 0).long()).all())
+
+
 def test_top_k_top_p_temperature():
     logits = torch.tensor([[[4.0, 3.0, 2.0, 1.0, 0.0]]])
     top2 = sampling_probs(logits, [SamplingParams(temperature=1.0, top_k=2)])[0, 0]
