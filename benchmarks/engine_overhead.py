@@ -1,7 +1,8 @@
 """The engine's own time: wall time of `generate` minus the time spent in the model's passes
 (`forward`, and `draft` with its head), per cycle (Orthrus) or per step (AR). What sampling,
 acceptance, the planner, the cache bookkeeping and text decoding cost on top of the passes (prefill
-included: it is a forward), and the engine's functions that take most of it, per call.
+included: it is a forward), the engine's functions that take most of it, per call, and the passes
+themselves by kind and token count (ms each).
 
     python benchmarks/engine_overhead.py --max-new-tokens 128 --repeats 2 [--temperature 0.7]
 
@@ -11,6 +12,7 @@ Pause background jobs first.
 from __future__ import annotations
 
 import argparse
+import collections
 import time
 
 import torch
@@ -39,17 +41,22 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     llm = orthrus.load(None)
     in_forward, depth = [0.0], [0]
+    by_shape = collections.defaultdict(lambda: [0.0, 0])  # (view, tokens): seconds, passes
 
     def timed_pass(function):  # a pass: forward, or draft (which calls forward, then the draft head)
-        def run(self, *a, **k):
+        def run(self, tokens, *a, **k):
             depth[0] += 1
             start = time.perf_counter()
             try:
-                return function(self, *a, **k)
+                return function(self, tokens, *a, **k)
             finally:
                 depth[0] -= 1
                 if depth[0] == 0:
-                    in_forward[0] += time.perf_counter() - start
+                    seconds = time.perf_counter() - start
+                    in_forward[0] += seconds
+                    view = "draft" if function.__name__ == "draft" else "prefill" if tokens.shape[1] > 16 else "ar"
+                    by_shape[view, tokens.shape[1] if view != "prefill" else 0][0] += seconds
+                    by_shape[view, tokens.shape[1] if view != "prefill" else 0][1] += 1
         return run
 
     for name in ("forward", "draft"):
@@ -72,6 +79,7 @@ def main(argv=None) -> None:
     for mode in ("orthrus", "ar"):
         for _ in range(args.repeats):
             in_forward[0], cycles, tokens = 0.0, 0, 0
+            by_shape.clear()
             for entry in spent.values():
                 entry[:] = [0.0, 0]
             start = time.perf_counter()
@@ -83,6 +91,8 @@ def main(argv=None) -> None:
             print(f"{mode}: {tokens / total:.1f} tok/s; per cycle {total / cycles * 1e3:.2f} ms, in forward passes "
                   f"{in_forward[0] / cycles * 1e3:.2f} ms, outside them {(total - in_forward[0]) / cycles * 1e3:.2f} ms "
                   f"(ms a call: {calls})")
+            print("  passes (ms each): " + ", ".join(f"{view}{' ' + str(t) if t else ''} x{n} {seconds / n * 1e3:.2f}"
+                                                    for (view, t), (seconds, n) in sorted(by_shape.items())))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,67 @@
+"""Options of `generate` side by side in one process: each prompt of each set runs under every
+variant in turn, for a few rounds, and the fastest run of each (prompt, variant) is kept, so a slow
+spell of the machine hits every variant alike. Prints tokens/s against the first variant and tokens
+per cycle (AR steps count as cycles of one token).
+
+    python benchmarks/generate_ab.py --sets mtbench,gsm,humaneval --rounds 2 \\
+        --variant b4 block_size=4 --variant b5 block_size=5 --variant no-tree sources=diffusion,lookup,ar \\
+        --variant ar mode=ar
+
+A variant is a name and `key=value` options of `generate` (a comma makes a tuple of strings; an
+integer or a float is parsed as one). Pause background jobs first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import orthrus
+from orthrus.bench.prompts import load_prompt_set
+
+
+def option(text: str) -> tuple[str, object]:
+    key, _, value = text.partition("=")
+    for kind in (int, float):
+        try:
+            return key, kind(value)
+        except ValueError:
+            pass
+    return key, tuple(value.split(",")) if "," in value else value
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sets", default="mtbench,gsm,humaneval")
+    ap.add_argument("--num-prompts", type=int, default=10)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--variant", nargs="+", action="append", required=True, metavar=("NAME", "KEY=VALUE"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    variants = {name: dict(map(option, options)) for name, *options in args.variant}
+    llm = orthrus.load(None)
+    llm.generate("Hello", max_new_tokens=8)  # packs the weights, calibrates the planner
+    for spec in args.sets.split(","):
+        prompts = load_prompt_set(spec, args.num_prompts).prompts
+        best = {name: [float("inf")] * len(prompts) for name in variants}
+        tokens = {name: [0] * len(prompts) for name in variants}
+        cycles = {name: [0] * len(prompts) for name in variants}
+        for _ in range(args.rounds):
+            for i, prompt in enumerate(prompts):
+                for name, options in variants.items():
+                    start = time.perf_counter()
+                    out = llm.generate(prompt, max_new_tokens=args.max_new_tokens, **options)
+                    best[name][i] = min(best[name][i], time.perf_counter() - start)
+                    tokens[name][i], cycles[name][i] = len(out.token_ids), out.stats.cycles
+        speed = {name: sum(tokens[name]) / sum(best[name]) for name in variants}
+        first = next(iter(variants))
+        print(f"{spec}: " + "; ".join(f"{name} {speed[name]:.1f} tok/s ({speed[name] / speed[first]:.3f}), "
+                                      f"{sum(tokens[name]) / sum(cycles[name]):.2f} tokens/cycle" for name in variants))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Whether this machine's pass costs hold still: rounds of an AR step, 4- and 8-token AR passes and
+the draft pass, back to back after 128 cached tokens, for a while; per window of seconds, each
+pass's cost in AR steps (the median of each round's own ratio, so a slow spell hits both sides of
+it) and the step's fastest time.
+
+    python benchmarks/machine_states.py --seconds 72 --window 6
+
+A machine whose ratios move from window to window (seen on a shared Zen 4 VM: a 4 / 8-token pass
+1.13 / 1.25 steps for half a minute, then 1.27 / 1.57) changes what the planner should pick, and
+the Orthrus/AR ratio of any run, by that much. Pause background jobs first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import orthrus
+from orthrus import kernels
+from orthrus.cache import KVCache
+from orthrus.engine import prefill
+
+SHAPES = (("ar", 1), ("ar", 4), ("ar", 8), ("diffusion", 4))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=72.0)
+    ap.add_argument("--window", type=float, default=6.0)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = orthrus.load(None).model
+    kernels.prepare(model)  # packs the weights, outside inference mode
+    cache = KVCache(model.config, 1, 256, next(model.parameters()).dtype, "cpu")
+    rounds, began = [], time.perf_counter()
+    with torch.inference_mode():
+        prefill(model, cache, torch.tensor([0]), [[0] * 128])
+        while time.perf_counter() - began < args.seconds:
+            took = {}
+            for view, tokens in SHAPES:
+                start = time.perf_counter()
+                window = cache.window(torch.tensor([0]), tokens, bidirectional=view == "diffusion")
+                block = torch.zeros(1, tokens, dtype=torch.long)
+                if view == "diffusion":
+                    model.draft(block, window.positions, window)
+                else:
+                    model(block, window.positions, window)
+                took[view, tokens] = time.perf_counter() - start
+            rounds.append((time.perf_counter() - began, took))
+    print(f"| seconds | rounds | AR step, fastest (ms) | " + " | ".join(f"{v} {t}, steps" for v, t in SHAPES[1:]) + " |")
+    print("|---|---:|---:|" + "---:|" * (len(SHAPES) - 1))
+    for w in range(int(args.seconds // args.window)):
+        inside = [took for at, took in rounds if w * args.window <= at < (w + 1) * args.window]
+        if not inside:
+            continue
+        step = min(took["ar", 1] for took in inside)
+        ratios = [statistics.median(took[shape] / took["ar", 1] for took in inside) for shape in SHAPES[1:]]
+        print(f"| {w * args.window:.0f}-{(w + 1) * args.window:.0f} | {len(inside)} | {step * 1e3:.2f} | "
+              + " | ".join(f"{r:.2f}" for r in ratios) + " |")
+
+
+if __name__ == "__main__":
+    main()
