@@ -141,19 +141,17 @@ def speculative_accept(
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_a)  # p == q: nothing to correct
     leaf = torch.full((n,), -1, dtype=torch.long, device=p.device)
     if leaves is not None:
-        # A refused leaf takes its mass out of the residual's sum (a repeat of it at the same position
-        # has none left), and all refused ones leave the residual at once after the loop: one
-        # full-vocabulary op instead of three a leaf.
+        # The leaves at the rejected position are tried in order; each refused one takes its mass out
+        # of the residual (a repeat of it has none left), so leaf s is tried against what the ones
+        # before it left, and the first taken one wins. Vectorised over the leaves: a few ops in all
+        # rather than several a leaf (right after a pass each op runs with cold caches).
         at_rejection = (accepted < lengths)[:, None] & (leaves.depths == (accepted + 1)[:, None])
         same = (leaves.tokens[:, :, None] == leaves.tokens[:, None]) & (leaves.depths[:, :, None] == leaves.depths[:, None])
         repeat = (same & torch.ones_like(same[0]).tril(-1)).any(-1)  # an earlier leaf of the row is the same
-        mass = residual.gather(-1, leaves.tokens).masked_fill(repeat, 0.0)
-        left = residual.sum(-1)
-        for s in range(leaves.tokens.shape[1]):
-            tried = at_rejection[:, s] & (leaf < 0)
-            taken = tried & (u_leaves[:, s] * left < mass[:, s])
-            leaf = torch.where(taken, s, leaf)
-            left = torch.where(tried & ~taken, left - mass[:, s], left)
+        mass = residual.gather(-1, leaves.tokens).masked_fill(repeat | ~at_rejection, 0.0)
+        left = residual.sum(-1, keepdim=True) - (mass.cumsum(-1) - mass)
+        taken = at_rejection & (u_leaves[:, : mass.shape[1]] * left < mass)
+        leaf = torch.where(taken.any(-1), taken.long().argmax(-1), leaf)  # the first taken
         refused = at_rejection & (leaf < 0)[:, None]
         residual = residual.scatter_reduce(-1, leaves.tokens, (~refused).to(residual.dtype), "prod")
         if bool((leaf >= 0).any()):  # after a leaf: its row

@@ -157,10 +157,14 @@ def test_a_repeated_leaf_is_not_tried_again():
     q = torch.tensor([[1.0, 0.0, 0.0]]).expand(n, -1, -1)
     leaves = Leaves(torch.tensor([[1, 1]]).expand(n, -1), torch.tensor([[1, 1]]).expand(n, -1))
     g = torch.Generator().manual_seed(3)
-    accepted, nxt, leaf = speculative_accept(p, q, torch.zeros(n, 1, dtype=torch.long), torch.rand(n, 1, generator=g),
-                                             torch.rand(n, generator=g), leaves=leaves, u_leaves=torch.rand(n, 2, generator=g))
+    draws = torch.zeros(n, 1, dtype=torch.long), torch.rand(n, 1, generator=g), torch.rand(n, generator=g)
+    u_leaves = torch.rand(n, 4, generator=g)
+    accepted, nxt, leaf = speculative_accept(p, q, *draws, leaves=leaves, u_leaves=u_leaves[:, :2])
     assert not bool((leaf == 1).any()) and 0.45 < float((leaf == 0).float().mean()) < 0.55
     assert bool((nxt[leaf < 0] == 2).all()) and bool((accepted == (leaf == 0).long()).all())
+    # the engine draws uniforms for its most leaves a cycle; a cycle with fewer uses the first ones
+    wider = speculative_accept(p, q, *draws, leaves=leaves, u_leaves=u_leaves)
+    assert all(torch.equal(a, b) for a, b in zip(wider, (accepted, nxt, leaf)))
 
 
 def test_top_k_top_p_temperature():
