@@ -527,7 +527,7 @@ class Engine:
             draft_logits = self.model.draft(block, window.positions, window)
             drafts[picked, : b - 1], draft_probs = draw(draft_logits, [params[i] for i in diffuse], u[picked, : b - 1])
             if q is not None:
-                for j, i in enumerate(diffuse):  # row by row, as sampling.row_at says why
+                for j, i in enumerate(diffuse):  # row by row: see sampling.row_at
                     q[i, : b - 1] = draft_probs[j]
             kept = torch.full((len(diffuse),), b - 1, device=self.device)
             if self.draft_confidence > 0:  # verify through the first unsure draft
