@@ -8,7 +8,11 @@ per cycle (AR steps count as cycles of one token).
         --variant ar mode=ar
 
 A variant is a name and `key=value` options of `generate` (a comma makes a tuple of strings; an
-integer or a float is parsed as one). Pause background jobs first.
+integer or a float is parsed as one). `--paired` also prints, per prompt, every variant's time from
+the one round in which the last variant ran fastest, beside each variant's own fastest: on a machine
+whose memory bus is sometimes shared (BENCHMARKS.md, "Two machine states"), with AR as the last
+variant this gives the ratios of the uncontended state, where the variants of a round ran within
+seconds of each other. Pause background jobs first.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variant", nargs="+", action="append", required=True, metavar=("NAME", "KEY=VALUE"))
+    ap.add_argument("--paired", action="store_true", help="times from the round where the last variant was fastest")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     variants = {name: dict(map(option, options)) for name, *options in args.variant}
@@ -47,7 +52,7 @@ def main(argv=None) -> None:
     llm.generate("Hello", max_new_tokens=8)  # packs the weights, calibrates the planner
     for spec in args.sets.split(","):
         prompts = load_prompt_set(spec, args.num_prompts).prompts
-        best = {name: [float("inf")] * len(prompts) for name in variants}
+        took = {name: [[] for _ in prompts] for name in variants}  # seconds, per prompt, per round
         tokens = {name: [0] * len(prompts) for name in variants}
         cycles = {name: [0] * len(prompts) for name in variants}
         for _ in range(args.rounds):
@@ -55,12 +60,18 @@ def main(argv=None) -> None:
                 for name, options in variants.items():
                     start = time.perf_counter()
                     out = llm.generate(prompt, max_new_tokens=args.max_new_tokens, **options)
-                    best[name][i] = min(best[name][i], time.perf_counter() - start)
+                    took[name][i].append(time.perf_counter() - start)
                     tokens[name][i], cycles[name][i] = len(out.token_ids), out.stats.cycles
-        speed = {name: sum(tokens[name]) / sum(best[name]) for name in variants}
+        kept = {"fastest": {name: [min(times) for times in took[name]] for name in variants}}
+        if args.paired:
+            rounds = [times.index(min(times)) for times in took[list(variants)[-1]]]
+            kept["paired"] = {name: [times[r] for times, r in zip(took[name], rounds)] for name in variants}
         first = next(iter(variants))
-        print(f"{spec}: " + "; ".join(f"{name} {speed[name]:.1f} tok/s ({speed[name] / speed[first]:.3f}), "
-                                      f"{sum(tokens[name]) / sum(cycles[name]):.2f} tokens/cycle" for name in variants))
+        for how, seconds in kept.items():
+            speed = {name: sum(tokens[name]) / sum(seconds[name]) for name in variants}
+            print(f"{spec} ({how}): " + "; ".join(f"{name} {speed[name]:.1f} tok/s ({speed[name] / speed[first]:.3f}), "
+                                                  f"{sum(tokens[name]) / sum(cycles[name]):.2f} tokens/cycle"
+                                                  for name in variants))
 
 
 if __name__ == "__main__":
