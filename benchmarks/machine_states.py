@@ -1,4 +1,4 @@
-"""Whether this machine's pass costs hold still: rounds of an AR step, 4- and 8-token AR passes and
+"""Whether this machine's pass costs hold still: rounds of an AR step, 4-, 8- and 16-token AR passes and
 the draft pass, back to back after 128 cached tokens, for a while; per window of seconds, each
 pass's cost in AR steps (the median of each round's own ratio, so a slow spell hits both sides of
 it) and the step's fastest time.
@@ -23,7 +23,7 @@ from orthrus import kernels
 from orthrus.cache import KVCache
 from orthrus.engine import prefill
 
-SHAPES = (("ar", 1), ("ar", 4), ("ar", 8), ("diffusion", 4))
+SHAPES = (("ar", 1), ("ar", 4), ("ar", 8), ("ar", 16), ("diffusion", 4))
 
 
 def main(argv=None) -> None:
