@@ -55,8 +55,8 @@ def main(argv=None) -> None:
                     seconds = time.perf_counter() - start
                     in_forward[0] += seconds
                     view = "draft" if function.__name__ == "draft" else "prefill" if tokens.shape[1] > 16 else "ar"
-                    by_shape[view, tokens.shape[1] if view != "prefill" else 0][0] += seconds
-                    by_shape[view, tokens.shape[1] if view != "prefill" else 0][1] += 1
+                    shape = by_shape[view, tokens.shape[1] if view != "prefill" else 0]
+                    shape[0], shape[1] = shape[0] + seconds, shape[1] + 1
         return run
 
     for name in ("forward", "draft"):

@@ -1692,10 +1692,11 @@ class DecoderStack {
     std::vector<float> hf(M * std::max({C, QD, I})), qf(M * QD), kf(M * KD), vf(M * KD), yf(M * std::max(C, I)),
         uf(M * I);
     // 8 lanes at a time, the last few one by one (the same roundings: to nearest, ties to even)
-    auto widen = [&](const T* src, int64_t n) {  // a product's input in fp32 (exact)
+    auto widen = [&](const T* src, int64_t n, int64_t at = 0) {  // a product's input in fp32 (exact), from hf[at]
+      float* dst = hf.data() + at;
       int64_t i = 0;
-      for (; i + 8 <= n; i += 8) _mm256_storeu_ps(hf.data() + i, load8(src + i));
-      for (; i < n; ++i) hf[i] = to_float(src[i]);
+      for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8(src + i));
+      for (; i < n; ++i) dst[i] = to_float(src[i]);
     };
     auto round_into = [](const float* src, T* dst, int64_t n) {
       int64_t i = 0;
@@ -1753,9 +1754,7 @@ class DecoderStack {
       parallel_chunks(M, M < SPLIT_SMALL_OPS ? M : 1, [&](int64_t begin, int64_t end) {  // by rows
         const int64_t at = begin * I, n = (end - begin) * I;
         silu_mul(yf.data() + at, uf.data() + at, act.data() + at, n);
-        int64_t i = 0;
-        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(hf.data() + at + i, load8(act.data() + at + i));
-        for (; i < n; ++i) hf[at + i] = to_float(act[at + i]);
+        widen(act.data() + at, n, at);
       });
       PHASE(DOWN);
       products(hf.data(), M, I, {operand(a.down)}, {yf.data()}, IN_BF16);
