@@ -29,7 +29,8 @@ def rows_alone(f, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("wdtype", DTYPES)
 @pytest.mark.parametrize("xdtype", DTYPES)
-@pytest.mark.parametrize("shape", [(576, 1536), (1536, 576), (64, 130), (20, 13), (33, 40)])  # (K, N): model shapes, odd tails, odd K
+# (K, N): model shapes, odd tails, odd K, groups of 3 and 1 panels (a group's last, odd panel alone)
+@pytest.mark.parametrize("shape", [(576, 1536), (1536, 576), (64, 130), (20, 13), (33, 40), (70, 48), (36, 84)])
 def test_linear_rows_are_bit_identical_to_each_row_alone(wdtype, xdtype, shape):
     kernels.module()
     K, N = shape
@@ -64,7 +65,7 @@ def w8a8_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) 
 
 
 @pytest.mark.parametrize("xdtype", DTYPES)
-@pytest.mark.parametrize("shape", [(576, 1536), (1536, 576), (33, 40), (7, 16)])  # (K, N): K not a multiple of 4, tails
+@pytest.mark.parametrize("shape", [(576, 1536), (1536, 576), (33, 40), (7, 16), (70, 48), (36, 84)])  # (K, N): K not a multiple of 4, tails, groups of 3 and 1 panels
 def test_int8_products_compute_w8a8_exactly_and_each_row_as_if_alone(xdtype, shape):
     """Drafts' products (`int8=True`): exactly the W8A8 reference, and every row bit for bit what it
     is alone (integer sums: the same in every build, checked across builds below)."""
@@ -164,7 +165,7 @@ def test_the_packed_weight_follows_changes_to_the_weight():
         torch.testing.assert_close(kernels.linear(x, layer)[0], 2 * before)
         layer.weight = torch.nn.Parameter(torch.zeros(12, 40))  # replaced
         assert torch.equal(kernels.linear(x, layer)[0], torch.zeros(3, 12))
-    assert "_packed_weight" not in layer.state_dict() and len(layer.state_dict()) == 1
+    assert "_packed_weights" not in layer.state_dict() and len(layer.state_dict()) == 1
 
 
 def ragged_pass(llm, view: str, rows: list[int]):

@@ -171,14 +171,13 @@ def packed(layer: torch.nn.Linear, int8: bool = False) -> tuple[torch.Tensor, to
     """The layer's weight in the layout the kernel streams (and its scales when `int8`), made on
     first use and kept beside the weight (outside the parameters, so state dicts, training and the
     plain path never see it); remade when the weight is replaced or changed in place (its version
-    counter moves)."""
+    counter moves). One copy per kernel library: libraries may lay weights out differently."""
     w = layer._parameters["weight"]  # not `layer.weight`: Module.__getattr__ costs more than the check
-    key = "_int8_weight" if int8 else "_packed_weight"
-    kept = layer.__dict__.get(key)
+    copies = layer.__dict__.setdefault("_packed_weights", {})
+    kept = copies.get((_module, int8))
     if kept is None or kept[0] is not w or kept[1] != w._version or kept[2] != w.data_ptr():
         made = _module.draft_weight(w.detach()) if int8 else (_module.pack(w.detach()), None)
-        kept = (w, w._version, w.data_ptr(), tuple(made))
-        layer.__dict__[key] = kept
+        kept = copies[_module, int8] = (w, w._version, w.data_ptr(), tuple(made))
     return kept[3]
 
 

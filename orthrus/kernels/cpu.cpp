@@ -76,22 +76,27 @@ inline int64_t input_order(int64_t k, int64_t K, const bf16*) { return (k ^ 1) <
 template <typename W> constexpr int64_t STEP_INPUTS = 1;  // inputs per step of a panel
 template <> constexpr int64_t STEP_INPUTS<int8_t> = 4;
 #ifdef __AVX512F__
-// AVX-512: a group's panels interleave step by step ([K][panels][16]), so a 1-row tile over the
-// group streams one sequential run instead of four (more reads in flight). bf16 weights go by input
-// pairs ([K/2][panels][16][2]: a feature's weights for inputs 2p and 2p + 1 side by side in one
-// 32-bit lane), the dot instruction's operand.
+// AVX-512: a group's panels go in pairs, the two panels of a pair interleaved step by step
+// ([K][2][16]; a last odd panel alone), the pairs one after the other. A tile over 2 panels (7 or 8
+// rows) streams one sequential run, a tile over 4 two. With all 4 interleaved, 8 rows read the group
+// in two passes over every other 128 bytes and streamed ~20% slower than 1 row; paired, as fast
+// (2026-11-27, Zen 4, 2 threads). bf16 weights go by input pairs ([K/2][2][16][2]: a feature's
+// weights for inputs 2p and 2p + 1 side by side in one 32-bit lane), the dot instruction's operand.
 template <> constexpr int64_t STEP_INPUTS<bf16> = 2;
 template <typename W>
-inline W* panel_start(W* group, int64_t, int s) { return group + s * PANEL * STEP_INPUTS<std::remove_const_t<W>>; }
+inline W* panel_start(W* group, int64_t Kw, int s) {
+  return group + s / 2 * 2 * PANEL * Kw + s % 2 * PANEL * STEP_INPUTS<std::remove_const_t<W>>;
+}
+// The distance between a panel's steps: its pair's, or its own where it is a group's last, odd one.
 template <typename W>
-inline int64_t panel_step(int count) { return count * PANEL * STEP_INPUTS<W>; }
+inline int64_t panel_step(int count, int s) { return (s / 2 * 2 + 1 < count ? 2 : 1) * PANEL * STEP_INPUTS<W>; }
 #else
 // AVX2: each panel [K][16] on its own; in bf16 features i and 8 + i side by side (elements 2i, 2i + 1),
 // so one 32-byte load widens to two fp32 vectors by a shift and a mask.
 template <typename W>
 inline W* panel_start(W* group, int64_t Kw, int s) { return group + s * PANEL * Kw; }
 template <typename W>
-inline int64_t panel_step(int) { return PANEL * STEP_INPUTS<W>; }
+inline int64_t panel_step(int, int) { return PANEL * STEP_INPUTS<W>; }
 #endif
 template <typename W>
 inline int64_t panel_offset(int64_t k, int64_t i, int64_t step) {
@@ -125,7 +130,7 @@ torch::Tensor pack(const torch::Tensor& w) {
           const W* panel = src + (g * GROUP + s) * PANEL * K;
           W* to = panel_start(dst + g * GROUP * PANEL * Kw, Kw, s);
           for (int64_t i = 0; i < PANEL; ++i)
-            for (int64_t k = 0; k < K; ++k) to[panel_offset<W>(k, i, panel_step<W>(count))] = panel[i * K + k];
+            for (int64_t k = 0; k < K; ++k) to[panel_offset<W>(k, i, panel_step<W>(count, s))] = panel[i * K + k];
         }
       }
     });
@@ -219,6 +224,17 @@ constexpr int64_t PREFETCH_BYTES = 8192;  // how far ahead the tiles ask for wei
 // into L2, not L1: the tiles of a few rows stream faster so (2026-11-26, Zen 4: AVX2 4- and 8-token
 // verify 0.90x, AVX-512 draft 0.92x and AR step 0.93x against L1; `benchmarks/kernel_ab.py`)
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
+#ifdef __AVX512F__
+// Ask for step k of a tile's S panels: one run a pair of panels (a step of one panel is a cache line).
+template <int S, typename W>
+inline void prefetch_step(const W* const* w, int64_t k, int64_t step) {
+  for (int s = 0; s < S; s += 2) {
+    const char* run = reinterpret_cast<const char*>(w[s] + k * step);
+    for (int64_t b = 0; b < std::min(S - s, 2) * PANEL * STEP_INPUTS<W> * static_cast<int64_t>(sizeof(W)); b += 64)
+      prefetch(run + b);
+  }
+}
+#endif
 
 // y_s[r, f] = x[r] . w_s[f] (+ bias_s[f]) for R rows of x (ldx apart) and the 16 features of each
 // of S panels: every output is one FMA chain over the inputs in `input_order`, from zero, then the
@@ -228,9 +244,9 @@ inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), 
 // The AVX-512 build (chosen at load time on CPUs that have it): a panel's 16 features fill one
 // 16-lane register, so with 32 registers a tile covers up to 6 rows over a whole group of 4 panels
 // and each weight is read once for them.
-// Tiles ask for the weights 8 KB ahead of the ones they multiply (past a weight's end too:
-// prefetches do not fault): with a group's panels in one sequential run, this keeps enough reads
-// in flight to stream faster (the model's bf16 products ~10% faster at 1 row, ~18% at 4 and 8).
+// Tiles ask for the weights 8 KB ahead of the ones they multiply in each run (past a weight's end
+// too: prefetches do not fault): this keeps enough reads in flight to stream faster (the model's
+// bf16 products ~10% faster at 1 row, ~18% at 4 and 8).
 // X is float (x in fp32), or, for bf16 weights on a CPU with AVX512-BF16, uint32_t: x's bf16 pairs
 // (`bf16_pairs`), multiplied by the dot instruction, 32 products an instruction instead of 16.
 
@@ -241,8 +257,7 @@ inline void linear_tile(const X* x, int64_t ldx, int64_t K, const W* const* w, i
   constexpr int64_t P = STEP_INPUTS<W>;
   const int64_t steps = (K + P - 1) / P, ahead = PREFETCH_BYTES / (step * static_cast<int64_t>(sizeof(W)));
   for (int64_t k = 0; k < steps; ++k) {
-    const char* next = reinterpret_cast<const char*>(w[0] + (k + ahead) * step);
-    for (int64_t b = 0; b < S * PANEL * P * static_cast<int64_t>(sizeof(W)); b += 64) prefetch(next + b);
+    prefetch_step<S>(w, k + ahead, step);
 #pragma GCC unroll 4
     for (int s = 0; s < S; ++s) {
       if constexpr (std::is_same_v<W, float>) {
@@ -351,8 +366,7 @@ inline void int8_tile(const uint32_t* x, int64_t ldx, int64_t steps, const int8_
   __m512i acc[R][S] = {};
   const int64_t ahead = PREFETCH_BYTES / step;
   for (int64_t k = 0; k < steps; ++k) {
-    const char* next = reinterpret_cast<const char*>(w[0] + (k + ahead) * step);
-    for (int64_t b = 0; b < S * PANEL * 4; b += 64) prefetch(next + b);
+    prefetch_step<S>(w, k + ahead, step);
 #pragma GCC unroll 4
     for (int s = 0; s < S; ++s) {
       const __m512i ws = _mm512_loadu_si512(w[s] + k * step);
@@ -429,14 +443,13 @@ inline void int8_feature(const uint32_t* x, int64_t ldx, int64_t M, int64_t K, c
 template <typename X, typename W, int R, int S>
 inline void linear_panels(const X* x, int64_t ldx, int64_t K, const W* const* w, const PanelOut* out, int64_t ldy,
                           int count) {
-  const int64_t step = panel_step<W>(count);
   int s = 0;
   if constexpr (std::is_same_v<W, int8_t>) {
-    for (; s + S <= count; s += S) int8_tile<R, S>(x, ldx, (K + 3) / 4, w + s, step, out + s, ldy);
-    for (; s < count; ++s) int8_tile<R, 1>(x, ldx, (K + 3) / 4, w + s, step, out + s, ldy);
+    for (; s + S <= count; s += S) int8_tile<R, S>(x, ldx, (K + 3) / 4, w + s, panel_step<W>(count, s), out + s, ldy);
+    for (; s < count; ++s) int8_tile<R, 1>(x, ldx, (K + 3) / 4, w + s, panel_step<W>(count, s), out + s, ldy);
   } else {
-    for (; s + S <= count; s += S) linear_tile<X, W, R, S>(x, ldx, K, w + s, step, out + s, ldy);
-    for (; s < count; ++s) linear_tile<X, W, R, 1>(x, ldx, K, w + s, step, out + s, ldy);
+    for (; s + S <= count; s += S) linear_tile<X, W, R, S>(x, ldx, K, w + s, panel_step<W>(count, s), out + s, ldy);
+    for (; s < count; ++s) linear_tile<X, W, R, 1>(x, ldx, K, w + s, panel_step<W>(count, s), out + s, ldy);
   }
 }
 
