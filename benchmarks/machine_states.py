@@ -21,7 +21,7 @@ import torch
 import orthrus
 from orthrus import kernels
 from orthrus.cache import KVCache
-from orthrus.engine import prefill
+from orthrus.engine import prefill, time_pass
 
 SHAPES = (("ar", 1), ("ar", 4), ("ar", 8), ("ar", 16), ("diffusion", 4))
 
@@ -40,18 +40,9 @@ def main(argv=None) -> None:
     with torch.inference_mode():
         prefill(model, cache, torch.tensor([0]), [[0] * 128])
         while time.perf_counter() - began < args.seconds:
-            took = {}
-            for view, tokens in SHAPES:
-                start = time.perf_counter()
-                window = cache.window(torch.tensor([0]), tokens, bidirectional=view == "diffusion")
-                block = torch.zeros(1, tokens, dtype=torch.long)
-                if view == "diffusion":
-                    model.draft(block, window.positions, window)
-                else:
-                    model(block, window.positions, window)
-                took[view, tokens] = time.perf_counter() - start
+            took = {(view, tokens): time_pass(model, cache, 0, view, tokens) for view, tokens in SHAPES}
             rounds.append((time.perf_counter() - began, took))
-    print(f"| seconds | rounds | AR step, fastest (ms) | " + " | ".join(f"{v} {t}, steps" for v, t in SHAPES[1:]) + " |")
+    print("| seconds | rounds | AR step, fastest (ms) | " + " | ".join(f"{v} {t}, steps" for v, t in SHAPES[1:]) + " |")
     print("|---|---:|---:|" + "---:|" * (len(SHAPES) - 1))
     for w in range(int(args.seconds // args.window)):
         inside = [took for at, took in rounds if w * args.window <= at < (w + 1) * args.window]

@@ -45,7 +45,7 @@ import torch
 from . import kernels
 from .cache import KVCache
 from .errors import OrthrusError
-from .model import OrthrusLM
+from .model import OrthrusLM, View
 from .sampling import Leaves, SamplingParams, accept, draw
 
 Mode = Literal["orthrus", "ar"]
@@ -181,17 +181,9 @@ def measure_pass_costs(model: OrthrusLM, block_size: int, max_tokens: int, conte
     for repeat in range(repeats + 1):  # the first round warms up (the first use packs weights) and is not kept
         for view, tokens in shapes:
             for row in (0, 1):
-                start = time.perf_counter()
-                window = cache.window(torch.tensor([row]), tokens, bidirectional=view == "diffusion")
-                block = torch.zeros(1, tokens, dtype=torch.long, device=param.device)
-                if view == "diffusion":
-                    model.draft(block, window.positions, window)
-                else:
-                    model(block, window.positions, window, view)
-                if param.device.type == "cuda":
-                    torch.cuda.synchronize()
+                took = time_pass(model, cache, row, view, tokens)
                 if repeat:
-                    best[view, tokens][row] = min(best[view, tokens][row], time.perf_counter() - start)
+                    best[view, tokens][row] = min(best[view, tokens][row], took)
     verify, far_verify = [0.0], [0.0]
     for t in range(1, max_tokens + 1):
         near, far = best["ar", t]
@@ -203,6 +195,22 @@ def measure_pass_costs(model: OrthrusLM, block_size: int, max_tokens: int, conte
     for near, far in zip(verify[1:], far_verify[1:]):
         per_token.append(max((far - near) / span, per_token[-1]))
     return PassCosts(tuple(verify), draft, contexts[0], tuple(per_token), max(0.0, (far_draft - draft) / span))
+
+
+def time_pass(model: OrthrusLM, cache: KVCache, row: int, view: View, tokens: int) -> float:
+    """Seconds one pass of `tokens` tokens in `view` takes over row `row` of `cache`, nothing
+    committed: the draft pass with its head, or an AR pass."""
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    window = cache.window(torch.tensor([row]), tokens, bidirectional=view == "diffusion")
+    block = torch.zeros(1, tokens, dtype=torch.long, device=device)
+    if view == "diffusion":
+        model.draft(block, window.positions, window)
+    else:
+        model(block, window.positions, window, view)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 @dataclass
