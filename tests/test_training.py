@@ -22,7 +22,8 @@ from orthrus.checkpoint import load_model
 from orthrus.errors import OrthrusError
 from orthrus.training.data import draw_anchors, pack, read_shards, shard_files
 from orthrus.training.distill import distill, write_shard
-from orthrus.training.trainer import (TrainConfig, ar_mask, block_mask, draft_loss, dual_pass, prepare_model, train)
+from orthrus.training.trainer import (TrainConfig, ar_mask, block_mask, draft_loss, dual_pass, position_weights, prepare_model,
+                                      train)
 
 from .conftest import write_random_model
 
@@ -133,6 +134,23 @@ def test_only_the_twins_and_the_mask_embedding_get_gradients(llama_folder, data_
             assert p.grad is None and not p.requires_grad, name
 
 
+def test_position_decay_weighs_each_block_row_by_its_weight(llama_folder, data_folder):
+    model = trained_model(llama_folder)
+    rows = pack(read_shards(data_folder), 128).select([0, 1])
+    anchors, valid = draw_anchors(rows, 8, 8, seed=0, row_ids=[0, 1])
+    with torch.no_grad():
+        student, teacher, ok = dual_pass(model, rows, anchors, 8)
+    ok &= valid[:, :, None]
+    weights = position_weights(8, 1.5)
+    assert weights[0] == 1 and torch.allclose(weights[1:] / weights[:-1], torch.tensor(2 / 3).exp().reciprocal().expand(6))
+    assert torch.equal(position_weights(8, 0), torch.ones(7))
+    for kind in ("kl", "ce"):
+        by_row = [draft_loss(model, student, teacher, ok & (torch.arange(7) == j), kind) for j in range(7)]
+        assert all(x > 0 for x in by_row)
+        expected = sum(w * x for w, x in zip(weights.tolist(), by_row))
+        assert torch.allclose(draft_loss(model, student, teacher, ok, kind, weights), expected, rtol=1e-5)
+
+
 def run_cli(args, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "orthrus", "train", *args], env=env, stdout=subprocess.PIPE,
@@ -185,6 +203,14 @@ def test_resume_refuses_another_base_or_config(llama_folder, data_folder, tmp_pa
     train(cfg, tmp_path / "run", device="cpu", stop_after=1)
     with pytest.raises(OrthrusError, match="block_size=8 \\(now 16\\)"):
         train(TrainConfig(**{**cfg.__dict__, "block_size": 16}), tmp_path / "run", device="cpu")
+    # a checkpoint from before a setting existed ran with its default: it resumes so, and refuses another value
+    latest = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))[-1] / "state.json"
+    state = json.loads(latest.read_text())
+    del state["config"]["position_decay"]
+    latest.write_text(json.dumps(state))
+    with pytest.raises(OrthrusError, match="position_decay=0.0 \\(now 1.5\\)"):
+        train(TrainConfig(**{**cfg.__dict__, "position_decay": 1.5}), tmp_path / "run", device="cpu")
+    assert train(cfg, tmp_path / "run", device="cpu", stop_after=1)["step"] == 2
     other = write_random_model(tmp_path / "other", "llama", seed=5, vocab_size=VOCAB)
     with pytest.raises(OrthrusError, match="fingerprint"):
         train(TrainConfig(**{**cfg.__dict__, "model": str(other)}), tmp_path / "run", device="cpu")

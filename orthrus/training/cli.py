@@ -41,6 +41,8 @@ def register(sub) -> None:
     t.add_argument("--warmup", type=float, default=0.05, help="warmup fraction of the steps")
     t.add_argument("--steps", type=int, default=2000, help="optimizer steps of the whole run (the cosine's length)")
     t.add_argument("--loss", choices=["kl", "ce"], default="kl")
+    t.add_argument("--position-decay", type=float, default=0.0,
+                   help="weigh block row j's loss by exp(-j / DECAY), as acceptance weighs the drafts (0: alike)")
     t.add_argument("--clip", type=float, default=1.0)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
@@ -112,7 +114,7 @@ def cmd_train(args) -> None:
         return
     cfg = TrainConfig(data=str(folder(args.data, "distill")), model=args.model, block_size=args.block_size,
                       seq_len=args.seq_len, anchors=args.anchors, batch=args.batch, grad_accum=args.grad_accum, lr=args.lr,
-                      warmup=args.warmup, steps=args.steps, loss=args.loss, clip=args.clip, seed=args.seed, dtype=args.dtype,
+                      warmup=args.warmup, steps=args.steps, loss=args.loss, position_decay=args.position_decay, clip=args.clip, seed=args.seed, dtype=args.dtype,
                       parallel=args.parallel, checkpoint_minutes=args.checkpoint_minutes, eval_every=args.eval_every,
                       eval_rows=args.eval_rows, log_every=args.log_every, init_from=args.init_from)
     train(cfg, run, device=args.device)

@@ -52,6 +52,7 @@ class TrainConfig:
     warmup: float = 0.05
     steps: int = 2000
     loss: str = "kl"
+    position_decay: float = 0.0  # > 0: block row j's loss weighs exp(-j / decay), as acceptance does (0: all alike)
     clip: float = 1.0
     seed: int = 0
     dtype: str = "auto"  # auto: bf16 where the hardware multiplies bf16 natively (`train_dtype`)
@@ -64,7 +65,8 @@ class TrainConfig:
 
 
 # Fields that define the run: a checkpoint written under other values is refused.
-IDENTITY = ("data", "model", "block_size", "seq_len", "anchors", "global_batch", "lr", "warmup", "steps", "loss", "clip", "seed")
+IDENTITY = ("data", "model", "block_size", "seq_len", "anchors", "global_batch", "lr", "warmup", "steps", "loss",
+            "position_decay", "clip", "seed")
 
 
 # ---- the two passes ----------------------------------------------------------------------------
@@ -185,14 +187,26 @@ def target_mask(rows: PackedRows, anchors: torch.Tensor, block_size: int) -> tor
         rows.doc.gather(1, clamped).view_as(target) == rows.doc.gather(1, anchors)[:, :, None])
 
 
-def draft_loss(model: OrthrusLM, student, teacher, ok, kind: str, targets=None) -> torch.Tensor:
-    """Summed loss over the valid rows: forward KL(p_AR || p_diff), or CE on the AR argmax."""
+def position_weights(block_size: int, decay: float) -> torch.Tensor:
+    """[B-1] weights of block rows 0..B-2: exp(-j / decay), or all 1 when decay is 0. A draft counts
+    only if every draft before it was accepted, so the first rows are worth the most."""
+    j = torch.arange(block_size - 1, dtype=torch.float32)
+    return torch.exp(-j / decay) if decay > 0 else torch.ones_like(j)
+
+
+def draft_loss(model: OrthrusLM, student, teacher, ok, kind: str, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed loss over the valid rows [R, nb, B-1]: forward KL(p_AR || p_diff), or CE on the AR
+    argmax; row j weighs weights[j] (default 1)."""
     q_logp = F.log_softmax(model.lm_head(student[ok]).float(), -1)
     with torch.no_grad():
         p_logp = F.log_softmax(model.lm_head(teacher[ok]).float(), -1)
     if kind == "ce":
-        return F.nll_loss(q_logp, p_logp.argmax(-1), reduction="sum")
-    return (p_logp.exp() * (p_logp - q_logp)).sum()
+        per_row = F.nll_loss(q_logp, p_logp.argmax(-1), reduction="none")
+    else:
+        per_row = (p_logp.exp() * (p_logp - q_logp)).sum(-1)
+    if weights is None:
+        return per_row.sum()
+    return (per_row * weights.to(per_row.device).expand_as(ok)[ok]).sum()
 
 
 # ---- the run -----------------------------------------------------------------------------------
@@ -403,7 +417,9 @@ def check_resume(state: dict, cfg_identity: dict, fingerprint: str, path: Path) 
         raise OrthrusError(f"{path}: this checkpoint was trained on base model {state['config'].get('model')!r} "
                            f"(fingerprint {state['base_fingerprint']}), not the loaded one ({fingerprint}). "
                            "Use another --run-dir.")
-    changed = {k: (state["config"].get(k), v) for k, v in cfg_identity.items() if state["config"].get(k) != v}
+    defaults = asdict(TrainConfig(data=""))  # a field newer than the checkpoint had its default there
+    old = {k: state["config"].get(k, defaults.get(k)) for k in cfg_identity}
+    changed = {k: (old[k], v) for k, v in cfg_identity.items() if old[k] != v}
     if changed:
         raise OrthrusError(f"{path}: the run was started with other settings: "
                            + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in changed.items())
@@ -445,6 +461,7 @@ def train(cfg: TrainConfig, run: Path, device: str = "auto", stop_after: int | N
     log = Logger(run, rank, state["step"])
     packed, order = epoch_rows(cfg, state["files"], state["epoch"])
     global_batch = identity["global_batch"]
+    weights = position_weights(cfg.block_size, cfg.position_decay)
     if len(packed) < global_batch:
         raise OrthrusError(f"{cfg.data}: {len(packed)} packed rows, fewer than one global batch ({global_batch}).")
     held = eval_set(cfg, state["eval_files"])
@@ -469,7 +486,7 @@ def train(cfg: TrainConfig, run: Path, device: str = "auto", stop_after: int | N
         # normalise by the valid targets of the whole global batch, so any split gives the same gradient
         count = torch.tensor(0.0)
         for rows, anchors, valid in draws:
-            count += (target_mask(rows, anchors, cfg.block_size) & valid[:, :, None]).sum()
+            count += ((target_mask(rows, anchors, cfg.block_size) & valid[:, :, None]) * weights).sum()
         if world > 1:
             dist.all_reduce(count)
         for g in opt.param_groups:
@@ -480,7 +497,7 @@ def train(cfg: TrainConfig, run: Path, device: str = "auto", stop_after: int | N
             with (nullcontext() if sync else wrapped.no_sync()), autocast:
                 student, teacher, ok = dual_pass(model, rows, anchors, cfg.block_size, wrapped)
                 ok &= valid.to(ok.device)[:, :, None]
-                loss = draft_loss(model, student, teacher, ok, cfg.loss) / count.to(ok.device)
+                loss = draft_loss(model, student, teacher, ok, cfg.loss, weights) / count.to(ok.device)
             (loss * world).backward()  # DDP/FSDP average gradients over processes; undo that mean
             total += float(loss.detach())
             step_tokens += int((rows.doc >= 0).sum())
