@@ -57,6 +57,21 @@ inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 inline float exp1(float x) { return _mm256_cvtss_f32(exp8(_mm256_set1_ps(x))); }
+#ifdef __AVX512F__
+inline __m512 exp16(__m512 x) {  // exp8's ops on 16 lanes: each lane's bits are exp8's
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f)));
+  x = _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(-2.12194440e-4f)));
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    y = _mm512_add_ps(_mm512_mul_ps(y, x), _mm512_set1_ps(c));
+  y = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(y, x), x), x), _mm512_set1_ps(1.f));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+#endif
 
 // Weights are read in a packed layout (`pack`): output features in panels of 16, each stored input
 // by input, so a tile streams one sequential run and multiplies each input value, broadcast, into 16
@@ -640,6 +655,15 @@ inline __m256 round8(__m256 v, bf16*) {
   const __m256i r = _mm256_add_epi32(i, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
   return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
 }
+#ifdef __AVX512F__
+inline __m512 round16(__m512 v, float*) { return v; }
+inline __m512 round16(__m512 v, bf16*) {
+  const __m512i i = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(i, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(i, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+  return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+#endif
 
 // 8 lanes stored in T's format; `v` already holds values of that format (exact).
 inline void store8(__m256 v, float* p) { _mm256_storeu_ps(p, v); }
@@ -1122,20 +1146,49 @@ inline void pair_dots_into(const uint32_t* weights, const uint32_t* values, int6
   for (int a = 0; a < A; ++a) _mm512_storeu_ps(out + 16 * a, acc[a]);
 }
 
-// The pair sums of keys s < count of a block in `pair_rows`' layout (D a multiple of 16).
-inline void pair_dots(const float* p, const uint32_t* values, int64_t count, int64_t D, float* out) {
-  uint32_t weights[VALUE_BLOCK / 2];
-  const int64_t pairs = count / 2;
+// p's weights of keys [0, 2 * pairs) as pair words (the even key's bf16 bits low; p holds bf16
+// values, whose low halves are zero).
+inline void pair_weights(const float* p, int64_t pairs, uint32_t* weights) {
   for (int64_t m = 0; m < pairs; ++m) {
     uint32_t even, odd;
     std::memcpy(&even, p + 2 * m, 4);
     std::memcpy(&odd, p + 2 * m + 1, 4);
-    weights[m] = (odd & 0xFFFF0000u) | (even >> 16);  // p holds bf16 values: their low halves are zero
+    weights[m] = (odd & 0xFFFF0000u) | (even >> 16);
   }
+}
+
+// The pair sums of keys s < count of a block in `pair_rows`' layout (D a multiple of 16).
+inline void pair_dots(const float* p, const uint32_t* values, int64_t count, int64_t D, float* out) {
+  uint32_t weights[VALUE_BLOCK / 2];
+  const int64_t pairs = count / 2;
+  pair_weights(p, pairs, weights);
   const float* lone = count % 2 ? p + count - 1 : nullptr;
   int64_t d = 0;
   for (; d + 64 <= D; d += 64) pair_dots_into<4>(weights, values + d, D, pairs, lone, out + d);
   for (; d < D; d += 16) pair_dots_into<1>(weights, values + d, D, pairs, lone, out + d);
+}
+
+// `pair_dots` of a whole block (VALUE_BLOCK keys) for four queries at once: each value read once for
+// the four, each query's chains the ones `pair_dots` runs.
+inline void pair_dots4(const float* const* p, const uint32_t* values, int64_t D, float* const* out) {
+  constexpr int64_t pairs = VALUE_BLOCK / 2;
+  uint32_t weights[4][pairs];
+  for (int a = 0; a < 4; ++a) pair_weights(p[a], pairs, weights[a]);
+  for (int64_t d = 0; d < D; d += 32) {
+    __m512 acc[4][2];
+    for (int a = 0; a < 4; ++a)
+      for (int h = 0; h < 2; ++h) acc[a][h] = _mm512_loadu_ps(out[a] + d + 16 * h);
+    for (int64_t m = 0; m < pairs; ++m) {
+      const __m512bh v0 = (__m512bh)_mm512_loadu_si512(values + m * D + d), v1 = (__m512bh)_mm512_loadu_si512(values + m * D + d + 16);
+      for (int a = 0; a < 4; ++a) {
+        const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int>(weights[a][m]));
+        acc[a][0] = _mm512_dpbf16_ps(acc[a][0], v0, w);
+        acc[a][1] = _mm512_dpbf16_ps(acc[a][1], v1, w);
+      }
+    }
+    for (int a = 0; a < 4; ++a)
+      for (int h = 0; h < 2; ++h) _mm512_storeu_ps(out[a] + d + 16 * h, acc[a][h]);
+  }
 }
 #endif
 
@@ -1291,7 +1344,16 @@ void attend_queries(const Scorer& scorer, float* const* out, const int64_t* limi
     float top = *std::max_element(lanes, lanes + 8);
     for (; s < limit; ++s) top = std::max(top, sc[s] = scorer.one(i, key(s)) * scale);
     __m256 total8 = _mm256_setzero_ps();  // key s adds into lane s % 8, in key order; then hsum's tree
-    for (s = 0; s + 8 <= limit; s += 8) {  // a bf16 cache's weights rounded to bf16 (see pair_sums)
+    s = 0;
+#ifdef __AVX512F__  // 16 keys at a time, the same per-lane ops and the same adds into total8
+    for (; s + 16 <= limit; s += 16) {
+      const __m512 e = round16(exp16(_mm512_sub_ps(_mm512_loadu_ps(sc + s), _mm512_set1_ps(top))), static_cast<KV*>(nullptr));
+      _mm512_storeu_ps(sc + s, e);
+      total8 = _mm256_add_ps(total8, _mm512_castps512_ps256(e));
+      total8 = _mm256_add_ps(total8, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1)));
+    }
+#endif
+    for (; s + 8 <= limit; s += 8) {  // a bf16 cache's weights rounded to bf16 (see pair_sums)
       const __m256 e = round8(exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + s), _mm256_set1_ps(top))), static_cast<KV*>(nullptr));
       _mm256_storeu_ps(sc + s, e);
       total8 = _mm256_add_ps(total8, e);
@@ -1317,6 +1379,9 @@ void attend_queries(const Scorer& scorer, float* const* out, const int64_t* limi
 #endif
       if (shared && !dots) widen_rows(values + first * kv_stride, kv_stride, rows, D, block);
     }
+    const float* four_p[4];  // queries that take the whole block, four at a time (`dots`)
+    float* four_out[4];
+    int four = 0;
     for (int64_t i = 0; i < count; ++i) {
       const int64_t n = std::min(VALUE_BLOCK, limits[i] - first);
       if (n <= 0) continue;
@@ -1326,6 +1391,11 @@ void attend_queries(const Scorer& scorer, float* const* out, const int64_t* limi
       const int64_t plain = n - moved, paired = moved ? plain & ~int64_t{1} : n;
       if (dots) {
 #ifdef __AVX512BF16__
+        if (n == VALUE_BLOCK && !moved && D % 32 == 0) {
+          four_p[four] = p, four_out[four] = out[i];
+          if (++four == 4) pair_dots4(four_p, reinterpret_cast<const uint32_t*>(block), D, four_out), four = 0;
+          continue;
+        }
         pair_dots(p, reinterpret_cast<const uint32_t*>(block), paired, D, out[i]);
 #endif
       } else if (shared) {
@@ -1341,6 +1411,9 @@ void attend_queries(const Scorer& scorer, float* const* out, const int64_t* limi
         pair_sums(p + paired, last_pair.data(), D, n - paired, D, out[i]);
       }
     }
+#ifdef __AVX512BF16__
+    for (int a = 0; a < four; ++a) pair_dots(four_p[a], reinterpret_cast<const uint32_t*>(block), VALUE_BLOCK, D, four_out[a]);
+#endif
   }
   for (int64_t i = 0; i < count; ++i)
     for (int64_t d = 0; d < D; ++d) out[i][d] /= totals[i];
