@@ -518,11 +518,12 @@ void parallel_chunks(int64_t total, int64_t chunk, const F& body) {
 // time (14 or 16 chains), one pass over the group rather than two (an 8-token bf16 pass 0.88x, 7
 // tokens 0.93x, 2026-11-26); 9 to 16 rows in two passes of half each (one 12-row pass over 2 panels
 // at a time was slower: 14.5 ms of products against 10.7; 16 rows as 8 + 8 rather than 6 + 6 + 4:
-// a 16-token bf16 pass 0.955x, fp32 0.979x, 2026-11-27), more rows 6 at a time.
+// a 16-token bf16 pass 0.955x, fp32 0.979x, 2026-11-27), more rows 8 at a time (a 64-token prefill
+// pass 0.979x, 32 tokens 0.953x against 6 at a time).
 template <typename X, typename W>
 int64_t linear_rows(const X* x, int64_t ldx, int64_t K, const W* const* w, const PanelOut* out,
                     int64_t ldy, int count, int64_t rest) {
-  const int64_t rows = rest <= 8 ? rest : rest <= 16 ? (rest + 1) / 2 : 6;
+  const int64_t rows = rest <= 8 ? rest : rest <= 16 ? (rest + 1) / 2 : 8;
   switch (rows) {
     case 1: linear_panels<X, W, 1, GROUP>(x, ldx, K, w, out, ldy, count); break;
     case 2: linear_panels<X, W, 2, GROUP>(x, ldx, K, w, out, ldy, count); break;
