@@ -41,37 +41,48 @@ inline float hsum(__m256 v) {  // fixed order: (lo + hi), then pairs, then the l
   return _mm_cvtss_f32(s);
 }
 
-// exp of 8 lanes (Cephes' polynomial, ~1 ulp). Each lane is computed alone by the same ops, so a
-// value's exp does not depend on its lane or neighbours (`exp1` is lane 0 of the same code).
-inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
-  x = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(-2.12194440e-4f)));
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
-    y = _mm256_add_ps(_mm256_mul_ps(y, x), _mm256_set1_ps(c));
-  y = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(y, x), x), x), _mm256_set1_ps(1.f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-inline float exp1(float x) { return _mm256_cvtss_f32(exp8(_mm256_set1_ps(x))); }
+// Lane-wise operations at either width the builds use (8 lanes, and 16 with AVX-512), so that one
+// template computes a function at both widths with the same operations in every lane. GCC's
+// vector types take + - * (not fused: the kernels build with -ffp-contract=off) and casts.
+template <typename V> V splat(float v);
+template <> inline __m256 splat(float v) { return _mm256_set1_ps(v); }
+inline __m256 lane_min(__m256 a, __m256 b) { return _mm256_min_ps(a, b); }
+inline __m256 lane_max(__m256 a, __m256 b) { return _mm256_max_ps(a, b); }
+inline __m256 nearest(__m256 a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+// the lanes as 32-bit integers, unsigned (bits) and signed
+template <typename V> struct Ints {
+  using bits = uint32_t __attribute__((vector_size(32)));
+  using ints = int32_t __attribute__((vector_size(32)));
+};
 #ifdef __AVX512F__
-inline __m512 exp16(__m512 x) {  // exp8's ops on 16 lanes: each lane's bits are exp8's
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f)));
-  x = _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(-2.12194440e-4f)));
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
-    y = _mm512_add_ps(_mm512_mul_ps(y, x), _mm512_set1_ps(c));
-  y = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(y, x), x), x), _mm512_set1_ps(1.f));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
-}
+template <> inline __m512 splat(float v) { return _mm512_set1_ps(v); }
+inline __m512 lane_min(__m512 a, __m512 b) { return _mm512_min_ps(a, b); }
+inline __m512 lane_max(__m512 a, __m512 b) { return _mm512_max_ps(a, b); }
+inline __m512 nearest(__m512 a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+template <> struct Ints<__m512> {
+  using bits = uint32_t __attribute__((vector_size(64)));
+  using ints = int32_t __attribute__((vector_size(64)));
+};
 #endif
+
+// exp of each lane (Cephes' polynomial, ~1 ulp). Each lane is computed alone by the same ops, so a
+// value's exp does not depend on its lane, its neighbours or the width (`exp1` is lane 0 of it).
+template <typename V>
+inline V exp_lanes(V x) {
+  using U = typename Ints<V>::bits;
+  x = lane_min(lane_max(x, splat<V>(-87.3f)), splat<V>(88.3f));
+  const V n = nearest(x * splat<V>(1.44269504088896341f));
+  x = x - n * splat<V>(0.693359375f);
+  x = x - n * splat<V>(-2.12194440e-4f);
+  V y = splat<V>(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    y = y * x + splat<V>(c);
+  y = (y * x) * x + x + splat<V>(1.f);
+  // 2^n from n's bits (n is a whole number in [-126, 127], so the conversion is exact)
+  const U two_n = ((U)__builtin_convertvector(n, typename Ints<V>::ints) + 127u) << 23;  // vector casts keep the bits
+  return y * (V)two_n;
+}
+inline float exp1(float x) { return _mm256_cvtss_f32(exp_lanes(_mm256_set1_ps(x))); }
 
 // Weights are read in a packed layout (`pack`): output features in panels of 16, each stored input
 // by input, so a tile streams one sequential run and multiplies each input value, broadcast, into 16
@@ -646,26 +657,18 @@ std::vector<uint32_t> int8_quads(const float* x, int64_t M, int64_t K, int64_t g
   return quads;
 }
 
-// Rounding to the dtype a value is stored in, one value or 8 lanes (bf16: to nearest, ties to even).
+// Rounding to the dtype a value is stored in, one value or a vector's lanes (bf16: to nearest, ties to even).
 inline float store_round(float v, float*) { return v; }
 inline float store_round(float v, bf16*) { return static_cast<float>(static_cast<bf16>(v)); }
 
-inline __m256 round8(__m256 v, float*) { return v; }
-inline __m256 round8(__m256 v, bf16*) {
-  const __m256i i = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(i, 16), _mm256_set1_epi32(1));
-  const __m256i r = _mm256_add_epi32(i, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
-  return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+template <typename V>
+inline V round_lanes(V v, float*) { return v; }
+template <typename V>
+inline V round_lanes(V v, bf16*) {
+  using U = typename Ints<V>::bits;
+  const U i = (U)v;
+  return (V)((i + (0x7fffu + ((i >> 16) & 1u))) & 0xffff0000u);
 }
-#ifdef __AVX512F__
-inline __m512 round16(__m512 v, float*) { return v; }
-inline __m512 round16(__m512 v, bf16*) {
-  const __m512i i = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(i, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_add_epi32(i, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
-  return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
-}
-#endif
 
 // 8 lanes stored in T's format; `v` already holds values of that format (exact).
 inline void store8(__m256 v, float* p) { _mm256_storeu_ps(p, v); }
@@ -975,7 +978,7 @@ std::vector<torch::Tensor> linear(const torch::Tensor& x, const std::vector<torc
       float* y = ys[j].data_ptr<float>();
       const int64_t n = ys[j].numel();
       int64_t i = 0;
-      for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, round8(_mm256_loadu_ps(y + i), static_cast<bf16*>(nullptr)));
+      for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, round_lanes(_mm256_loadu_ps(y + i), static_cast<bf16*>(nullptr)));
       for (; i < n; ++i) y[i] = static_cast<float>(static_cast<bf16>(y[i]));
     } else {
       ys[j] = ys[j].to(x.scalar_type());
@@ -1349,14 +1352,14 @@ void attend_queries(const Scorer& scorer, float* const* out, const int64_t* limi
     s = 0;
 #ifdef __AVX512F__  // 16 keys at a time, the same per-lane ops and the same adds into total8
     for (; s + 16 <= limit; s += 16) {
-      const __m512 e = round16(exp16(_mm512_sub_ps(_mm512_loadu_ps(sc + s), _mm512_set1_ps(top))), static_cast<KV*>(nullptr));
+      const __m512 e = round_lanes(exp_lanes(_mm512_sub_ps(_mm512_loadu_ps(sc + s), _mm512_set1_ps(top))), static_cast<KV*>(nullptr));
       _mm512_storeu_ps(sc + s, e);
       total8 = _mm256_add_ps(total8, _mm512_castps512_ps256(e));
       total8 = _mm256_add_ps(total8, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1)));
     }
 #endif
     for (; s + 8 <= limit; s += 8) {  // a bf16 cache's weights rounded to bf16 (see pair_sums)
-      const __m256 e = round8(exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + s), _mm256_set1_ps(top))), static_cast<KV*>(nullptr));
+      const __m256 e = round_lanes(exp_lanes(_mm256_sub_ps(_mm256_loadu_ps(sc + s), _mm256_set1_ps(top))), static_cast<KV*>(nullptr));
       _mm256_storeu_ps(sc + s, e);
       total8 = _mm256_add_ps(total8, e);
     }
@@ -1479,7 +1482,7 @@ void rmsnorm_impl(const T* x, const T* w, T* y, int64_t M, int64_t C, float eps)
       const __m256 inv8 = _mm256_set1_ps(inv);
       T* out = y + m * C;
       for (c = 0; c + 8 <= C; c += 8)
-        store8(round8(_mm256_mul_ps(load8(w + c), round8(_mm256_mul_ps(load8(row + c), inv8), y)), y), out + c);
+        store8(round_lanes(_mm256_mul_ps(load8(w + c), round_lanes(_mm256_mul_ps(load8(row + c), inv8), y)), y), out + c);
       for (; c < C; ++c) store(to_float(w[c]) * store_round(to_float(row[c]) * inv, y), out + c);
     }
   });
@@ -1534,7 +1537,7 @@ std::vector<torch::Tensor> top_tokens(const torch::Tensor& x, int64_t k) {
       for (; v < V; ++v) offer(v);
       const float top = best[0];
       __m256 sum8 = _mm256_setzero_ps();
-      for (v = 0; v + 8 <= V; v += 8) sum8 = _mm256_add_ps(sum8, exp8(_mm256_sub_ps(_mm256_loadu_ps(row + v), _mm256_set1_ps(top))));
+      for (v = 0; v + 8 <= V; v += 8) sum8 = _mm256_add_ps(sum8, exp_lanes(_mm256_sub_ps(_mm256_loadu_ps(row + v), _mm256_set1_ps(top))));
       float sum = hsum(sum8);
       for (; v < V; ++v) sum += exp1(row[v] - top);
       std::copy(best.begin(), best.end(), values.data_ptr<float>() + r * k);
@@ -1563,8 +1566,8 @@ void rope_impl(T* x, const float* cos, const float* sin, int64_t NT, int64_t T_,
           const __m256 out_lo = _mm256_add_ps(_mm256_mul_ps(lo, load8(c + d)), _mm256_mul_ps(neg_hi, load8(s + d)));
           const __m256 out_hi =
               _mm256_add_ps(_mm256_mul_ps(hi, load8(c + half + d)), _mm256_mul_ps(lo, load8(s + half + d)));
-          store8(round8(out_lo, p), p + d);
-          store8(round8(out_hi, p), p + half + d);
+          store8(round_lanes(out_lo, p), p + d);
+          store8(round_lanes(out_hi, p), p + half + d);
         }
         for (int64_t d = vectored; d < half; ++d) {
           const float lo = to_float(p[d]), hi = to_float(p[half + d]);
@@ -1619,10 +1622,10 @@ struct LayerWeights {
 // value gets the same bits wherever it sits.
 template <typename T>
 inline __m256 silu_mul8(__m256 gate, __m256 up, T* like) {
-  const __m256 g = round8(gate, like);
-  const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
-  const __m256 a = round8(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e)), like);
-  return round8(_mm256_mul_ps(a, round8(up, like)), like);
+  const __m256 g = round_lanes(gate, like);
+  const __m256 e = exp_lanes(_mm256_sub_ps(_mm256_setzero_ps(), g));
+  const __m256 a = round_lanes(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e)), like);
+  return round_lanes(_mm256_mul_ps(a, round_lanes(up, like)), like);
 }
 
 template <typename T>
@@ -1788,12 +1791,12 @@ class DecoderStack {
     };
     auto round_into = [](const float* src, T* dst, int64_t n) {
       int64_t i = 0;
-      for (; i + 8 <= n; i += 8) store8(round8(_mm256_loadu_ps(src + i), dst), dst + i);
+      for (; i + 8 <= n; i += 8) store8(round_lanes(_mm256_loadu_ps(src + i), dst), dst + i);
       for (; i < n; ++i) store(src[i], dst + i);
     };
     auto add_into = [](T* x, const float* y, int64_t n) {  // x += round(y), as x + y in x's dtype
       int64_t i = 0;
-      for (; i + 8 <= n; i += 8) store8(round8(_mm256_add_ps(load8(x + i), round8(_mm256_loadu_ps(y + i), x)), x), x + i);
+      for (; i + 8 <= n; i += 8) store8(round_lanes(_mm256_add_ps(load8(x + i), round_lanes(_mm256_loadu_ps(y + i), x)), x), x + i);
       for (; i < n; ++i) store(to_float(x[i]) + to_float(static_cast<T>(y[i])), x + i);
     };
     PHASE_CLOCK;
