@@ -114,9 +114,10 @@ def cmd_train(args) -> None:
         return
     cfg = TrainConfig(data=str(folder(args.data, "distill")), model=args.model, block_size=args.block_size,
                       seq_len=args.seq_len, anchors=args.anchors, batch=args.batch, grad_accum=args.grad_accum, lr=args.lr,
-                      warmup=args.warmup, steps=args.steps, loss=args.loss, position_decay=args.position_decay, clip=args.clip, seed=args.seed, dtype=args.dtype,
-                      parallel=args.parallel, checkpoint_minutes=args.checkpoint_minutes, eval_every=args.eval_every,
-                      eval_rows=args.eval_rows, log_every=args.log_every, init_from=args.init_from)
+                      warmup=args.warmup, steps=args.steps, loss=args.loss, position_decay=args.position_decay,
+                      clip=args.clip, seed=args.seed, dtype=args.dtype, parallel=args.parallel,
+                      checkpoint_minutes=args.checkpoint_minutes, eval_every=args.eval_every, eval_rows=args.eval_rows,
+                      log_every=args.log_every, init_from=args.init_from)
     train(cfg, run, device=args.device)
     show_curves(run)
 

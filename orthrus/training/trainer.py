@@ -483,7 +483,7 @@ def train(cfg: TrainConfig, run: Path, device: str = "auto", stop_after: int | N
             rows = packed.select(m_ids)
             anchors, valid = draw_anchors(rows, cfg.anchors, cfg.block_size, cfg.seed * 1009 + state["epoch"], m_ids.tolist())
             draws.append((rows, anchors, valid))
-        # normalise by the valid targets of the whole global batch, so any split gives the same gradient
+        # normalise by the (weighted) valid targets of the whole global batch, so any split gives the same gradient
         count = torch.tensor(0.0)
         for rows, anchors, valid in draws:
             count += ((target_mask(rows, anchors, cfg.block_size) & valid[:, :, None]) * weights).sum()
