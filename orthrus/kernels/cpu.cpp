@@ -1098,6 +1098,27 @@ inline void pair_sums(const float* p, const V* values, int64_t stride, int64_t c
     }
 }
 
+// `pair_sums` of a whole block of fp32 values (VALUE_BLOCK keys, D apart; D a multiple of 2 * WIDE)
+// for four queries at once: each value loaded once for the four, each query's chains the same.
+inline void pair_sums4(const float* const* p, const float* values, int64_t D, float* const* out) {
+  for (int64_t d = 0; d < D; d += 2 * WIDE) {
+    Wide acc[4][2];
+    for (int q = 0; q < 4; ++q)
+      for (int a = 0; a < 2; ++a) acc[q][a] = wide_load(out[q] + d + WIDE * a);
+    for (int64_t s = 0; s < VALUE_BLOCK; s += 2)
+      for (const int64_t key : {s + 1, s}) {  // the pair's odd key first
+        const Wide v0 = wide_load(values + key * D + d), v1 = wide_load(values + key * D + d + WIDE);
+        for (int q = 0; q < 4; ++q) {
+          const Wide w = wide_set1(p[q][key]);
+          acc[q][0] = wide_fma(w, v0, acc[q][0]);
+          acc[q][1] = wide_fma(w, v1, acc[q][1]);
+        }
+      }
+    for (int q = 0; q < 4; ++q)
+      for (int a = 0; a < 2; ++a) wide_store(out[q] + d + WIDE * a, acc[q][a]);
+  }
+}
+
 // rows [0, count) of D bf16 values (`stride` apart) widened to fp32 into out (D apart): exact, so
 // summing the copy gives the bits the bf16 rows give.
 inline void widen_rows(const bf16* rows, int64_t stride, int64_t count, int64_t D, float* out) {
@@ -1384,9 +1405,20 @@ void attend_queries(const Scorer& scorer, float* const* out, const int64_t* limi
 #endif
       if (shared && !dots) widen_rows(values + first * kv_stride, kv_stride, rows, D, block);
     }
-    const float* four_p[4];  // queries that take the whole block, four at a time (`dots`)
+    const float* four_p[4];  // queries that take the whole block, four at a time
     float* four_out[4];
     int four = 0;
+    auto sum_block = [&](int queries) {  // four_p's first `queries` (4: at once, else one by one)
+#ifdef __AVX512BF16__
+      if (dots) {
+        if (queries == 4) return pair_dots4(four_p, reinterpret_cast<const uint32_t*>(block), D, four_out);
+        for (int a = 0; a < queries; ++a) pair_dots(four_p[a], reinterpret_cast<const uint32_t*>(block), VALUE_BLOCK, D, four_out[a]);
+        return;
+      }
+#endif
+      if (queries == 4) return pair_sums4(four_p, block, D, four_out);
+      for (int a = 0; a < queries; ++a) pair_sums(four_p[a], block, D, VALUE_BLOCK, D, four_out[a]);
+    };
     for (int64_t i = 0; i < count; ++i) {
       const int64_t n = std::min(VALUE_BLOCK, limits[i] - first);
       if (n <= 0) continue;
@@ -1394,13 +1426,13 @@ void attend_queries(const Scorer& scorer, float* const* out, const int64_t* limi
       // a block that ends with a moved last key: the pairs before the moved key's own pair, then that pair
       const bool moved = first + n == limits[i] && lasts[i] != limits[i] - 1;
       const int64_t plain = n - moved, paired = moved ? plain & ~int64_t{1} : n;
+      if (shared && n == VALUE_BLOCK && !moved && D % 32 == 0) {  // a whole laid-out block: four queries at once
+        four_p[four] = p, four_out[four] = out[i];
+        if (++four == 4) sum_block(4), four = 0;
+        continue;
+      }
       if (dots) {
 #ifdef __AVX512BF16__
-        if (n == VALUE_BLOCK && !moved && D % 32 == 0) {
-          four_p[four] = p, four_out[four] = out[i];
-          if (++four == 4) pair_dots4(four_p, reinterpret_cast<const uint32_t*>(block), D, four_out), four = 0;
-          continue;
-        }
         pair_dots(p, reinterpret_cast<const uint32_t*>(block), paired, D, out[i]);
 #endif
       } else if (shared) {
@@ -1416,9 +1448,7 @@ void attend_queries(const Scorer& scorer, float* const* out, const int64_t* limi
         pair_sums(p + paired, last_pair.data(), D, n - paired, D, out[i]);
       }
     }
-#ifdef __AVX512BF16__
-    for (int a = 0; a < four; ++a) pair_dots(four_p[a], reinterpret_cast<const uint32_t*>(block), VALUE_BLOCK, D, four_out[a]);
-#endif
+    sum_block(four);
   }
   for (int64_t i = 0; i < count; ++i)
     for (int64_t d = 0; d < D; ++d) out[i][d] /= totals[i];
