@@ -321,7 +321,7 @@ inline void linear_tile(const X* x, int64_t ldx, int64_t K, const W* const* w, i
 }
 
 #else
-// A tile has R x S x 2 chains in flight (8 to 12: enough to hide the FMA latency). Inputs go two
+// A tile has R x S x 2 chains in flight (`linear_rows` picks the shapes). Inputs go two
 // at a time in `input_order` (the pair's odd input first for bf16), asking for the weights
 // PREFETCH_BYTES ahead as the AVX-512 tiles do (a 4-token bf16 pass 0.81x).
 template <typename X, typename W, int R, int S>
@@ -348,9 +348,8 @@ inline void linear_tile(const X* x, int64_t ldx, int64_t K, const W* const* w, i
   constexpr int64_t FIRST = std::is_same_v<W, bf16>;  // a whole pair in `input_order`: bf16's odd input first
   int64_t n = 0;
   for (; n + 2 <= K; n += 2) {
-    if constexpr (R > 1)  // one row streams as fast without (its 4 panels keep the hardware prefetcher busy)
-      for (int s = 0; s < S; ++s)
-        for (int64_t b = 0; b < PAIR_BYTES; b += 64) prefetch(reinterpret_cast<const char*>(w[s] + (n + ahead) * step) + b);
+    for (int s = 0; s < S; ++s)
+      for (int64_t b = 0; b < PAIR_BYTES; b += 64) prefetch(reinterpret_cast<const char*>(w[s] + (n + ahead) * step) + b);
     input(n + FIRST);
     input(n + 1 - FIRST);
   }
@@ -533,7 +532,7 @@ void parallel_chunks(int64_t total, int64_t chunk, const F& body) {
 // pass 0.979x, 32 tokens 0.953x against 6 at a time).
 template <typename X, typename W>
 int64_t linear_rows(const X* x, int64_t ldx, int64_t K, const W* const* w, const PanelOut* out,
-                    int64_t ldy, int count, int64_t rest) {
+                    int64_t ldy, int count, int64_t rest, bool /* cached: the same tiles either way */) {
   const int64_t rows = rest <= 8 ? rest : rest <= 16 ? (rest + 1) / 2 : 8;
   switch (rows) {
     case 1: linear_panels<X, W, 1, GROUP>(x, ldx, K, w, out, ldy, count); break;
@@ -548,19 +547,30 @@ int64_t linear_rows(const X* x, int64_t ldx, int64_t K, const W* const* w, const
   return rows;
 }
 #else
-// Rows go in tiles of 6, 5 or 4 over one panel at a time (12, 10 or 8 chains); the last 1 row
-// over 4 panels at once, 2 or 3 rows over 2 (8 to 12 chains). The group stays in L2 while the row
-// tiles pass over it; 5 rows in one tile rather than 4 + 1 save a pass over it (a 5-token fp32
-// pass 9-11% faster).
+// A group's first tile streams its weights from memory one panel at a time: one sequential run,
+// which the prefetchers keep ahead of best (1 row of bf16 weights with K = 576 streamed at 55 GB/s
+// so, against 38 GB/s over 4 panels at once; a 3-row tile at 50 against 25 over 2 panels). The
+// tiles after it read the group from cache, where a tile needs 8 or more chains to hide the FMA
+// latency (1 row over 4 panels, 2 over 2). bf16 tiles take at most 5 rows: at 6, the 12 sums, the
+// two halves and the widening mask leave no register for x, and the tile spills (5 rows 235
+// GFLOP/s from cache, 6 rows 175). 8 rows go as 4 + 4 and bf16's 6 as 4 + 2 (faster than 5 + 1 or
+// 3 + 3). `benchmarks/avx2_tiles.cpp`, 2026-11-27, Zen 4.
 template <typename X, typename W>
 int64_t linear_rows(const X* x, int64_t ldx, int64_t K, const W* const* w, const PanelOut* out,
-                    int64_t ldy, int count, int64_t rest) {
-  if (rest >= 6 && rest != 8) return linear_panels<X, W, 6, 1>(x, ldx, K, w, out, ldy, count), 6;
-  if (rest == 5) return linear_panels<X, W, 5, 1>(x, ldx, K, w, out, ldy, count), 5;
-  if (rest >= 4) return linear_panels<X, W, 4, 1>(x, ldx, K, w, out, ldy, count), 4;
-  if (rest == 3) return linear_panels<X, W, 3, 2>(x, ldx, K, w, out, ldy, count), 3;
-  if (rest == 2) return linear_panels<X, W, 2, 2>(x, ldx, K, w, out, ldy, count), 2;
-  return linear_panels<X, W, 1, GROUP>(x, ldx, K, w, out, ldy, count), 1;
+                    int64_t ldy, int count, int64_t rest, bool cached) {
+  constexpr int64_t WIDEST = std::is_same_v<W, bf16> ? 5 : 6;
+  const int64_t rows = rest == 8 || (rest == 6 && WIDEST == 5) ? 4 : std::min(rest, WIDEST);
+  switch (rows) {
+    case 1: cached ? linear_panels<X, W, 1, GROUP>(x, ldx, K, w, out, ldy, count)
+                   : linear_panels<X, W, 1, 1>(x, ldx, K, w, out, ldy, count); break;
+    case 2: cached ? linear_panels<X, W, 2, 2>(x, ldx, K, w, out, ldy, count)
+                   : linear_panels<X, W, 2, 1>(x, ldx, K, w, out, ldy, count); break;
+    case 3: linear_panels<X, W, 3, 1>(x, ldx, K, w, out, ldy, count); break;
+    case 4: linear_panels<X, W, 4, 1>(x, ldx, K, w, out, ldy, count); break;
+    case 5: linear_panels<X, W, 5, 1>(x, ldx, K, w, out, ldy, count); break;
+    default: if constexpr (WIDEST == 6) linear_panels<X, W, 6, 1>(x, ldx, K, w, out, ldy, count); break;
+  }
+  return rows;
 }
 #endif
 
@@ -586,7 +596,7 @@ void linear_group(const Products<X, W>& p, const W* const* w, const PanelOut* ou
       continue;
     }
 #endif
-    m += linear_rows(p.x + m * p.ldx, p.ldx, p.K, w, rows, ldy, count, p.M - m);
+    m += linear_rows(p.x + m * p.ldx, p.ldx, p.K, w, rows, ldy, count, p.M - m, m > 0);
   }
 }
 
