@@ -421,7 +421,9 @@ inline void int8_tile(const uint32_t* x, int64_t ldx, int64_t steps, const int8_
                       const PanelOut* out, int64_t ldy) {
   __m256i acc[R][2 * S] = {};
   const __m256i unsigned_to_signed = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
+  const int64_t ahead = PREFETCH_BYTES / step;  // a step of a panel is one cache line
   for (int64_t k = 0; k < steps; ++k) {
+    for (int s = 0; s < S; ++s) prefetch(w[s] + (k + ahead) * step);
     __m256i xs[R], xa[R];
     for (int r = 0; r < R; ++r) {
       xs[r] = _mm256_set1_epi32(static_cast<int>(x[r * ldx + k]));
@@ -575,13 +577,17 @@ int64_t linear_rows(const X* x, int64_t ldx, int64_t K, const W* const* w, const
 #endif
 
 #ifndef __AVX512VNNI__
-// int8 products without VNNI (AVX2, or AVX-512 without it) run 256-bit integer tiles: 2 rows over
-// 2 panels, or 1 over 4 (8 sums in registers).
+// int8 products without VNNI (AVX2, or AVX-512 without it) run 256-bit integer tiles of 2 rows or
+// 1; a group's first tile over one panel at a time, as `linear_rows` streams, later ones over 2 or 4
+// (8 sums in registers).
 template <typename X>
 int64_t int8_rows(const X* x, int64_t ldx, int64_t K, const int8_t* const* w, const PanelOut* out, int64_t ldy,
-                  int count, int64_t rest) {
-  if (rest >= 2) return linear_panels<X, int8_t, 2, 2>(x, ldx, K, w, out, ldy, count), 2;
-  return linear_panels<X, int8_t, 1, GROUP>(x, ldx, K, w, out, ldy, count), 1;
+                  int count, int64_t rest, bool cached) {
+  if (rest >= 2)
+    return (cached ? linear_panels<X, int8_t, 2, 2>(x, ldx, K, w, out, ldy, count)
+                   : linear_panels<X, int8_t, 2, 1>(x, ldx, K, w, out, ldy, count)), 2;
+  return (cached ? linear_panels<X, int8_t, 1, GROUP>(x, ldx, K, w, out, ldy, count)
+                 : linear_panels<X, int8_t, 1, 1>(x, ldx, K, w, out, ldy, count)), 1;
 }
 #endif
 
@@ -592,7 +598,7 @@ void linear_group(const Products<X, W>& p, const W* const* w, const PanelOut* ou
     for (int s = 0; s < count; ++s) rows[s] = {out[s].scale, out[s].bias, out[s].y + m * ldy};
 #ifndef __AVX512VNNI__
     if constexpr (std::is_same_v<W, int8_t>) {
-      m += int8_rows(p.x + m * p.ldx, p.ldx, p.K, w, rows, ldy, count, p.M - m);
+      m += int8_rows(p.x + m * p.ldx, p.ldx, p.K, w, rows, ldy, count, p.M - m, m > 0);
       continue;
     }
 #endif
