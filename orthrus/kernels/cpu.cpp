@@ -526,9 +526,10 @@ void parallel_chunks(int64_t total, int64_t chunk, const F& body) {
 // One pass over a group of up to GROUP panels (64 features) for the next of its `rest` rows; returns
 // how many rows it took.
 #ifdef __AVX512F__
-// Up to 6 rows over the group's 4 panels at once (4 to 24 chains); 7 or 8 rows over 2 panels at a
-// time (14 or 16 chains), one pass over the group rather than two (an 8-token bf16 pass 0.88x, 7
-// tokens 0.93x, 2026-11-26); 9 to 16 rows in two passes of half each (one 12-row pass over 2 panels
+// 1 or 2 rows over the group's 4 panels at once (4 or 8 chains); 3 to 8 rows over 2 panels at a
+// time (6 to 16 chains): one sequential run a tile (a 4-, 5- or 6-token bf16 pass 0.93-0.94x against
+// 4 panels at once, 3 tokens 0.95x, fp32 4 tokens 0.975x, 2026-11-27; 7 and 8 rows so in one pass over
+// the group rather than two: an 8-token bf16 pass 0.88x, 7 tokens 0.93x, 2026-11-26); 9 to 16 rows in two passes of half each (one 12-row pass over 2 panels
 // at a time was slower: 14.5 ms of products against 10.7; 16 rows as 8 + 8 rather than 6 + 6 + 4:
 // a 16-token bf16 pass 0.955x, fp32 0.979x, 2026-11-27), more rows 8 at a time (a 64-token prefill
 // pass 0.979x, 32 tokens 0.953x against 6 at a time).
@@ -539,10 +540,10 @@ int64_t linear_rows(const X* x, int64_t ldx, int64_t K, const W* const* w, const
   switch (rows) {
     case 1: linear_panels<X, W, 1, GROUP>(x, ldx, K, w, out, ldy, count); break;
     case 2: linear_panels<X, W, 2, GROUP>(x, ldx, K, w, out, ldy, count); break;
-    case 3: linear_panels<X, W, 3, GROUP>(x, ldx, K, w, out, ldy, count); break;
-    case 4: linear_panels<X, W, 4, GROUP>(x, ldx, K, w, out, ldy, count); break;
-    case 5: linear_panels<X, W, 5, GROUP>(x, ldx, K, w, out, ldy, count); break;
-    case 6: linear_panels<X, W, 6, GROUP>(x, ldx, K, w, out, ldy, count); break;
+    case 3: linear_panels<X, W, 3, 2>(x, ldx, K, w, out, ldy, count); break;
+    case 4: linear_panels<X, W, 4, 2>(x, ldx, K, w, out, ldy, count); break;
+    case 5: linear_panels<X, W, 5, 2>(x, ldx, K, w, out, ldy, count); break;
+    case 6: linear_panels<X, W, 6, 2>(x, ldx, K, w, out, ldy, count); break;
     case 7: linear_panels<X, W, 7, 2>(x, ldx, K, w, out, ldy, count); break;
     default: linear_panels<X, W, 8, 2>(x, ldx, K, w, out, ldy, count); break;
   }
