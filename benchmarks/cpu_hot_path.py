@@ -87,8 +87,11 @@ class StubKernels:
     def pack(self, w):
         return w
 
-    def linear(self, x, weights, biases):
-        return [x.new_empty(*x.shape[:-1], w.shape[0]) for w in weights]
+    def draft_weight(self, w):
+        return w, None
+
+    def linear(self, x, weights, biases, scales, float_out):
+        return [x.new_empty(*x.shape[:-1], w.shape[0], dtype=torch.float32 if float_out else x.dtype) for w in weights]
 
     def rmsnorm(self, x, weight, eps):
         return torch.empty_like(x)
@@ -97,13 +100,13 @@ class StubKernels:
         pass
 
     class DecoderStack:
-        def __init__(self, layers, heads, kv_heads, head_dim, eps):
+        def __init__(self, layers, heads, kv_heads, head_dim, eps, int8_drafts):
             pass
 
         def fresh(self):
             return True
 
-        def forward(self, x, cos, sin, k_cache, v_cache, rows, starts, limits, diffusion):
+        def forward(self, x, cos, sin, k_cache, v_cache, rows, starts, limits, lasts, diffusion):
             return torch.empty_like(x)
 
 
