@@ -11,6 +11,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <numeric>
@@ -508,8 +509,9 @@ struct Products {
   std::vector<float*> y;
 };
 
-// Threads take chunks of blocks from a shared counter rather than fixed halves: a thread that
-// starts late (woken late, or its core briefly taken) does less, and no thread waits on it long.
+// Each thread walks its own contiguous share of the chunks front to back (one long run for the
+// prefetchers); a thread done with its share takes chunks from the back of another's, so a thread
+// that starts late (woken late, or its core briefly taken) does less and no thread waits on it long.
 template <typename F>
 void parallel_chunks(int64_t total, int64_t chunk, const F& body) {
   const int64_t chunks = (total + chunk - 1) / chunk;
@@ -518,9 +520,26 @@ void parallel_chunks(int64_t total, int64_t chunk, const F& body) {
     body(0, total);
     return;
   }
-  std::atomic<int64_t> next{0};
+  // a share's unclaimed chunks [front, back) in one word: its owner and a thief claim by one CAS
+  auto share = [](int64_t front, int64_t back) { return static_cast<uint64_t>(front) << 32 | static_cast<uint64_t>(back); };
+  std::vector<std::atomic<uint64_t>> shares(threads);
+  for (int t = 0; t < threads; ++t) shares[t] = share(chunks * t / threads, chunks * (t + 1) / threads);
+  auto claim = [&](int t, bool front) -> int64_t {  // a chunk of share t (its first or last), or -1
+    uint64_t s = shares[t].load();
+    for (;;) {
+      const int64_t f = static_cast<int64_t>(s >> 32), b = static_cast<int64_t>(s & 0xFFFFFFFFu);
+      if (f >= b) return -1;
+      if (shares[t].compare_exchange_weak(s, front ? share(f + 1, b) : share(f, b - 1))) return front ? f : b - 1;
+    }
+  };
+  auto run = [&](int64_t c) { body(c * chunk, std::min(total, (c + 1) * chunk)); };
 #pragma omp parallel num_threads(threads)
-  for (int64_t c = next++; c < chunks; c = next++) body(c * chunk, std::min(total, (c + 1) * chunk));
+  {
+    const int t = omp_get_thread_num();
+    for (int64_t c; (c = claim(t, true)) >= 0;) run(c);
+    for (int v = 1; v < threads; ++v)
+      for (int64_t c; (c = claim((t + v) % threads, false)) >= 0;) run(c);
+  }
 }
 
 // One pass over a group of up to GROUP panels (64 features) for the next of its `rest` rows; returns
