@@ -144,6 +144,7 @@ def test_position_decay_weighs_each_block_row_by_its_weight(llama_folder, data_f
     weights = position_weights(8, 1.5)
     assert weights[0] == 1 and torch.allclose(weights[1:] / weights[:-1], torch.tensor(2 / 3).exp().reciprocal().expand(6))
     assert torch.equal(position_weights(8, 0), torch.ones(7))
+    assert torch.allclose(position_weights(8, -1.5), weights.flip(0) / weights[-1])  # later rows up
     for kind in ("kl", "ce"):
         by_row = [draft_loss(model, student, teacher, ok & (torch.arange(7) == j), kind) for j in range(7)]
         assert all(x > 0 for x in by_row)

@@ -42,7 +42,8 @@ def register(sub) -> None:
     t.add_argument("--steps", type=int, default=2000, help="optimizer steps of the whole run (the cosine's length)")
     t.add_argument("--loss", choices=["kl", "ce"], default="kl")
     t.add_argument("--position-decay", type=float, default=0.0,
-                   help="weigh block row j's loss by exp(-j / DECAY), as acceptance weighs the drafts (0: alike)")
+                   help="weigh block row j's loss by exp(-j / DECAY): > 0 as acceptance weighs the drafts, < 0 the "
+                        "later rows up (0: alike)")
     t.add_argument("--clip", type=float, default=1.0)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",

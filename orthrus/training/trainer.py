@@ -52,7 +52,7 @@ class TrainConfig:
     warmup: float = 0.05
     steps: int = 2000
     loss: str = "kl"
-    position_decay: float = 0.0  # > 0: block row j's loss weighs exp(-j / decay), as acceptance does (0: all alike)
+    position_decay: float = 0.0  # block row j's loss weighs exp(-j / decay): > 0 as acceptance does, < 0 later rows up (0: alike)
     clip: float = 1.0
     seed: int = 0
     dtype: str = "auto"  # auto: bf16 where the hardware multiplies bf16 natively (`train_dtype`)
@@ -189,9 +189,10 @@ def target_mask(rows: PackedRows, anchors: torch.Tensor, block_size: int) -> tor
 
 def position_weights(block_size: int, decay: float) -> torch.Tensor:
     """[B-1] weights of block rows 0..B-2: exp(-j / decay), or all 1 when decay is 0. A draft counts
-    only if every draft before it was accepted, so the first rows are worth the most."""
+    only if every draft before it was accepted, so the first rows are worth the most (decay > 0); a
+    negative decay weighs the later rows up instead, where the drafter is weakest."""
     j = torch.arange(block_size - 1, dtype=torch.float32)
-    return torch.exp(-j / decay) if decay > 0 else torch.ones_like(j)
+    return torch.exp(-j / decay) if decay != 0 else torch.ones_like(j)
 
 
 def draft_loss(model: OrthrusLM, student, teacher, ok, kind: str, weights: torch.Tensor | None = None) -> torch.Tensor:
