@@ -546,12 +546,13 @@ void parallel_chunks(int64_t total, int64_t chunk, const F& body) {
 // how many rows it took.
 #ifdef __AVX512F__
 // 1 or 2 rows over the group's 4 panels at once (4 or 8 chains); 3 to 8 rows over 2 panels at a
-// time (6 to 16 chains): one sequential run a tile (a 4-, 5- or 6-token bf16 pass 0.93-0.94x against
-// 4 panels at once, 3 tokens 0.95x, fp32 4 tokens 0.975x, 2026-11-27; 7 and 8 rows so in one pass over
-// the group rather than two: an 8-token bf16 pass 0.88x, 7 tokens 0.93x, 2026-11-26); 9 to 16 rows in two passes of half each (one 12-row pass over 2 panels
-// at a time was slower: 14.5 ms of products against 10.7; 16 rows as 8 + 8 rather than 6 + 6 + 4:
-// a 16-token bf16 pass 0.955x, fp32 0.979x, 2026-11-27), more rows 8 at a time (a 64-token prefill
-// pass 0.979x, 32 tokens 0.953x against 6 at a time).
+// time (6 to 16 chains), one sequential run a tile (a 4-, 5- or 6-token bf16 pass 0.93-0.94x against
+// 4 panels at once, 3 tokens 0.95x, fp32 4 tokens 0.975x, 2026-11-27, Zen 5; 7 and 8 rows so in one
+// pass over the group rather than two: an 8-token bf16 pass 0.88x, 7 tokens 0.93x, 2026-11-26); 9 to
+// 16 rows in two passes of half each (one 12-row pass over 2 panels at a time was slower: 14.5 ms of
+// products against 10.7; 16 rows as 8 + 8 rather than 6 + 6 + 4: a 16-token bf16 pass 0.955x, fp32
+// 0.979x, 2026-11-27), more rows 8 at a time (a 64-token prefill pass 0.979x, 32 tokens 0.953x
+// against 6 at a time).
 template <typename X, typename W>
 int64_t linear_rows(const X* x, int64_t ldx, int64_t K, const W* const* w, const PanelOut* out,
                     int64_t ldy, int count, int64_t rest, bool /* cached: the same tiles either way */) {
@@ -576,7 +577,7 @@ int64_t linear_rows(const X* x, int64_t ldx, int64_t K, const W* const* w, const
 // latency (1 row over 4 panels, 2 over 2). bf16 tiles take at most 5 rows: at 6, the 12 sums, the
 // two halves and the widening mask leave no register for x, and the tile spills (5 rows 235
 // GFLOP/s from cache, 6 rows 175). 8 rows go as 4 + 4 and bf16's 6 as 4 + 2 (faster than 5 + 1 or
-// 3 + 3). `benchmarks/avx2_tiles.cpp`, 2026-11-27, Zen 4.
+// 3 + 3). `benchmarks/avx2_tiles.cpp`, 2026-11-27, Zen 5.
 template <typename X, typename W>
 int64_t linear_rows(const X* x, int64_t ldx, int64_t K, const W* const* w, const PanelOut* out,
                     int64_t ldy, int count, int64_t rest, bool cached) {
