@@ -1495,7 +1495,9 @@ void attend_queries(const Scorer& scorer, float* const* out, const int64_t* limi
 // cache row rows[n] (strides kr, kg, ks for row, kv head, position); query (n, t) sees keys [0, limits[n, t]),
 // the last one read from slot lasts[n, t].
 // A task is half of the queries that share one kv head of one sequence (its T tokens x the heads of
-// its group), in (t, head) order: two tasks a kv head keep both cores busy however few the heads.
+// its group), in (t, head) order: two tasks a kv head keep both cores busy however few the heads. A
+// thread takes its tasks' consecutive parts of one kv head in one call, reading its keys and values
+// once for them (3 kv heads on 2 threads: 2 reads a thread rather than 3).
 template <typename KV>
 void attend_raw(const float* q, int64_t N, int64_t T, int64_t H, int64_t G, int64_t D, const KV* k, const KV* v,
                 int64_t kr, int64_t kg, int64_t ks, const int64_t* rows, const int64_t* limits, const int64_t* lasts,
@@ -1504,9 +1506,12 @@ void attend_raw(const float* q, int64_t N, int64_t T, int64_t H, int64_t G, int6
   const int64_t parts = std::max<int64_t>(std::min<int64_t>(shared, 2), (shared + MAX_TASK_QUERIES - 1) / MAX_TASK_QUERIES);
   at::parallel_for(0, N * G * parts, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, pairs;
-    for (int64_t task = begin; task < end; ++task) {  // task = (n, g, part)
+    for (int64_t task = begin, taken; task < end; task += taken) {  // task = (n, g, part)
       const int64_t n = task / (G * parts), g = task / parts % G, part = task % parts;
-      const int64_t first = shared * part / parts, count = shared * (part + 1) / parts - first;
+      const int64_t first = shared * part / parts;
+      taken = 1;  // and the parts after it of the same kv head in this thread's range, as many as fit a task
+      while (task + taken < end && part + taken < parts && shared * (part + taken + 1) / parts - first <= MAX_TASK_QUERIES) ++taken;
+      const int64_t count = shared * (part + taken) / parts - first;
       const float* qs[MAX_TASK_QUERIES];
       float* outs[MAX_TASK_QUERIES];
       int64_t lims[MAX_TASK_QUERIES], last[MAX_TASK_QUERIES];
