@@ -298,6 +298,24 @@ def test_bf16_training_step_keeps_fp32_master_twins(llama_folder, data_folder, t
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines()))
 
 
+def test_prompt_mix_never_repeats_a_prompt(monkeypatch):
+    from orthrus.training import data
+
+    monkeypatch.setattr(data, "sharegpt_prompts", lambda seed: ["a", "b"])
+    monkeypatch.setattr(data, "code_prompts", lambda seed: ["A", "B", "C", "D", "E"])
+    prompts = data.prompt_mix({"chat": 1, "code": 1}, 0, 8)
+    assert prompts == [("chat", "a"), ("code", "A"), ("chat", "b"), ("code", "B"), None, ("code", "C"), None, ("code", "D")]
+    assert data.prompt_mix({"chat": 1, "code": 1}, 0, 4) == prompts[:4]  # the same prompt at an index, whatever the count
+
+
+def test_distill_skips_the_slots_of_a_used_up_source(qwen3, tmp_path, monkeypatch):
+    from orthrus.training import data
+
+    monkeypatch.setattr(data, "sharegpt_prompts", lambda seed: ["Say hi."])
+    assert distill(qwen3, tmp_path, 4, {"chat": 1, "code": 1}, rows=2, max_new_tokens=2, progress=False) == 3
+    assert [(r["index"], r["source"]) for r in read_shards(tmp_path)] == [(0, "chat"), (1, "code"), (3, "code")]
+
+
 def test_distill_writes_the_models_own_replies_and_resumes(qwen3, tmp_path):
     from orthrus.training.data import prompt_mix
 

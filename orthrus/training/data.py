@@ -135,9 +135,11 @@ def code_prompts(seed: int) -> list[str]:
     return combos
 
 
-def prompt_mix(mix: dict[str, int], seed: int, count: int) -> list[tuple[str, str]]:
+def prompt_mix(mix: dict[str, int], seed: int, count: int) -> list[tuple[str, str] | None]:
     """`count` (source, prompt) pairs interleaved by `mix` weights ({"chat": 1, "math": 1, "code": 1}).
-    Deterministic in (mix, seed), so prompt i is the same prompt after a restart."""
+    Deterministic in (mix, seed), so prompt i is the same prompt after a restart. No prompt comes
+    twice: once a source's pool is used up, its later slots are None (asked again, a prompt gives the
+    same greedy reply: a duplicate row, and a held-out row's twin in the training rows)."""
     cycle = [s for s in SOURCES for _ in range(mix.get(s, 0))]
     if not cycle:
         raise OrthrusError(f"the prompt mix needs a positive weight for one of {SOURCES}, got {mix}")
@@ -154,7 +156,7 @@ def prompt_mix(mix: dict[str, int], seed: int, count: int) -> list[tuple[str, st
     for i in range(count):
         source = cycle[i % len(cycle)]
         pool = pools[source]
-        out.append((source, pool[drawn[source] % len(pool)]))
+        out.append((source, pool[drawn[source]]) if drawn[source] < len(pool) else None)
         drawn[source] += 1
     return out
 

@@ -63,7 +63,8 @@ def write_text_data(llm, out: Path, count: int, seed: int = 0, max_prompt_tokens
 def distill(llm, out: Path, count: int, mix: dict[str, int], seed: int = 0, rows: int = 16, max_new_tokens: int = 256,
             max_prompt_tokens: int = 512, temperature: float = 0.0, top_p: float = 1.0, flush_rows: int = 64,
             flush_seconds: float = 120.0, progress: bool = True) -> int:
-    """Answer prompts 0..count-1 of the mix into `out`; returns the rows written by this call."""
+    """Answer prompts 0..count-1 of the mix into `out` (but the slots of a source whose prompts are
+    used up: `prompt_mix`); returns the rows written by this call."""
     from tqdm import tqdm
 
     out = Path(out)
@@ -71,12 +72,13 @@ def distill(llm, out: Path, count: int, mix: dict[str, int], seed: int = 0, rows
                          "temperature": temperature, "top_p": top_p, "max_prompt_tokens": max_prompt_tokens})
     done = {r["index"] for r in read_shards(out)}
     prompts = prompt_mix(mix, seed, count)
-    todo = [i for i in range(count) if i not in done]
+    todo = [i for i in range(count) if i not in done and prompts[i] is not None]
     engine = Engine(llm.model, rows, max_prompt_tokens + max_new_tokens + 1, mode="ar")
     pending, buffer, written = iter(todo), [], 0
     meta_of: dict[int, tuple[int, str]] = {}
     last_flush, start, new_tokens = time.monotonic(), time.monotonic(), 0
-    bar = tqdm(total=count, initial=len(done), unit="row", disable=not progress, dynamic_ncols=True, mininterval=5)
+    bar = tqdm(total=len(done) + len(todo), initial=len(done), unit="row", disable=not progress, dynamic_ncols=True,
+               mininterval=5)
 
     def admit() -> bool:
         while len(engine.waiting) + len(engine.running) < rows:
