@@ -542,6 +542,17 @@ void parallel_chunks(int64_t total, int64_t chunk, const F& body) {
   }
 }
 
+// R rows over the group, the AVX2 way (see `linear_rows` there): its first tile streams the weights
+// one panel at a time, a later one reads them from cache CACHED_S panels at a time.
+template <typename X, typename W, int R, int CACHED_S>
+inline void streamed_panels(bool cached, const X* x, int64_t ldx, int64_t K, const W* const* w, const PanelOut* out,
+                            int64_t ldy, int count) {
+  if (cached)
+    linear_panels<X, W, R, CACHED_S>(x, ldx, K, w, out, ldy, count);
+  else
+    linear_panels<X, W, R, 1>(x, ldx, K, w, out, ldy, count);
+}
+
 // One pass over a group of up to GROUP panels (64 features) for the next of its `rest` rows; returns
 // how many rows it took.
 #ifdef __AVX512F__
@@ -584,10 +595,8 @@ int64_t linear_rows(const X* x, int64_t ldx, int64_t K, const W* const* w, const
   constexpr int64_t WIDEST = std::is_same_v<W, bf16> ? 5 : 6;
   const int64_t rows = rest == 8 || (rest == 6 && WIDEST == 5) ? 4 : std::min(rest, WIDEST);
   switch (rows) {
-    case 1: cached ? linear_panels<X, W, 1, GROUP>(x, ldx, K, w, out, ldy, count)
-                   : linear_panels<X, W, 1, 1>(x, ldx, K, w, out, ldy, count); break;
-    case 2: cached ? linear_panels<X, W, 2, 2>(x, ldx, K, w, out, ldy, count)
-                   : linear_panels<X, W, 2, 1>(x, ldx, K, w, out, ldy, count); break;
+    case 1: streamed_panels<X, W, 1, GROUP>(cached, x, ldx, K, w, out, ldy, count); break;
+    case 2: streamed_panels<X, W, 2, 2>(cached, x, ldx, K, w, out, ldy, count); break;
     case 3: linear_panels<X, W, 3, 1>(x, ldx, K, w, out, ldy, count); break;
     case 4: linear_panels<X, W, 4, 1>(x, ldx, K, w, out, ldy, count); break;
     case 5: linear_panels<X, W, 5, 1>(x, ldx, K, w, out, ldy, count); break;
@@ -604,11 +613,8 @@ int64_t linear_rows(const X* x, int64_t ldx, int64_t K, const W* const* w, const
 template <typename X>
 int64_t int8_rows(const X* x, int64_t ldx, int64_t K, const int8_t* const* w, const PanelOut* out, int64_t ldy,
                   int count, int64_t rest, bool cached) {
-  if (rest >= 2)
-    return (cached ? linear_panels<X, int8_t, 2, 2>(x, ldx, K, w, out, ldy, count)
-                   : linear_panels<X, int8_t, 2, 1>(x, ldx, K, w, out, ldy, count)), 2;
-  return (cached ? linear_panels<X, int8_t, 1, GROUP>(x, ldx, K, w, out, ldy, count)
-                 : linear_panels<X, int8_t, 1, 1>(x, ldx, K, w, out, ldy, count)), 1;
+  if (rest >= 2) return streamed_panels<X, int8_t, 2, 2>(cached, x, ldx, K, w, out, ldy, count), 2;
+  return streamed_panels<X, int8_t, 1, GROUP>(cached, x, ldx, K, w, out, ldy, count), 1;
 }
 #endif
 
