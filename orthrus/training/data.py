@@ -48,10 +48,11 @@ def sharegpt_conversations() -> list[list[dict]]:
         conversations.append(conv.get("conversations") or [])
 
 
-def sharegpt_exchanges(seed: int, max_chars: int = 1500) -> list[tuple[str, str]]:
-    """(first user turn, first assistant reply) of every ShareGPT conversation, shuffled by `seed`."""
+def sharegpt_exchanges(seed: int, max_chars: int = 1500, conversations: list[list[dict]] | None = None) -> list[tuple[str, str]]:
+    """(first user turn, first assistant reply) of every ShareGPT conversation (`conversations`, read
+    when not given), shuffled by `seed`."""
     pairs = []
-    for turns in sharegpt_conversations():
+    for turns in sharegpt_conversations() if conversations is None else conversations:
         if turns and turns[0].get("from") == "human" and 16 <= len(turns[0].get("value", "").strip()) <= max_chars:
             reply = turns[1].get("value", "").strip() if len(turns) > 1 and turns[1].get("from") == "gpt" else ""
             pairs.append((turns[0]["value"].strip(), reply))
@@ -59,12 +60,13 @@ def sharegpt_exchanges(seed: int, max_chars: int = 1500) -> list[tuple[str, str]
     return pairs
 
 
-def sharegpt_followups(seed: int, max_chars: int = 1500) -> list[list[dict]]:
-    """The second user turn of every ShareGPT conversation that has one, with the exchange before it
-    as context (chat messages: user, assistant, user), shuffled by `seed`: more chat prompts once the
-    first turns are used up, and the two-turn shape of real chat (MT-Bench's too)."""
+def sharegpt_followups(seed: int, max_chars: int = 1500, conversations: list[list[dict]] | None = None) -> list[list[dict]]:
+    """The second user turn of every ShareGPT conversation (`conversations`, read when not given)
+    that has one, with the exchange before it as context (chat messages: user, assistant, user),
+    shuffled by `seed`: more chat prompts once the first turns are used up, and the two-turn shape of
+    real chat (MT-Bench's too)."""
     chats = []
-    for turns in sharegpt_conversations():
+    for turns in sharegpt_conversations() if conversations is None else conversations:
         values = [t.get("value", "").strip() for t in turns[:3]]
         if [t.get("from") for t in turns[:3]] == ["human", "gpt", "human"] and all(values) and \
                 sum(map(len, values)) <= 2 * max_chars and 16 <= len(values[2]) <= max_chars:
@@ -75,7 +77,9 @@ def sharegpt_followups(seed: int, max_chars: int = 1500) -> list[list[dict]]:
 
 def sharegpt_prompts(seed: int) -> list[str | list[dict]]:
     """Chat prompts: every first turn (a string), then every second turn with its context (messages)."""
-    return [prompt for prompt, _ in sharegpt_exchanges(seed)] + sharegpt_followups(seed)
+    conversations = sharegpt_conversations()  # read once for both
+    return ([prompt for prompt, _ in sharegpt_exchanges(seed, conversations=conversations)]
+            + sharegpt_followups(seed, conversations=conversations))
 
 
 def text_rows(llm, count: int, seed: int = 0, max_prompt_tokens: int = 512, max_new_tokens: int = 256) -> list[dict]:
