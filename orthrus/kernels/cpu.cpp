@@ -325,10 +325,14 @@ inline void linear_tile(const X* x, int64_t ldx, int64_t K, const W* const* w, i
 // A tile has R x S x 2 chains in flight (`linear_rows` picks the shapes). Inputs go two
 // at a time in `input_order` (the pair's odd input first for bf16), asking for the weights
 // PREFETCH_BYTES ahead as the AVX-512 tiles do (a 4-token bf16 pass 0.81x).
+// `tile_span` adds inputs [k0, k1) (k0 even; k1 even or K) to the R x 2S sums in `sums`, so a tile
+// can walk K in pieces and its chains stay the ones one walk over K runs.
 template <typename X, typename W, int R, int S>
-inline void linear_tile(const X* x, int64_t ldx, int64_t K, const W* const* w, int64_t step, const PanelOut* out,
-                        int64_t ldy) {
-  __m256 acc[R][2 * S] = {};
+inline void tile_span(const X* x, int64_t ldx, int64_t k0, int64_t k1, int64_t K, const W* const* w, int64_t step,
+                      __m256* sums) {
+  __m256 acc[R][2 * S];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 2 * S; ++c) acc[r][c] = sums[r * 2 * S + c];
   const float* xr[R];
   for (int r = 0; r < R; ++r) xr[r] = x + r * ldx;
   auto input = [&](int64_t k) {
@@ -347,23 +351,39 @@ inline void linear_tile(const X* x, int64_t ldx, int64_t K, const W* const* w, i
   const int64_t ahead = PREFETCH_BYTES / (step * static_cast<int64_t>(sizeof(W)));
   constexpr int64_t PAIR_BYTES = 2 * PANEL * sizeof(W);  // two inputs of a panel: one cache line (bf16) or two
   constexpr int64_t FIRST = std::is_same_v<W, bf16>;  // a whole pair in `input_order`: bf16's odd input first
-  int64_t n = 0;
-  for (; n + 2 <= K; n += 2) {
+  int64_t n = k0;
+  for (; n + 2 <= k1; n += 2) {
     for (int s = 0; s < S; ++s)
       for (int64_t b = 0; b < PAIR_BYTES; b += 64) prefetch(reinterpret_cast<const char*>(w[s] + (n + ahead) * step) + b);
     input(n + FIRST);
     input(n + 1 - FIRST);
   }
-  if (n < K) input(input_order(n, K, w[0]));
+  if (n < k1) input(input_order(n, K, w[0]));
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 2 * S; ++c) sums[r * 2 * S + c] = acc[r][c];
+}
+
+// A tile's sums (R x 2S, as `tile_span` leaves them) to y, after the bias.
+template <int R, int S>
+inline void tile_store(const __m256* sums, const PanelOut* out, int64_t ldy) {
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int s = 0; s < S; ++s) {
-      __m256 lo = acc[r][2 * s], hi = acc[r][2 * s + 1];
+      __m256 lo = sums[r * 2 * S + 2 * s], hi = sums[r * 2 * S + 2 * s + 1];
       if (const float* b = out[s].bias) lo = _mm256_add_ps(lo, _mm256_loadu_ps(b)), hi = _mm256_add_ps(hi, _mm256_loadu_ps(b + 8));
       _mm256_storeu_ps(out[s].y + r * ldy, lo);
       _mm256_storeu_ps(out[s].y + r * ldy + 8, hi);
     }
+}
+
+template <typename X, typename W, int R, int S>
+inline void linear_tile(const X* x, int64_t ldx, int64_t K, const W* const* w, int64_t step, const PanelOut* out,
+                        int64_t ldy) {
+  __m256 sums[R * 2 * S];
+  for (auto& v : sums) v = _mm256_setzero_ps();
+  tile_span<X, W, R, S>(x, ldx, 0, K, K, w, step, sums);
+  tile_store<R, S>(sums, out, ldy);
 }
 
 #endif
@@ -583,26 +603,76 @@ int64_t linear_rows(const X* x, int64_t ldx, int64_t K, const W* const* w, const
 #else
 // A group's first tile streams its weights from memory one panel at a time: one sequential run,
 // which the prefetchers keep ahead of best (1 row of bf16 weights with K = 576 streamed at 55 GB/s
-// so, against 38 GB/s over 4 panels at once; a 3-row tile at 50 against 25 over 2 panels). The
-// tiles after it read the group from cache, where a tile needs 8 or more chains to hide the FMA
-// latency (1 row over 4 panels, 2 over 2). bf16 tiles take at most 5 rows: at 6, the 12 sums, the
-// two halves and the widening mask leave no register for x, and the tile spills (5 rows 235
-// GFLOP/s from cache, 6 rows 175). 8 rows go as 4 + 4 and bf16's 6 as 4 + 2 (faster than 5 + 1 or
-// 3 + 3). `benchmarks/avx2_tiles.cpp`, 2026-11-27, Zen 5.
+// so, against 38 GB/s over 4 panels at once; a 3-row tile at 50 against 25 over 2 panels). bf16
+// tiles take at most 5 rows: at 6, the 12 sums, the two halves and the widening mask leave no
+// register for x, and the tile spills (5 rows 235 GFLOP/s from cache, 6 rows 175).
+// `benchmarks/avx2_tiles.cpp`, 2026-11-27, Zen 5.
+template <typename W>
+constexpr int64_t WIDEST_TILE = std::is_same_v<W, bf16> ? 5 : 6;
+constexpr int64_t SPAN_INPUTS = 128;  // inputs of a panel the tiles of a group take in turn (8 KB of fp32 weights)
+constexpr int SPAN_TILES = 3;  // tiles walking a panel together (more rows are bound by arithmetic: no gain)
+
+template <typename X, typename W>
+inline void span_tile(int64_t rows, const X* x, int64_t ldx, int64_t k0, int64_t k1, int64_t K, const W* const* w,
+                      __m256* sums) {
+  constexpr int64_t step = PANEL * STEP_INPUTS<W>;
+  switch (rows) {
+    case 4: tile_span<X, W, 4, 1>(x, ldx, k0, k1, K, w, step, sums); break;
+    case 5: tile_span<X, W, 5, 1>(x, ldx, k0, k1, K, w, step, sums); break;
+    default: if constexpr (WIDEST_TILE<W> == 6) tile_span<X, W, 6, 1>(x, ldx, k0, k1, K, w, step, sums); break;
+  }
+}
+
+// More rows than one tile takes: up to SPAN_TILES tiles of WIDEST_TILE rows (and one of 4 or more
+// rows left) walk each panel together, SPAN_INPUTS inputs at a time. The panel streams from memory
+// once, in one run, and every tile multiplies each piece while it is in L1, so the memory keeps
+// streaming while the tiles after the first compute (when each tile walked the whole group in
+// turn, the later ones read it from L2 and the memory sat idle meanwhile): fp32 8 / 12 / 16 tokens
+// 0.91x / 0.94x / 0.93-0.95x, bf16 8 / 16 tokens 0.98x (`kernel_ab.py`, 2026-11-27, Zen 5). A tile's
+// sums wait in `sums` between pieces; their chains are the ones one walk over K runs.
+template <typename X, typename W>
+int64_t tiles_in_step(const X* x, int64_t ldx, int64_t K, const W* const* w, const PanelOut* out, int64_t ldy,
+                      int count, int64_t rest) {
+  constexpr int64_t WIDEST = WIDEST_TILE<W>;
+  // tiles of WIDEST rows and one of the rest if it has 4 or more (8 chains: fewer wait on the FMAs'
+  // latency); fewer rows left over run after, over the group in L2, as `linear_rows` takes them
+  const int64_t whole = std::min<int64_t>(SPAN_TILES, rest / WIDEST), left = rest - whole * WIDEST;
+  const int tiles = static_cast<int>(whole) + (whole < SPAN_TILES && left >= 4);
+  const int64_t rows = std::min(rest, tiles * WIDEST);
+  int64_t first[SPAN_TILES + 1];
+  for (int t = 0; t <= tiles; ++t) first[t] = std::min(rows, t * WIDEST);
+  alignas(32) __m256 sums[SPAN_TILES][2 * WIDEST];
+  for (int s = 0; s < count; ++s) {
+    for (auto& tile : sums)
+      for (auto& v : tile) v = _mm256_setzero_ps();
+    for (int64_t k0 = 0; k0 < K; k0 += SPAN_INPUTS)
+      for (int t = 0; t < tiles; ++t)
+        span_tile(first[t + 1] - first[t], x + first[t] * ldx, ldx, k0, std::min(K, k0 + SPAN_INPUTS), K, w + s, sums[t]);
+    for (int t = 0; t < tiles; ++t) {
+      const PanelOut o = {out[s].scale, out[s].bias, out[s].y + first[t] * ldy};
+      switch (first[t + 1] - first[t]) {
+        case 4: tile_store<4, 1>(sums[t], &o, ldy); break;
+        case 5: tile_store<5, 1>(sums[t], &o, ldy); break;
+        default: if constexpr (WIDEST == 6) tile_store<6, 1>(sums[t], &o, ldy); break;
+      }
+    }
+  }
+  return rows;
+}
+
 template <typename X, typename W>
 int64_t linear_rows(const X* x, int64_t ldx, int64_t K, const W* const* w, const PanelOut* out,
                     int64_t ldy, int count, int64_t rest, bool cached) {
-  constexpr int64_t WIDEST = std::is_same_v<W, bf16> ? 5 : 6;
-  const int64_t rows = rest == 8 || (rest == 6 && WIDEST == 5) ? 4 : std::min(rest, WIDEST);
-  switch (rows) {
-    case 1: streamed_panels<X, W, 1, GROUP>(cached, x, ldx, K, w, out, ldy, count); break;
-    case 2: streamed_panels<X, W, 2, 2>(cached, x, ldx, K, w, out, ldy, count); break;
-    case 3: linear_panels<X, W, 3, 1>(x, ldx, K, w, out, ldy, count); break;
-    case 4: linear_panels<X, W, 4, 1>(x, ldx, K, w, out, ldy, count); break;
-    case 5: linear_panels<X, W, 5, 1>(x, ldx, K, w, out, ldy, count); break;
-    default: if constexpr (WIDEST == 6) linear_panels<X, W, 6, 1>(x, ldx, K, w, out, ldy, count); break;
+  switch (rest) {
+    case 1: streamed_panels<X, W, 1, GROUP>(cached, x, ldx, K, w, out, ldy, count); return 1;
+    case 2: streamed_panels<X, W, 2, 2>(cached, x, ldx, K, w, out, ldy, count); return 2;
+    case 3: linear_panels<X, W, 3, 1>(x, ldx, K, w, out, ldy, count); return 3;
+    case 4: linear_panels<X, W, 4, 1>(x, ldx, K, w, out, ldy, count); return 4;
+    case 5: linear_panels<X, W, 5, 1>(x, ldx, K, w, out, ldy, count); return 5;
   }
-  return rows;
+  if constexpr (WIDEST_TILE<W> == 6)
+    if (rest == 6) return linear_panels<X, W, 6, 1>(x, ldx, K, w, out, ldy, count), 6;
+  return tiles_in_step(x, ldx, K, w, out, ldy, count, rest);
 }
 #endif
 
@@ -624,12 +694,11 @@ void linear_group(const Products<X, W>& p, const W* const* w, const PanelOut* ou
     PanelOut rows[GROUP];
     for (int s = 0; s < count; ++s) rows[s] = {out[s].scale, out[s].bias, out[s].y + m * ldy};
 #ifndef __AVX512VNNI__
-    if constexpr (std::is_same_v<W, int8_t>) {
+    if constexpr (std::is_same_v<W, int8_t>)
       m += int8_rows(p.x + m * p.ldx, p.ldx, p.K, w, rows, ldy, count, p.M - m, m > 0);
-      continue;
-    }
+    else
 #endif
-    m += linear_rows(p.x + m * p.ldx, p.ldx, p.K, w, rows, ldy, count, p.M - m, m > 0);
+      m += linear_rows(p.x + m * p.ldx, p.ldx, p.K, w, rows, ldy, count, p.M - m, m > 0);
   }
 }
 
