@@ -308,6 +308,29 @@ def test_prompt_mix_never_repeats_a_prompt(monkeypatch):
     assert data.prompt_mix({"chat": 1, "code": 1}, 0, 4) == prompts[:4]  # the same prompt at an index, whatever the count
 
 
+def test_a_training_mix_weighs_each_source_rows_and_leaves_held_out_rows_alone(tmp_path):
+    from orthrus.training.trainer import TrainConfig, epoch_rows, eval_set
+
+    rows = [{"index": i, "source": ("chat", "math", "code")[i % 3], "tokens": [i + 1] * 10, "prompt_len": 2, "finish": "stop"}
+            for i in range(60)]
+    write_shard(tmp_path, rows)
+    files = [p.name for p in shard_files(tmp_path)]
+
+    def tokens_by_source(cfg):
+        packed, order = epoch_rows(cfg, files, 0)
+        assert sorted(order.tolist()) == list(range(len(packed)))
+        seen = packed.tokens[packed.assistant].tolist()  # reply tokens: each row's index + 1, 8 of them a copy
+        return {src: sum(seen.count(r["index"] + 1) for r in rows if r["source"] == src) // 8 for src in ("chat", "math", "code")}
+
+    plain = tokens_by_source(TrainConfig(data=str(tmp_path), seq_len=64))
+    assert plain == {"chat": 19, "math": 20, "code": 20}  # the training rows (row 0 is held out), once each
+    assert tokens_by_source(TrainConfig(data=str(tmp_path), seq_len=64, mix="chat:3,code:0")) == {"chat": 57, "math": 20, "code": 0}
+    held = eval_set(TrainConfig(data=str(tmp_path), seq_len=64, eval_rows=99), files)
+    assert held.tokens.shape == eval_set(TrainConfig(data=str(tmp_path), seq_len=64, eval_rows=99, mix="chat:3,code:0"), files).tokens.shape
+    with pytest.raises(OrthrusError, match="leaves no training rows"):
+        epoch_rows(TrainConfig(data=str(tmp_path), seq_len=64, mix="chat:0,math:0,code:0"), files, 0)
+
+
 def test_distill_answers_chat_messages_and_skips_a_used_up_source(qwen3, tmp_path, monkeypatch):
     from orthrus.training import data
 

@@ -44,6 +44,9 @@ def register(sub) -> None:
     t.add_argument("--position-decay", type=float, default=0.0,
                    help="weigh block row j's loss by exp(-j / DECAY): > 0 as acceptance weighs the drafts, < 0 the "
                         "later rows up (0: alike)")
+    t.add_argument("--mix", default="", metavar="SOURCE:WEIGHT,...",
+                   help="an epoch takes each training row as many times as its source's weight, e.g. chat:2,math:1,code:1 "
+                        "(0 leaves a source out; default: every row once); the held-out rows stay as they are")
     t.add_argument("--clip", type=float, default=1.0)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
@@ -100,8 +103,11 @@ def cmd_distill(args) -> None:
 def cmd_train(args) -> None:
     import torch
 
+    from .data import parse_mix
     from .trainer import TrainConfig, export_drafter, train
 
+    if args.mix:
+        parse_mix(args.mix)  # a malformed mix fails here, before the model loads
     if args.threads:
         torch.set_num_threads(args.threads)
     run = folder(args.run_dir, "runs")
@@ -115,7 +121,7 @@ def cmd_train(args) -> None:
         return
     cfg = TrainConfig(data=str(folder(args.data, "distill")), model=args.model, block_size=args.block_size,
                       seq_len=args.seq_len, anchors=args.anchors, batch=args.batch, grad_accum=args.grad_accum, lr=args.lr,
-                      warmup=args.warmup, steps=args.steps, loss=args.loss, position_decay=args.position_decay,
+                      warmup=args.warmup, steps=args.steps, loss=args.loss, position_decay=args.position_decay, mix=args.mix,
                       clip=args.clip, seed=args.seed, dtype=args.dtype, parallel=args.parallel,
                       checkpoint_minutes=args.checkpoint_minutes, eval_every=args.eval_every, eval_rows=args.eval_rows,
                       log_every=args.log_every, init_from=args.init_from)

@@ -197,6 +197,13 @@ def parse_mix(text: str) -> dict[str, int]:
     return mix
 
 
+
+def weigh_sources(rows: list[dict], mix: dict[str, int]) -> list[dict]:
+    """Each row as many times as its source's weight in `mix` (0 leaves it out); a source the mix
+    does not name, once. A training epoch's rows, to lean on the kind of text the drafter is weakest at."""
+    return [row for row in rows for _ in range(mix.get(row["source"], 1))]
+
+
 # ---- distilled shards --------------------------------------------------------------------------
 
 def shard_files(folder: Path) -> list[Path]:

@@ -36,7 +36,8 @@ from ..checkpoint import base_fingerprint, load_drafter, publish_folder, save_dr
 from .. import kernels
 from ..errors import OrthrusError
 from ..model import OrthrusLM
-from .data import PackedRows, draw_anchors, frequent_tokens, pack, read_shards, shard_files, split_held_out
+from .data import (PackedRows, draw_anchors, frequent_tokens, pack, parse_mix, read_shards, shard_files, split_held_out,
+                   weigh_sources)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class TrainConfig:
     steps: int = 2000
     loss: str = "kl"
     position_decay: float = 0.0  # block row j's loss weighs exp(-j / decay): > 0 as acceptance does, < 0 later rows up (0: alike)
+    mix: str = ""  # "chat:2,math:1,code:1": an epoch takes each training row as many times as its source's weight ("": once)
     clip: float = 1.0
     seed: int = 0
     dtype: str = "auto"  # auto: bf16 where the hardware multiplies bf16 natively (`train_dtype`)
@@ -66,7 +68,7 @@ class TrainConfig:
 
 # Fields that define the run: a checkpoint written under other values is refused.
 IDENTITY = ("data", "model", "block_size", "seq_len", "anchors", "global_batch", "lr", "warmup", "steps", "loss",
-            "position_decay", "clip", "seed")
+            "position_decay", "mix", "clip", "seed")
 
 
 # ---- the two passes ----------------------------------------------------------------------------
@@ -379,6 +381,10 @@ def wrap_parallel(model: OrthrusLM, cfg: TrainConfig, world: int, device: torch.
 
 def epoch_rows(cfg: TrainConfig, files: list[str], epoch: int) -> tuple[PackedRows, torch.Tensor]:
     train_rows, _ = split_held_out(read_shards(Path(cfg.data), files))
+    if cfg.mix:
+        train_rows = weigh_sources(train_rows, parse_mix(cfg.mix))
+        if not train_rows:
+            raise OrthrusError(f"--mix {cfg.mix} leaves no training rows in {cfg.data}")
     packed = pack(train_rows, cfg.seq_len)
     order = torch.randperm(len(packed), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
     return packed, order
