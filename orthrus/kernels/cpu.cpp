@@ -1780,23 +1780,35 @@ struct LayerWeights {
 
 // out = silu(gate) * up over n values, each operand and result rounded to T as the plain path
 // stores them; the last partial group of 8 runs through the same lanes (zero-padded), so every
-// value gets the same bits wherever it sits.
-template <typename T>
-inline __m256 silu_mul8(__m256 gate, __m256 up, T* like) {
-  const __m256 g = round_lanes(gate, like);
-  const __m256 e = exp_lanes(_mm256_sub_ps(_mm256_setzero_ps(), g));
-  const __m256 a = round_lanes(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e)), like);
-  return round_lanes(_mm256_mul_ps(a, round_lanes(up, like)), like);
+// value gets the same bits wherever it sits. AVX-512 builds take 16 values at a time first: the
+// same operations lane for lane (a bf16 pass of 8 tokens 0.975x, the draft pass 0.985x, a 64-token
+// prefill pass 0.983x; `kernel_ab.py`, 2026-11-27, Zen 5).
+template <typename V, typename T>
+inline V silu_mul_lanes(V gate, V up, T* like) {
+  const V g = round_lanes(gate, like);
+  const V e = exp_lanes(splat<V>(0.f) - g);
+  const V a = round_lanes(g / (splat<V>(1.f) + e), like);
+  return round_lanes(a * round_lanes(up, like), like);
 }
+
+#ifdef __AVX512F__
+inline void store16(__m512 v, float* p) { _mm512_storeu_ps(p, v); }
+inline void store16(__m512 v, bf16* p) {  // v holds bf16 values (exact): their top halves
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
+}
+#endif
 
 template <typename T>
 void silu_mul(const float* gate, const float* up, T* out, int64_t n) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) store8(silu_mul8(_mm256_loadu_ps(gate + i), _mm256_loadu_ps(up + i), out), out + i);
+#ifdef __AVX512F__
+  for (; i + 16 <= n; i += 16) store16(silu_mul_lanes(_mm512_loadu_ps(gate + i), _mm512_loadu_ps(up + i), out), out + i);
+#endif
+  for (; i + 8 <= n; i += 8) store8(silu_mul_lanes(_mm256_loadu_ps(gate + i), _mm256_loadu_ps(up + i), out), out + i);
   if (i < n) {
     float g8[8] = {}, u8[8] = {}, y8[8];
     std::copy(gate + i, gate + n, g8), std::copy(up + i, up + n, u8);
-    _mm256_storeu_ps(y8, silu_mul8(_mm256_loadu_ps(g8), _mm256_loadu_ps(u8), out));
+    _mm256_storeu_ps(y8, silu_mul_lanes(_mm256_loadu_ps(g8), _mm256_loadu_ps(u8), out));
     for (int64_t j = 0; i + j < n; ++j) store(y8[j], out + i + j);  // exact: already rounded
   }
 }
