@@ -197,7 +197,6 @@ def parse_mix(text: str) -> dict[str, int]:
     return mix
 
 
-
 def weigh_sources(rows: list[dict], mix: dict[str, int]) -> list[dict]:
     """Each row as many times as its source's weight in `mix` (0 leaves it out); a source the mix
     does not name, once. A training epoch's rows, to lean on the kind of text the drafter is weakest at."""
