@@ -487,16 +487,20 @@ inline void int8_feature(const uint32_t* x, int64_t ldx, int64_t M, int64_t K, c
   }
 }
 
-// R rows over `count` panels, S at a time (the last few one by one).
+// R rows over `count` panels, S at a time (the last few two, then one, at a time).
 template <typename X, typename W, int R, int S>
 inline void linear_panels(const X* x, int64_t ldx, int64_t K, const W* const* w, const PanelOut* out, int64_t ldy,
                           int count) {
   int s = 0;
   if constexpr (std::is_same_v<W, int8_t>) {
     for (; s + S <= count; s += S) int8_tile<R, S>(x, ldx, (K + 3) / 4, w + s, panel_step<W>(count, s), out + s, ldy);
+    if constexpr (S > 2)
+      for (; s + 2 <= count; s += 2) int8_tile<R, 2>(x, ldx, (K + 3) / 4, w + s, panel_step<W>(count, s), out + s, ldy);
     for (; s < count; ++s) int8_tile<R, 1>(x, ldx, (K + 3) / 4, w + s, panel_step<W>(count, s), out + s, ldy);
   } else {
     for (; s + S <= count; s += S) linear_tile<X, W, R, S>(x, ldx, K, w + s, panel_step<W>(count, s), out + s, ldy);
+    if constexpr (S > 2)
+      for (; s + 2 <= count; s += 2) linear_tile<X, W, R, 2>(x, ldx, K, w + s, panel_step<W>(count, s), out + s, ldy);
     for (; s < count; ++s) linear_tile<X, W, R, 1>(x, ldx, K, w + s, panel_step<W>(count, s), out + s, ldy);
   }
 }
@@ -702,24 +706,39 @@ void linear_group(const Products<X, W>& p, const W* const* w, const PanelOut* ou
   }
 }
 
+// The unit the threads share a product in: a group of panels, or half of one (its first or its
+// second pair of panels, as packed) where the product has few groups: with 9 on 2 threads (o and
+// down), one thread would take a whole group more than the other (a bf16 AR step 0.974-0.986x, an
+// 8-token pass 0.99x, the draft pass 0.98-0.995x; `kernel_ab.py`, 2026-11-27, Zen 5; same bits).
+inline int group_halves(int64_t groups) { return groups < 8 * at::get_num_threads() ? 2 : 1; }
+// Unit u's panels in its group of `in_group` panels: the first, and how many (0: none).
+inline std::pair<int, int> unit_panels(int64_t u, int halves, int in_group) {
+  const int s0 = static_cast<int>(u % halves) * (GROUP / 2);
+  return {s0, halves == 1 ? in_group : std::max(0, std::min(in_group, s0 + GROUP / 2) - s0)};
+}
+
 template <typename X, typename W>
 void linear_impl(const Products<X, W>& p) {
   const int64_t Kw = packed_width<W>(p.K), count = static_cast<int64_t>(p.w.size());
   std::vector<int64_t> first(count + 1, 0);  // first global group of each weight
   for (int64_t j = 0; j < count; ++j) first[j + 1] = first[j] + (p.N[j] / PANEL + GROUP - 1) / GROUP;
+  const int halves = group_halves(first[count]);
   // ~8 chunks a thread: long contiguous runs for the prefetchers, yet a late thread still does less
-  const int64_t chunk = std::max<int64_t>(1, first[count] / (8 * at::get_num_threads()));
-  parallel_chunks(first[count], chunk, [&](int64_t begin, int64_t end) {
-    int64_t j = std::upper_bound(first.begin(), first.end(), begin) - first.begin() - 1;
-    for (int64_t g = begin; g < end; ++g) {
+  const int64_t units = first[count] * halves, chunk = std::max<int64_t>(1, units / (8 * at::get_num_threads()));
+  parallel_chunks(units, chunk, [&](int64_t begin, int64_t end) {
+    int64_t j = std::upper_bound(first.begin(), first.end(), begin / halves) - first.begin() - 1;
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t g = u / halves;
       while (g >= first[j + 1]) ++j;
       const int64_t panel0 = (g - first[j]) * GROUP;
-      const int count = static_cast<int>(std::min<int64_t>(GROUP, p.N[j] / PANEL - panel0));
+      const int in_group = static_cast<int>(std::min<int64_t>(GROUP, p.N[j] / PANEL - panel0));
+      const auto [s0, count] = unit_panels(u, halves, in_group);
+      if (count == 0) continue;
       const W* w[GROUP];
       PanelOut out[GROUP];
       for (int s = 0; s < count; ++s) {
-        const int64_t n0 = (panel0 + s) * PANEL;
-        w[s] = panel_start(p.w[j] + panel0 * PANEL * Kw, Kw, s);
+        const int64_t n0 = (panel0 + s0 + s) * PANEL;
+        w[s] = panel_start(p.w[j] + panel0 * PANEL * Kw, Kw, s0 + s);
         out[s] = {p.scale[j] ? p.scale[j] + n0 : nullptr, p.bias[j] ? p.bias[j] + n0 : nullptr, p.y[j] + n0};
       }
       linear_group(p, w, out, p.N[j], count);
@@ -984,13 +1003,17 @@ void run_q4(const float* x, int64_t M, int64_t K, const std::vector<Operand>& op
   const auto rows = int8_quads(x, M, K, Q4_INPUTS);
   std::vector<int64_t> first(operands.size() + 1, 0);  // first global run of each weight
   for (size_t j = 0; j < operands.size(); ++j) first[j + 1] = first[j] + (operands[j].w->size(0) + GROUP - 1) / GROUP;
-  const int64_t chunk = std::max<int64_t>(1, first.back() / (8 * at::get_num_threads()));
-  parallel_chunks(first.back(), chunk, [&](int64_t begin, int64_t end) {
-    size_t j = std::upper_bound(first.begin(), first.end(), begin) - first.begin() - 1;
-    for (int64_t run = begin; run < end; ++run) {
-      while (run >= first[j + 1]) ++j;
-      const int64_t panel0 = (run - first[j]) * GROUP, panels = operands[j].w->size(0), N = panels * PANEL;
-      const int count = static_cast<int>(std::min<int64_t>(GROUP, panels - panel0));
+  const int halves = group_halves(first.back());
+  const int64_t units = first.back() * halves, chunk = std::max<int64_t>(1, units / (8 * at::get_num_threads()));
+  parallel_chunks(units, chunk, [&](int64_t begin, int64_t end) {
+    size_t j = std::upper_bound(first.begin(), first.end(), begin / halves) - first.begin() - 1;
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t g = u / halves;
+      while (g >= first[j + 1]) ++j;
+      const int64_t panels = operands[j].w->size(0), N = panels * PANEL, group0 = (g - first[j]) * GROUP;
+      const auto [s0, count] = unit_panels(u, halves, static_cast<int>(std::min<int64_t>(GROUP, panels - group0)));
+      if (count == 0) continue;
+      const int64_t panel0 = group0 + s0;
       const uint8_t* w = operands[j].w->data_ptr<uint8_t>() + panel0 * groups * Q4_BLOCK;
       const float* bias = floats_or_null(operands[j].bias);
       for (int64_t m = 0; m < M;) {
