@@ -95,6 +95,11 @@ inline float exp1(float x) { return _mm256_cvtss_f32(exp_lanes(_mm256_set1_ps(x)
 // FMAs, each product exact), so the builds with and without it give the same bits.
 constexpr int64_t PANEL = 16;
 constexpr int GROUP = 4;  // panels a thread takes at a time (64 features)
+#ifdef __AVX512F__
+constexpr bool AVX512_BUILD = true;
+#else
+constexpr bool AVX512_BUILD = false;
+#endif
 inline int64_t input_order(int64_t k, int64_t, const float*) { return k; }
 inline int64_t input_order(int64_t k, int64_t K, const bf16*) { return (k ^ 1) < K ? k ^ 1 : k; }
 
@@ -487,19 +492,22 @@ inline void int8_feature(const uint32_t* x, int64_t ldx, int64_t M, int64_t K, c
   }
 }
 
-// R rows over `count` panels, S at a time (the last few two, then one, at a time).
+// R rows over `count` panels, S at a time (the last few one by one; on AVX-512 builds, where a
+// thread may take half a group (`group_halves`), two at a time first). The AVX2 build without that
+// step: with it, its fp32 16-token pass measured 1.13x, though the step never runs there.
 template <typename X, typename W, int R, int S>
 inline void linear_panels(const X* x, int64_t ldx, int64_t K, const W* const* w, const PanelOut* out, int64_t ldy,
                           int count) {
+  constexpr bool PAIRS = S > 2 && AVX512_BUILD;
   int s = 0;
   if constexpr (std::is_same_v<W, int8_t>) {
     for (; s + S <= count; s += S) int8_tile<R, S>(x, ldx, (K + 3) / 4, w + s, panel_step<W>(count, s), out + s, ldy);
-    if constexpr (S > 2)
+    if constexpr (PAIRS)
       for (; s + 2 <= count; s += 2) int8_tile<R, 2>(x, ldx, (K + 3) / 4, w + s, panel_step<W>(count, s), out + s, ldy);
     for (; s < count; ++s) int8_tile<R, 1>(x, ldx, (K + 3) / 4, w + s, panel_step<W>(count, s), out + s, ldy);
   } else {
     for (; s + S <= count; s += S) linear_tile<X, W, R, S>(x, ldx, K, w + s, panel_step<W>(count, s), out + s, ldy);
-    if constexpr (S > 2)
+    if constexpr (PAIRS)
       for (; s + 2 <= count; s += 2) linear_tile<X, W, R, 2>(x, ldx, K, w + s, panel_step<W>(count, s), out + s, ldy);
     for (; s < count; ++s) linear_tile<X, W, R, 1>(x, ldx, K, w + s, panel_step<W>(count, s), out + s, ldy);
   }
@@ -708,9 +716,11 @@ void linear_group(const Products<X, W>& p, const W* const* w, const PanelOut* ou
 
 // The unit the threads share a product in: a group of panels, or half of one (its first or its
 // second pair of panels, as packed) where the product has few groups: with 9 on 2 threads (o and
-// down), one thread would take a whole group more than the other (a bf16 AR step 0.974-0.986x, an
-// 8-token pass 0.99x, the draft pass 0.98-0.995x; `kernel_ab.py`, 2026-11-27, Zen 5; same bits).
-inline int group_halves(int64_t groups) { return groups < 8 * at::get_num_threads() ? 2 : 1; }
+// down), one thread would take a whole group more than the other (AVX-512: a bf16 AR step
+// 0.974-0.986x, 8 / 16 tokens 0.99x / 0.954x, fp32 16 tokens 0.983x, the draft pass 0.98-0.995x;
+// `kernel_ab.py`, 2026-11-27, Zen 5; same bits).
+// The AVX2 build keeps its groups whole: halves measured no faster there (1 token 0.997x).
+inline int group_halves(int64_t groups) { return AVX512_BUILD && groups < 8 * at::get_num_threads() ? 2 : 1; }
 // Unit u's panels in its group of `in_group` panels: the first, and how many (0: none).
 inline std::pair<int, int> unit_panels(int64_t u, int halves, int in_group) {
   const int s0 = static_cast<int>(u % halves) * (GROUP / 2);
