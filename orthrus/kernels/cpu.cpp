@@ -32,6 +32,16 @@ inline __m256 load8(const bf16* p) {  // bf16 -> fp32 is a 16-bit shift, exact
   __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
+#ifdef __AVX512F__
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16* p) {  // bf16 -> fp32: a 16-bit shift, exact
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+inline void store16(__m512 v, float* p) { _mm512_storeu_ps(p, v); }
+inline void store16(__m512 v, bf16* p) {  // v holds bf16 values (exact): their top halves
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
+}
+#endif
 inline float to_float(float v) { return v; }
 inline float to_float(bf16 v) { return static_cast<float>(v); }
 
@@ -493,7 +503,7 @@ inline void int8_feature(const uint32_t* x, int64_t ldx, int64_t M, int64_t K, c
 }
 
 // R rows over `count` panels, S at a time (the last few one by one; on AVX-512 builds, where a
-// thread may take half a group (`group_halves`), two at a time first). The AVX2 build without that
+// thread may take half a group (`for_each_panel_run`), two at a time first). The AVX2 build without that
 // step: with it, its fp32 16-token pass measured 1.13x, though the step never runs there.
 template <typename X, typename W, int R, int S>
 inline void linear_panels(const X* x, int64_t ldx, int64_t K, const W* const* w, const PanelOut* out, int64_t ldy,
@@ -714,45 +724,49 @@ void linear_group(const Products<X, W>& p, const W* const* w, const PanelOut* ou
   }
 }
 
-// The unit the threads share a product in: a group of panels, or half of one (its first or its
-// second pair of panels, as packed) where the product has few groups: with 9 on 2 threads (o and
-// down), one thread would take a whole group more than the other (AVX-512: a bf16 AR step
-// 0.974-0.986x, 8 / 16 tokens 0.99x / 0.954x, fp32 16 tokens 0.983x, the draft pass 0.98-0.995x;
-// `kernel_ab.py`, 2026-11-27, Zen 5; same bits).
-// The AVX2 build keeps its groups whole: halves measured no faster there (1 token 0.997x).
-inline int group_halves(int64_t groups) { return AVX512_BUILD && groups < 8 * at::get_num_threads() ? 2 : 1; }
-// Unit u's panels in its group of `in_group` panels: the first, and how many (0: none).
-inline std::pair<int, int> unit_panels(int64_t u, int halves, int in_group) {
-  const int s0 = static_cast<int>(u % halves) * (GROUP / 2);
-  return {s0, halves == 1 ? in_group : std::max(0, std::min(in_group, s0 + GROUP / 2) - s0)};
+// Runs body(j, group0, s0, count) over the panels of a product's weights (weight j has panels[j]):
+// `count` panels from panel group0 + s0 of weight j, group0 the first of their packed group. The
+// threads share the groups (`parallel_chunks`, ~8 chunks a thread: long contiguous runs for the
+// prefetchers, yet a late thread still does less), or on AVX-512 builds, where a product has few
+// groups, their halves (first or second pair of panels): with 9 groups on 2 threads (o and down),
+// one thread would take a whole group more than the other (a bf16 AR step 0.974-0.986x, 8 / 16
+// tokens 0.99x / 0.954x, fp32 16 tokens 0.983x, the draft pass 0.98-0.995x; `kernel_ab.py`,
+// 2026-11-27, Zen 5; same bits). The AVX2 build keeps its groups whole: halves measured no faster
+// there (1 token 0.997x).
+template <typename F>
+void for_each_panel_run(const std::vector<int64_t>& panels, const F& body) {
+  std::vector<int64_t> first(panels.size() + 1, 0);  // first global group of each weight
+  for (size_t j = 0; j < panels.size(); ++j) first[j + 1] = first[j] + (panels[j] + GROUP - 1) / GROUP;
+  const int threads = at::get_num_threads(), halves = AVX512_BUILD && first.back() < 8 * threads ? 2 : 1;
+  const int64_t units = first.back() * halves, chunk = std::max<int64_t>(1, units / (8 * threads));
+  parallel_chunks(units, chunk, [&](int64_t begin, int64_t end) {
+    size_t j = std::upper_bound(first.begin(), first.end(), begin / halves) - first.begin() - 1;
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t g = u / halves;
+      while (g >= first[j + 1]) ++j;
+      const int64_t group0 = (g - first[j]) * GROUP;
+      const int in_group = static_cast<int>(std::min<int64_t>(GROUP, panels[j] - group0));
+      const int s0 = static_cast<int>(u % halves) * (GROUP / 2);
+      const int count = halves == 1 ? in_group : std::min(in_group, s0 + GROUP / 2) - s0;
+      if (count > 0) body(j, group0, s0, count);  // (a group of 1 or 2 panels has no second half)
+    }
+  });
 }
 
 template <typename X, typename W>
 void linear_impl(const Products<X, W>& p) {
   const int64_t Kw = packed_width<W>(p.K), count = static_cast<int64_t>(p.w.size());
-  std::vector<int64_t> first(count + 1, 0);  // first global group of each weight
-  for (int64_t j = 0; j < count; ++j) first[j + 1] = first[j] + (p.N[j] / PANEL + GROUP - 1) / GROUP;
-  const int halves = group_halves(first[count]);
-  // ~8 chunks a thread: long contiguous runs for the prefetchers, yet a late thread still does less
-  const int64_t units = first[count] * halves, chunk = std::max<int64_t>(1, units / (8 * at::get_num_threads()));
-  parallel_chunks(units, chunk, [&](int64_t begin, int64_t end) {
-    int64_t j = std::upper_bound(first.begin(), first.end(), begin / halves) - first.begin() - 1;
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t g = u / halves;
-      while (g >= first[j + 1]) ++j;
-      const int64_t panel0 = (g - first[j]) * GROUP;
-      const int in_group = static_cast<int>(std::min<int64_t>(GROUP, p.N[j] / PANEL - panel0));
-      const auto [s0, count] = unit_panels(u, halves, in_group);
-      if (count == 0) continue;
-      const W* w[GROUP];
-      PanelOut out[GROUP];
-      for (int s = 0; s < count; ++s) {
-        const int64_t n0 = (panel0 + s0 + s) * PANEL;
-        w[s] = panel_start(p.w[j] + panel0 * PANEL * Kw, Kw, s0 + s);
-        out[s] = {p.scale[j] ? p.scale[j] + n0 : nullptr, p.bias[j] ? p.bias[j] + n0 : nullptr, p.y[j] + n0};
-      }
-      linear_group(p, w, out, p.N[j], count);
+  std::vector<int64_t> panels(count);
+  for (int64_t j = 0; j < count; ++j) panels[j] = p.N[j] / PANEL;
+  for_each_panel_run(panels, [&](size_t j, int64_t group0, int s0, int run) {
+    const W* w[GROUP];
+    PanelOut out[GROUP];
+    for (int s = 0; s < run; ++s) {
+      const int64_t n0 = (group0 + s0 + s) * PANEL;
+      w[s] = panel_start(p.w[j] + group0 * PANEL * Kw, Kw, s0 + s);
+      out[s] = {p.scale[j] ? p.scale[j] + n0 : nullptr, p.bias[j] ? p.bias[j] + n0 : nullptr, p.y[j] + n0};
     }
+    linear_group(p, w, out, p.N[j], run);
   });
   for (int64_t j = 0; j < count; ++j)  // features past the last whole panel (row-major)
     for (int64_t n = p.N[j] / PANEL * PANEL; n < p.N[j]; ++n)
@@ -772,9 +786,8 @@ std::vector<uint32_t> bf16_pairs(const float* x, int64_t M, int64_t K) {
     uint32_t* out = pairs.data() + m * half;
     int64_t k = 0;
 #ifdef __AVX512F__
-    for (; k + 16 <= K; k += 16)  // 16 inputs' top halves, narrowed to 16 bits: 8 pairs
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k / 2),
-                          _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(_mm512_loadu_ps(row + k)), 16)));
+    for (; k + 16 <= K; k += 16)  // 16 inputs' top halves: 8 pairs
+      store16(_mm512_loadu_ps(row + k), reinterpret_cast<bf16*>(out) + k);
 #endif
     for (; k < K; ++k) {
       uint32_t bits;
@@ -1011,37 +1024,27 @@ inline void q4_panels(const uint32_t* x, int64_t ldx, int64_t groups, const uint
 void run_q4(const float* x, int64_t M, int64_t K, const std::vector<Operand>& operands, const std::vector<float*>& ys) {
   const int64_t groups = K / Q4_INPUTS, ldx = K / 4 + 2 + groups;
   const auto rows = int8_quads(x, M, K, Q4_INPUTS);
-  std::vector<int64_t> first(operands.size() + 1, 0);  // first global run of each weight
-  for (size_t j = 0; j < operands.size(); ++j) first[j + 1] = first[j] + (operands[j].w->size(0) + GROUP - 1) / GROUP;
-  const int halves = group_halves(first.back());
-  const int64_t units = first.back() * halves, chunk = std::max<int64_t>(1, units / (8 * at::get_num_threads()));
-  parallel_chunks(units, chunk, [&](int64_t begin, int64_t end) {
-    size_t j = std::upper_bound(first.begin(), first.end(), begin / halves) - first.begin() - 1;
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t g = u / halves;
-      while (g >= first[j + 1]) ++j;
-      const int64_t panels = operands[j].w->size(0), N = panels * PANEL, group0 = (g - first[j]) * GROUP;
-      const auto [s0, count] = unit_panels(u, halves, static_cast<int>(std::min<int64_t>(GROUP, panels - group0)));
-      if (count == 0) continue;
-      const int64_t panel0 = group0 + s0;
-      const uint8_t* w = operands[j].w->data_ptr<uint8_t>() + panel0 * groups * Q4_BLOCK;
-      const float* bias = floats_or_null(operands[j].bias);
-      for (int64_t m = 0; m < M;) {
-        const int64_t r = std::min<int64_t>(Q4_ROWS, M - m);
-        PanelOut out[GROUP];
-        for (int s = 0; s < count; ++s)
-          out[s] = {nullptr, bias ? bias + (panel0 + s) * PANEL : nullptr, ys[j] + m * N + (panel0 + s) * PANEL};
-        const uint32_t* xr = rows.data() + m * ldx;
-        switch (r) {
-          case 1: q4_panels<1>(xr, ldx, groups, w, out, N, count); break;
+  std::vector<int64_t> panels(operands.size());
+  for (size_t j = 0; j < operands.size(); ++j) panels[j] = operands[j].w->size(0);
+  for_each_panel_run(panels, [&](size_t j, int64_t group0, int s0, int count) {
+    const int64_t N = panels[j] * PANEL, panel0 = group0 + s0;
+    const uint8_t* w = operands[j].w->data_ptr<uint8_t>() + panel0 * groups * Q4_BLOCK;
+    const float* bias = floats_or_null(operands[j].bias);
+    for (int64_t m = 0; m < M;) {
+      const int64_t r = std::min<int64_t>(Q4_ROWS, M - m);
+      PanelOut out[GROUP];
+      for (int s = 0; s < count; ++s)
+        out[s] = {nullptr, bias ? bias + (panel0 + s) * PANEL : nullptr, ys[j] + m * N + (panel0 + s) * PANEL};
+      const uint32_t* xr = rows.data() + m * ldx;
+      switch (r) {
+        case 1: q4_panels<1>(xr, ldx, groups, w, out, N, count); break;
 #ifdef __AVX512VNNI__
-          case 3: q4_panels<3>(xr, ldx, groups, w, out, N, count); break;
-          case 4: q4_panels<4>(xr, ldx, groups, w, out, N, count); break;
+        case 3: q4_panels<3>(xr, ldx, groups, w, out, N, count); break;
+        case 4: q4_panels<4>(xr, ldx, groups, w, out, N, count); break;
 #endif
-          default: q4_panels<2>(xr, ldx, groups, w, out, N, count); break;
-        }
-        m += r;
+        default: q4_panels<2>(xr, ldx, groups, w, out, N, count); break;
       }
+      m += r;
     }
   });
 }
@@ -1823,17 +1826,6 @@ inline V silu_mul_lanes(V gate, V up, T* like) {
   const V a = round_lanes(g / (splat<V>(1.f) + e), like);
   return round_lanes(a * round_lanes(up, like), like);
 }
-
-#ifdef __AVX512F__
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const bf16* p) {  // bf16 -> fp32: a 16-bit shift, exact
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
-inline void store16(__m512 v, float* p) { _mm512_storeu_ps(p, v); }
-inline void store16(__m512 v, bf16* p) {  // v holds bf16 values (exact): their top halves
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
-}
-#endif
 
 template <typename T>
 void silu_mul(const float* gate, const float* up, T* out, int64_t n) {
