@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import kernels
 from .errors import OrthrusError
 
 
@@ -96,6 +97,8 @@ def truncate(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch
 
 def sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF sampling: probs [..., V] (need not be normalised), uniforms [...] in [0, 1)."""
+    if kernels.takes_fp32(probs):  # no vocabulary-wide cumulative sum to allocate and search
+        return kernels.sample(probs.reshape(-1, probs.shape[-1]), uniforms.reshape(-1)).view(probs.shape[:-1])
     cdf = probs.cumsum(-1)
     target = uniforms.to(cdf.dtype) * cdf[..., -1]
     return torch.searchsorted(cdf, target[..., None], right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
@@ -134,6 +137,12 @@ def speculative_accept(
     q_d = q.gather(-1, drafts[..., None]).squeeze(-1)
     real = torch.arange(k, device=p.device) < lengths[:, None]
     accepted = ((u_accept * q_d < p_d) & real).long().cumprod(-1).sum(-1)
+    if kernels.takes_fp32(p):  # the rest in a few passes over one row a sequence, not a dozen tensor ops
+        none = torch.zeros(n, 0, dtype=torch.long)
+        next_token, leaf = kernels.residual_draw(p, q, accepted, lengths, *(
+            (leaves.tokens, leaves.depths, u_leaves[:, : leaves.tokens.shape[1]]) if leaves is not None else (none, none, none.float())),
+            u_next)
+        return accepted + (leaf >= 0).long(), next_token, leaf
     p_a = row_at(p, accepted)
     q_a = row_at(q, accepted.clamp(max=k - 1)) if k else torch.zeros_like(p_a)
     q_a = torch.where((accepted < lengths)[:, None], q_a, 0.0)  # past a row's drafts: the bonus, from p alone

@@ -154,6 +154,43 @@ def test_top_tokens_are_topk_and_logsumexp_in_one_pass():
     torch.testing.assert_close(lse, x.logsumexp(-1), rtol=1e-6, atol=1e-5)
 
 
+def test_sample_and_residual_draw_give_what_the_plain_pytorch_rule_gives():
+    """The kernels' inverse-CDF draws and the accept rule's tail (residual, leaves, next token) against
+    `sampling`'s tensor ops on the same uniforms, over a real vocabulary's width: the same tokens but
+    where a uniform falls within rounding of a boundary (the two sum the CDF in different orders)."""
+    from orthrus import sampling
+
+    g = torch.Generator().manual_seed(4)
+    n, k, vocab, s = 64, 3, 49152, 4
+    p = torch.softmax(torch.randn(n, k + 1 + s, vocab, generator=g) * 3, -1)
+    q = torch.softmax(torch.randn(n, k, vocab, generator=g) * 3, -1)
+    q[::4] = p[::4, :k]  # p == q: the residual has no mass, the draw comes from p
+    u = torch.rand(n, k + 1 + s, generator=g)
+    drafts = p[:, :k].argmax(-1)
+    drafts[1::2] = torch.randint(0, vocab, (n // 2, k), generator=g)  # mostly rejected: the residual
+    leaves = sampling.Leaves(p[:, :k].topk(2, -1).indices.reshape(n, -1)[:, :s], torch.tensor([1, 1, 2, 2]).expand(n, -1))
+    leaves.tokens[::3, 1] = leaves.tokens[::3, 0]  # a repeat
+    lengths = torch.randint(0, k + 1, (n,), generator=g)
+    args = (p, q, drafts, torch.rand(n, k, generator=g), u[:, 0], lengths, leaves, u[:, 1 : 1 + s])
+    with_kernels = sampling.speculative_accept(*args)
+    draws = sampling.sample(p.reshape(-1, vocab), u.reshape(-1))
+    kernels.enabled = False
+    try:
+        plain = sampling.speculative_accept(*args)
+        plain_draws = sampling.sample(p.reshape(-1, vocab), u.reshape(-1))
+    finally:
+        kernels.enabled = True
+    for got, want in zip(with_kernels, plain):
+        assert float((got == want).float().mean()) >= 0.98 and got.dtype == want.dtype
+    assert set(with_kernels[2].tolist()) >= {-1, 0} and float((draws == plain_draws).float().mean()) >= 0.99
+    # never a token of zero weight, whatever the uniform
+    sparse = torch.zeros(3, vocab)
+    sparse[0, [5, 900]], sparse[1, vocab - 1], sparse[2, 64] = 1.0, 2.0, 1e-30
+    edges = torch.tensor([0.0, 0.999999940, 0.5])
+    assert kernels.sample(sparse, edges).tolist() == [5, vocab - 1, 64]
+    assert kernels.sample(sparse, torch.full((3,), 0.99999994)).tolist() == [900, vocab - 1, 64]
+
+
 def test_the_packed_weight_follows_changes_to_the_weight():
     """The kernel streams a packed copy of each weight; a changed or replaced weight is repacked."""
     kernels.module()

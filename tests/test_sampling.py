@@ -5,9 +5,22 @@ import math
 import pytest
 import torch
 
+from orthrus import kernels
 from orthrus.errors import OrthrusError
 from orthrus.sampling import (NUCLEUS_CANDIDATES, Leaves, SamplingParams, accept, argmax, draw, greedy_accept, sample,
                               sampling_probs, speculative_accept, truncate)
+
+
+@pytest.fixture(params=["kernels", "plain"])
+def vocabulary_path(request):
+    """The sampling draws and the accept rule's residual on the CPU kernels (where they build), then on
+    plain PyTorch (CUDA's and a machine's without the kernels): both must give the target distribution."""
+    if request.param == "kernels" and kernels.unavailable_reason() is not None:
+        pytest.skip(kernels.unavailable_reason())
+    kernels.enabled = request.param == "kernels"
+    assert kernels.takes_fp32(torch.zeros(1)) == (request.param == "kernels")
+    yield
+    kernels.enabled = True
 
 
 def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
@@ -22,7 +35,7 @@ def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return 0.5 * math.erfc(z / math.sqrt(2))
 
 
-def test_speculative_sampling_reproduces_the_target_distribution():
+def test_speculative_sampling_reproduces_the_target_distribution(vocabulary_path):
     g = torch.Generator().manual_seed(0)
     n, vocab, k = 200_000, 6, 2
     p = torch.softmax(torch.randn(k + 1, vocab, generator=g) * 1.5, -1)
@@ -42,7 +55,7 @@ def test_speculative_sampling_reproduces_the_target_distribution():
     assert chi_square_p_value(torch.bincount(drafts[:, 0], minlength=vocab).float(), p[0]) < 1e-6
 
 
-def test_lookup_drafts_padded_to_the_block_keep_the_target_distribution():
+def test_lookup_drafts_padded_to_the_block_keep_the_target_distribution(vocabulary_path):
     """A lookup draft is a fixed proposal (one-hot q) and rows of one verify pass carry different
     numbers of drafts: each row's tokens still follow p, and a row never accepts past its drafts."""
     g = torch.Generator().manual_seed(1)
@@ -110,7 +123,7 @@ def test_a_greedy_row_beside_sampling_rows_decides_by_argmax_whatever_its_q():
     assert torch.equal(torch.stack(accept(logits, [SamplingParams()] * n, drafts, None, lengths, None, None)), torch.stack(want))
 
 
-def test_tree_leaves_keep_the_target_distribution():
+def test_tree_leaves_keep_the_target_distribution(vocabulary_path):
     """Block draft + leaves: at the first rejected draft, the leaves of its position are tried against
     the residual. What comes out at each position still follows p, leaves are taken (the point of
     them), and greedy rows take a leaf exactly when it is the argmax there."""
@@ -148,7 +161,7 @@ def test_tree_leaves_keep_the_target_distribution():
     assert all(torch.equal(a, b) for a, b in zip(got, want)) and bool((got[2] >= 0).any())
 
 
-def test_a_repeated_leaf_is_not_tried_again():
+def test_a_repeated_leaf_is_not_tried_again(vocabulary_path):
     """Draft 1 (token 0) is always rejected here (p has no mass on it); the residual is half token 1,
     half token 2. Leaves [1, 1] for that position: the first is taken half the time, and its repeat
     never (its mass left the residual with the refusal), so the rest draw token 2."""

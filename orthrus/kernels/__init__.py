@@ -185,15 +185,33 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _module.rmsnorm(x, weight, eps)
 
 
+def takes_fp32(t: torch.Tensor) -> bool:
+    """Whether the kernels take `t` as fp32 CPU values (the vocabulary-wide work of sampling and planning)."""
+    return t.dtype is torch.float32 and _kernel_tensor(t)
+
+
 def top_tokens(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """fp32 logits [..., V] -> (the k largest [..., k], largest first, their indices, and the
     log-sum-exp [...]): one pass over the logits where the kernels run, else torch's topk and logsumexp."""
-    if _kernel_tensor(logits) and logits.dtype is torch.float32:
+    if takes_fp32(logits):
         flat = logits.reshape(-1, logits.shape[-1]).contiguous()
         values, indices, lse = _module.top_tokens(flat, k)
         return values.view(*logits.shape[:-1], k), indices.view(*logits.shape[:-1], k), lse.view(logits.shape[:-1])
     values, indices = logits.topk(k, -1)
     return values, indices, logits.logsumexp(-1)
+
+
+def sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """fp32 probs [R, V] (need not be normalised), uniforms [R] -> an inverse-CDF draw per row, in
+    one pass over each row's blocks and one over a block (`sampling.sample` where `takes_fp32`)."""
+    return _module.sample(probs.contiguous(), uniforms.float())
+
+
+def residual_draw(p: torch.Tensor, q: torch.Tensor, accepted: torch.Tensor, lengths: torch.Tensor, leaf_tokens: torch.Tensor,
+                  leaf_depths: torch.Tensor, u_leaves: torch.Tensor, u_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tail of `sampling.speculative_accept` after the accepted drafts: (next token [N], accepted
+    leaf [N] or -1), a few passes over one row of the vocabulary per sequence."""
+    return tuple(_module.residual_draw(p, q, accepted, lengths, leaf_tokens, leaf_depths, u_leaves.float(), u_next.float()))
 
 
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

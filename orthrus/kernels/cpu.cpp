@@ -1745,6 +1745,134 @@ std::vector<torch::Tensor> top_tokens(const torch::Tensor& x, int64_t k) {
   return {values, indices, lse};
 }
 
+inline float sum_of(const float* x, int64_t n) {  // 8 lanes, then their fixed-order sum, then the tail
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(x + i));
+  float s = hsum(acc);
+  for (; i < n; ++i) s += x[i];
+  return s;
+}
+
+// An inverse-CDF draw from weights w [V] (>= 0, need not sum to 1): the first token whose running
+// sum exceeds u times the total, or -1 if every weight is 0. The sums run in one fixed order (blocks
+// of 64 summed by `sum_of`, the blocks in turn, then token by token inside the chosen block), and
+// a token of zero weight is never drawn, whatever the rounding.
+int64_t draw_index(const float* w, int64_t V, float u) {
+  constexpr int64_t B = 64;
+  thread_local std::vector<float> sums;
+  const int64_t blocks = (V + B - 1) / B;
+  sums.resize(blocks);
+  float total = 0.f;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const float* x = w + b * B;
+    const int64_t n = std::min(B, V - b * B);
+    sums[b] = sum_of(x, n);
+    total += sums[b];
+  }
+  if (!(total > 0.f)) return -1;
+  const float target = u * total;
+  float run = 0.f;
+  int64_t b = 0;
+  for (; b < blocks - 1 && !(run + sums[b] > target); ++b) run += sums[b];
+  const int64_t end = std::min(V, (b + 1) * B);
+  int64_t last = -1;  // the last token of weight > 0 seen: rounding may leave the target past the block's own sum
+  for (int64_t t = b * B; t < end; ++t) {
+    if (w[t] > 0.f) {
+      last = t;
+      run += w[t];
+      if (run > target) return t;
+    }
+  }
+  for (int64_t t = b * B - 1; last < 0 && t >= 0; --t)
+    if (w[t] > 0.f) last = t;
+  return last;
+}
+
+// Per row of probs [R, V] (fp32, need not be normalised): an inverse-CDF draw with uniform u[r].
+torch::Tensor sample(const torch::Tensor& probs, const torch::Tensor& u) {
+  TORCH_CHECK(probs.dim() == 2 && probs.scalar_type() == at::kFloat && probs.is_contiguous() &&
+                  u.scalar_type() == at::kFloat && u.numel() == probs.size(0),
+              "sample: contiguous fp32 probs [R, V] and fp32 uniforms [R]");
+  const int64_t R = probs.size(0), V = probs.size(1);
+  auto us = u.contiguous();
+  auto out = torch::empty({R}, probs.options().dtype(at::kLong));
+  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t t = draw_index(probs.data_ptr<float>() + r * V, V, us.data_ptr<float>()[r]);
+      out.data_ptr<int64_t>()[r] = t < 0 ? V - 1 : t;
+    }
+  });
+  return out;
+}
+
+// The speculative rule's last step (sampling.speculative_accept's tail), per row n after its
+// accepted drafts a = accepted[n] of lengths[n]: where a draft was rejected, the residual
+// r = max(p[n, a] - q[n, a], 0) (p[n, a] itself if r has no mass) and the leaves of that position
+// (depth a + 1, an earlier repeat skipped) tried in turn, leaf s taken with probability r(leaf) / the
+// mass the refused ones before it left; the next token from the taken leaf's row p[n, K + 1 + s],
+// else from r without the refused leaves, or from p[n, a] where every draft was accepted (the bonus).
+// p [N, R, V] and q [N, K, V] fp32 with contiguous rows; leaves [N, S]. Returns (next token, leaf or -1).
+std::vector<torch::Tensor> residual_draw(const torch::Tensor& p, const torch::Tensor& q, const torch::Tensor& accepted,
+                                         const torch::Tensor& lengths, const torch::Tensor& leaf_tokens,
+                                         const torch::Tensor& leaf_depths, const torch::Tensor& u_leaves,
+                                         const torch::Tensor& u_next) {
+  TORCH_CHECK(p.dim() == 3 && q.dim() == 3 && p.scalar_type() == at::kFloat && q.scalar_type() == at::kFloat &&
+                  p.stride(2) == 1 && q.stride(2) == 1 && q.size(2) == p.size(2),
+              "residual_draw: fp32 p [N, R, V] and q [N, K, V] with contiguous rows");
+  const int64_t N = p.size(0), V = p.size(2), K = q.size(1), S = leaf_tokens.size(1);
+  auto a_ = accepted.contiguous(), len_ = lengths.contiguous(), tok_ = leaf_tokens.contiguous(),
+       dep_ = leaf_depths.contiguous(), ul_ = u_leaves.contiguous(), un_ = u_next.contiguous();
+  TORCH_CHECK(a_.scalar_type() == at::kLong && len_.scalar_type() == at::kLong && tok_.scalar_type() == at::kLong &&
+                  dep_.scalar_type() == at::kLong && ul_.scalar_type() == at::kFloat && un_.scalar_type() == at::kFloat &&
+                  leaf_depths.size(1) == S && u_leaves.size(1) >= S,
+              "residual_draw: long accepted, lengths, leaves and fp32 uniforms");
+  auto next = torch::empty({N}, a_.options()), leaf = torch::full({N}, -1, a_.options());
+  const int64_t *acc = a_.data_ptr<int64_t>(), *len = len_.data_ptr<int64_t>(), *tok = tok_.data_ptr<int64_t>(),
+                *dep = dep_.data_ptr<int64_t>();
+  const float *ul = ul_.data_ptr<float>(), *un = un_.data_ptr<float>();
+  const int64_t uls = ul_.size(1);
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t a = acc[n];
+    const float* pa = p.data_ptr<float>() + n * p.stride(0) + a * p.stride(1);
+    const float* from = pa;
+    int64_t taken = -1;
+    thread_local std::vector<float> r;
+    if (a < len[n]) {
+      const float* qa = q.data_ptr<float>() + n * q.stride(0) + std::min(a, K - 1) * q.stride(1);
+      r.resize(V);
+      int64_t t = 0;
+      for (; t + 8 <= V; t += 8)
+        _mm256_storeu_ps(r.data() + t, _mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(pa + t), _mm256_loadu_ps(qa + t)), _mm256_setzero_ps()));
+      for (; t < V; ++t) r[t] = std::max(pa[t] - qa[t], 0.f);
+      float total = sum_of(r.data(), V);
+      if (!(total > 0.f)) {  // p == q: nothing to correct
+        std::copy(pa, pa + V, r.begin());
+        total = sum_of(pa, V);
+      }
+      const int64_t *tn = tok + n * S, *dn = dep + n * S;
+      float before = 0.f;  // the mass of the leaves tried so far
+      std::vector<int64_t> refused;
+      for (int64_t s = 0; s < S && taken < 0; ++s) {
+        if (dn[s] != a + 1 || std::find(refused.begin(), refused.end(), tn[s]) != refused.end()) continue;
+        const float m = r[tn[s]];
+        if (ul[n * uls + s] * (total - before) < m) taken = s;
+        else before += m, refused.push_back(tn[s]);
+      }
+      if (taken >= 0) from = p.data_ptr<float>() + n * p.stride(0) + (K + 1 + taken) * p.stride(1);
+      else {
+        for (int64_t t : refused) r[t] = 0.f;
+        from = r.data();
+      }
+    }
+    int64_t t = draw_index(from, V, un[n]);
+    if (t < 0) t = draw_index(pa, V, un[n]);  // rounding left the residual no mass (exact arithmetic never does)
+    next.data_ptr<int64_t>()[n] = t < 0 ? V - 1 : t;
+    leaf.data_ptr<int64_t>()[n] = taken;
+  }
+  return {next, leaf};
+}
+
 template <typename T>
 void rope_impl(T* x, const float* cos, const float* sin, int64_t NT, int64_t T_, int64_t H, int64_t D, int64_t sn,
                int64_t st) {
@@ -2090,6 +2218,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("top_tokens", &top_tokens, "per row: the k largest values, their indices, and the log-sum-exp",
         py::call_guard<py::gil_scoped_release>());
   m.def("rope_", &rope_, "rotary embedding in place");
+  m.def("sample", &sample, "per row: an inverse-CDF draw from (unnormalised) probabilities",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("residual_draw", &residual_draw, "the speculative rule's next token and accepted leaf, per row",
+        py::call_guard<py::gil_scoped_release>());
   py::class_<DecoderStack>(m, "DecoderStack")
       .def(py::init<const std::vector<std::vector<c10::optional<torch::Tensor>>>&, int64_t, int64_t, int64_t, double, bool>())
       .def("fresh", &DecoderStack::fresh, "whether every weight is unchanged since the stack was built")
