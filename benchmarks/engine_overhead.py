@@ -20,7 +20,7 @@ import torch
 import orthrus
 from orthrus import engine
 
-TIMED = ("plan_cycle", "plan_leaves", "draw", "accept")  # engine functions timed per call
+TIMED = ("plan_cycle", "plan_tree", "draw", "accept")  # engine functions timed per call
 
 PROMPTS = [
     "Explain how binary search works, with Python code.",

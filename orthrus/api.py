@@ -22,7 +22,7 @@ import torch
 from . import kernels
 from .checkpoint import drafter_fits, load_drafter, load_model
 from .engine import (MAX_LOOKUP_DRAFTS, PASS_COSTS_METHOD, SOURCES, Engine, Mode, PassCosts, Sequence, acceptance_length,
-                     measure_pass_costs, position_acceptance)
+                     extension_accepted, measure_pass_costs, most_verify_tokens, position_acceptance)
 from .errors import OrthrusError
 from .hub import DEFAULT_DRAFTER, DEFAULT_MODEL, cache_dir, resolve_model
 from .sampling import SamplingParams
@@ -42,6 +42,7 @@ class GenerationStats:
     sources: list[str] = field(default_factory=list)  # each cycle's draft source (engine.SOURCES)
     drafted: list[int] = field(default_factory=list)  # drafts verified in each cycle
     branches: list[int] = field(default_factory=list)  # 1 where a cycle's last accepted draft was a tree leaf
+    extended: list[int] = field(default_factory=list)  # lookup extension drafts verified in each cycle
 
     @property
     def cycles(self) -> int:
@@ -66,6 +67,9 @@ class GenerationStats:
         if leaves := sum(self.branches):  # a drafter cycle's accepted tree leaf: from the tree, not the block draft
             by_source["diffusion"] -= leaves
             by_source["tree"] = leaves
+        if extension := sum(extension_accepted(self.accepted, self.drafted, self.extended)):  # lookup after the block draft
+            by_source["diffusion"] -= extension
+            by_source["lookup"] = by_source.get("lookup", 0) + extension
         return {"cycles": self.cycles, "tokens": self.tokens, "forwards": self.forwards,
                 "tokens_per_cycle": round(self.tokens_per_cycle, 3), "tokens_per_second": round(self.tokens_per_second, 2),
                 "seconds": round(self.seconds, 3), "position_acceptance": [round(x, 3) for x in self.position_acceptance],
@@ -146,7 +150,7 @@ class Orthrus:
         if costs is None:
             print("orthrus: timing this machine's passes for the planner (once per model, dtype and threads)...",
                   file=sys.stderr, flush=True)
-            costs = measure_pass_costs(self.model, block, max(block, MAX_LOOKUP_DRAFTS + 1))
+            costs = measure_pass_costs(self.model, block, most_verify_tokens(block))
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps({**costs.as_dict(), "identity": identity}, indent=1))
@@ -234,7 +238,8 @@ class Orthrus:
             Generation(text=t.text, token_ids=s.generated, finish_reason=s.finish_reason, prompt_tokens=len(s.prompt),
                        stats=GenerationStats(tokens=len(s.generated), accepted=s.stats.accepted,
                                              block_size=engine.block_size, seconds=seconds, forwards=s.stats.forwards,
-                                             sources=s.stats.sources, drafted=s.stats.drafted, branches=s.stats.branches))
+                                             sources=s.stats.sources, drafted=s.stats.drafted, branches=s.stats.branches,
+                                             extended=s.stats.extended))
             for s, t in texts.items()
         ]
 

@@ -16,11 +16,13 @@ seconds from `PassCosts`, the pass times measured on this machine, at the row's 
 A lookup draft is a deterministic proposal (one-hot q), so the accept rule stays exact; rows of
 one cycle may mix sources, and the draft pass runs only over the rows that need it.
 
-Tree leaves (`plan_leaves`, after the draft pass): other tokens at the block draft's positions,
-verified in the same pass after the drafts, each seeing the drafts before its position and itself
-(a token tree of the chain and leaves; with a few-token block the best-first tree has that shape).
-Where draft j is rejected, its position's leaves are tried in turn (exactly: `sampling.Leaves`); an
-accepted leaf's K/V move to its position, and its own logits give the next token.
+After the draft pass `plan_tree` adds, where they pay for their verify rows: tree leaves, other tokens
+at the block draft's positions, verified in the same pass after the drafts, each seeing the drafts
+before its position and itself (a token tree of the chain and leaves; with a few-token block the
+best-first tree has that shape), where draft j is rejected its position's leaves tried in turn
+(exactly: `sampling.Leaves`), an accepted leaf's K/V moved to its position and its own logits giving
+the next token; and a lookup extension, what followed the drafts' last tokens earlier in the text,
+verified after the drafts as a longer chain (one-hot q, as a lookup's).
 
 Adaptive verify (`draft_confidence` > 0): drafts after the first one the drafter itself is unsure
 of (top probability below the threshold) are not verified, which shortens the verify pass where
@@ -80,6 +82,11 @@ def acceptance_length(accepted: list[int]) -> float:
     return (sum(accepted) + len(accepted)) / max(1, len(accepted))
 
 
+def extension_accepted(accepted: list[int], drafted: list[int], extended: list[int]) -> list[int]:
+    """Per cycle, the accepted drafts that were lookup extension tokens (past the block draft)."""
+    return [max(0, a - (d - e)) if e else 0 for a, d, e in zip(accepted, drafted, extended)]
+
+
 def position_acceptance(accepted: list[int], block_size: int) -> list[float]:
     """Fraction of cycles in which draft position i (1-based, up to block_size - 1) was accepted."""
     return [sum(a >= i for a in accepted) / max(1, len(accepted)) for i in range(1, block_size)]
@@ -97,9 +104,16 @@ MAX_EXPLORE_EVERY = 64  # ... or for up to this many, after tries in a row that 
 PRIOR_ACCEPTED = 1.5
 PRIOR_CYCLES = 4
 MAX_LEAVES = 4  # tree leaves (other tokens at the block draft's positions) a drafter cycle may verify
+MAX_EXTENSION = 4  # lookup tokens after the block draft (the chain made longer) a drafter cycle may verify
 LEAF_CHOICES = 3  # other tokens weighed per draft position
 MIN_LEAF_CHANCE = 0.01  # a leaf less likely than this is never worth its row, however cheap rows look
 SOURCES = ("diffusion", "lookup", "tree", "ar")  # "tree": leaves beside the diffusion draft
+
+
+def most_verify_tokens(block_size: int) -> int:
+    """The widest verify pass the planner weighs: a lookup's, or the anchor, block draft and MAX_LEAVES
+    more rows (leaves, or a lookup extension); the pass costs are measured up to it."""
+    return max(block_size + MAX_LEAVES, MAX_LOOKUP_DRAFTS + 1)
 
 
 class PromptLookup:
@@ -113,8 +127,11 @@ class PromptLookup:
         self.latest: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in ngrams}
         self.indexed = dict.fromkeys(ngrams, 0)  # starts [0, indexed[n]) are in latest[n]
 
-    def drafts(self, tokens: list[int], max_drafts: int) -> list[int]:
-        """`tokens` must extend the list of the previous call; [] when no suffix occurs earlier."""
+    def drafts(self, tokens: list[int], max_drafts: int, ahead: list[int] = ()) -> list[int]:
+        """`tokens` must extend the list of the previous call; [] when no suffix occurs earlier. `ahead`:
+        tokens not committed yet (a block's drafts) that the suffix ends with, never indexed: what
+        followed the drafts' last n tokens earlier in the text."""
+        text = tokens + list(ahead) if ahead else tokens
         for n in self.ngrams:
             if len(tokens) <= n:
                 continue
@@ -122,9 +139,9 @@ class PromptLookup:
             for start in range(self.indexed[n], len(tokens) - n):  # every n-gram before the suffix itself
                 latest[tuple(tokens[start : start + n])] = start
             self.indexed[n] = max(self.indexed[n], len(tokens) - n)
-            start = latest.get(tuple(tokens[-n:]))
+            start = latest.get(tuple(text[-n:]))
             if start is not None:
-                return tokens[start + n : start + n + max_drafts]
+                return text[start + n : start + n + max_drafts]
         return []
 
 
@@ -161,7 +178,7 @@ class PassCosts:
                 "verify_per_token": list(self.verify_per_token), "draft_per_token": self.draft_per_token}
 
 
-PASS_COSTS_METHOD = 4  # moves when measure_pass_costs measures otherwise: files of another method are re-measured
+PASS_COSTS_METHOD = 5  # moves when measure_pass_costs measures otherwise: files of another method are re-measured
 
 
 @torch.inference_mode()
@@ -251,42 +268,59 @@ def plan_cycle(seqs: list["Sequence"], block_size: int, costs: PassCosts, source
     return plans
 
 
-def plan_leaves(seqs: list["Sequence"], logits: torch.Tensor, drafts: torch.Tensor, lengths: torch.Tensor,
-                costs: PassCosts) -> Leaves | None:
-    """The planner's second half, after the draft pass: per drafting row, the tree leaves worth
-    their verify rows (block draft + leaves, as DDTree's best-first tree comes out for a few-token
-    block). A leaf is another token t for draft j's position; its chance to be the accepted token
-    there is, by the drafter's own distributions (softmax of `logits` [N, B-1, V]), q_1(d_1) ...
-    q_{j-1}(d_{j-1}) q_j(t) (the drafts before it right, t right: draft j then wrong). A row takes
-    the most probable leaves while the expected tokens they add beat what their rows add to the
-    verify pass; each row by its own costs and history, so a row plans alike in a batch and alone.
-    None: no leaves. (A few dozen numbers go to Python: small tensor ops right after a pass cost
-    more than the loops.)"""
+def plan_tree(seqs: list["Sequence"], logits: torch.Tensor, drafts: torch.Tensor, lengths: torch.Tensor,
+              costs: PassCosts, room: list[int], leaves: bool = True, extend: bool = True) -> tuple[Leaves | None, list[list[int]]]:
+    """The planner's second half, after the draft pass: per drafting row, the tokens its verify pass
+    takes besides the block draft, the likeliest first, while the expected tokens they add beat what
+    their rows add to the pass (each row by its own costs and history, so a row plans alike in a batch
+    and alone):
+    - tree leaves (`leaves`): another token t for draft j's position, as DDTree's best-first tree comes
+      out for a few-token block. Its chance to be the accepted token there is, by the drafter's own
+      distributions (softmax of `logits` [N, B-1, V]), q_1(d_1) ... q_{j-1}(d_{j-1}) q_j(t).
+    - a lookup extension (`extend`): the tokens that followed the drafts' last few tokens earlier in the
+      row's text (`PromptLookup` keyed on the drafts), verified after them as a longer chain, where a
+      copy goes on past what the drafter drafts (summaries, code, repeated phrases). Extension token i
+      is reached if every draft is right, q_1(d_1) ... q_k(d_k), and is right at the row's recent rate.
+    `room`: the most drafts each row can use (its cache slots and token budget). Returns the leaves
+    (None: none) and each row's extension tokens. (A few dozen numbers go to Python: small tensor ops
+    right after a pass cost more than the loops.)"""
     top, token, norm = kernels.top_tokens(logits, LEAF_CHOICES + 1)  # the drafts' own tokens among them, skipped below
     chance = (top - norm[..., None]).exp().tolist()
     right = (logits.gather(-1, drafts[..., None]).squeeze(-1) - norm).exp().tolist()
     token, drafts = token.tolist(), drafts.tolist()
+    most_rows = len(costs.verify) - 1  # no plan past the passes the costs know
     plans = []
-    for s, row_chance, row_token, row_right, row_drafts, kept in zip(seqs, chance, token, right, drafts, lengths.tolist()):
-        reach, candidates = 1.0, []
+    for s, row_chance, row_token, row_right, row_drafts, kept, space in zip(seqs, chance, token, right, drafts,
+                                                                           lengths.tolist(), room):
+        reach, candidates = 1.0, []  # (chance, token, depth): a leaf's depth is its draft's position, an extension's past the drafts
         for j in range(kept):
-            candidates += [(reach * c, t, j + 1) for c, t in zip(row_chance[j], row_token[j])
-                           if t != row_drafts[j] and reach * c >= MIN_LEAF_CHANCE][:LEAF_CHOICES]
+            if leaves:
+                candidates += [(reach * c, t, j + 1) for c, t in zip(row_chance[j], row_token[j])
+                               if t != row_drafts[j] and reach * c >= MIN_LEAF_CHANCE][:LEAF_CHOICES]
             reach *= row_right[j]
         candidates = sorted(candidates, reverse=True)[:MAX_LEAVES]
+        room_left = min(MAX_EXTENSION, space - kept, most_rows - 1 - kept)
+        if extend and room_left > 0:
+            rate = s.stats.extension_rate()
+            found = s.lookup.drafts(s.prompt + s.generated, room_left, row_drafts[:kept])
+            candidates = sorted(candidates + [(reach * rate**i, t, kept + i) for i, t in enumerate(found, 1)
+                                              if reach * rate**i >= MIN_LEAF_CHANCE], reverse=True)
+        candidates = candidates[: max(0, most_rows - 1 - kept)]
         context = s.context
         tokens, draft = 1 + s.stats.recent_accepted("diffusion"), costs.draft_pass(context)
         rates, gained = [tokens / (draft + costs.verify_pass(1 + kept, context))], tokens
         for m, (chance_m, _, _) in enumerate(candidates, 1):
             gained += chance_m
             rates.append(gained / (draft + costs.verify_pass(1 + kept + m, context)))
-        plans.append(candidates[: max(range(len(rates)), key=lambda m: (rates[m], -m))])
-    width = max(map(len, plans))
+        plans.append((kept, candidates[: max(range(len(rates)), key=lambda m: (rates[m], -m))]))
+    extensions = [[t for _, t, depth in sorted(plan, key=lambda c: c[2]) if depth > kept] for kept, plan in plans]
+    picked = [[(t, depth) for _, t, depth in plan if depth <= kept] for kept, plan in plans]
+    width = max(map(len, picked))
     if width == 0:
-        return None
-    padded = [[(t, depth) for _, t, depth in plan] + [(0, 0)] * (width - len(plan)) for plan in plans]  # depth 0: padding
-    leaves = torch.tensor(padded, dtype=torch.long, device=logits.device)
-    return Leaves(leaves[..., 0], leaves[..., 1])
+        return None, extensions
+    padded = [row + [(0, 0)] * (width - len(row)) for row in picked]  # depth 0: padding
+    tree = torch.tensor(padded, dtype=torch.long, device=logits.device)
+    return Leaves(tree[..., 0], tree[..., 1]), extensions
 
 
 def exploration_interval(stats: "SequenceStats", block_size: int, costs: PassCosts, context: int | None = None) -> int:
@@ -311,6 +345,7 @@ class SequenceStats:
     sources: list[str] = field(default_factory=list)  # where each cycle's drafts came from (SOURCES)
     drafted: list[int] = field(default_factory=list)  # drafts verified per cycle
     branches: list[int] = field(default_factory=list)  # 1 where the cycle's last accepted draft was a tree leaf
+    extended: list[int] = field(default_factory=list)  # lookup extension drafts verified per cycle (after the block draft)
 
     @property
     def cycles(self) -> int:
@@ -326,6 +361,17 @@ class SequenceStats:
         recent = [(a, d) for a, d, s in zip(reversed(self.accepted), reversed(self.drafted), reversed(self.sources))
                   if s == "lookup"][:window]
         return (sum(a for a, _ in recent) + 1) / (sum(d for _, d in recent) + 2)
+
+    def extension_rate(self, window: int = 16) -> float:
+        """The chance a lookup extension draft is accepted once the drafts before it are, over the last
+        `window` cycles that reached their extension (every block draft accepted; Laplace: 1/2 with none)."""
+        hits = tries = seen = 0
+        for a, d, e, leaf in zip(reversed(self.accepted), reversed(self.drafted), reversed(self.extended), reversed(self.branches)):
+            if e and a >= d - e and not leaf:
+                hits, tries, seen = hits + a - (d - e), tries + min(e, a - (d - e) + 1), seen + 1
+                if seen == window:
+                    break
+        return (hits + 1) / (tries + 2)
 
     @property
     def forwards(self) -> int:
@@ -379,7 +425,7 @@ class Engine:
             raise OrthrusError(f"block size must be >= 2 in orthrus mode, got {self.block_size}")
         param = next(model.parameters())
         self.device = param.device
-        self.pass_costs = pass_costs or PassCosts.counting_passes(max(self.block_size, MAX_LOOKUP_DRAFTS + 1))
+        self.pass_costs = pass_costs or PassCosts.counting_passes(most_verify_tokens(self.block_size))
         self.cache = KVCache(model.config, max_rows, max_len, param.dtype, param.device)
         self.free_rows = list(range(max_rows))
         self.running: dict[int, Sequence] = {}
@@ -444,11 +490,12 @@ class Engine:
             return []
         seqs = [self.running[r] for r in sorted(self.running)]
         outputs = []
-        for seq, n_acc, tokens, source, n_drafted, branch in zip(seqs, *self._cycle(seqs)):
+        for seq, n_acc, tokens, source, n_drafted, branch, n_extended in zip(seqs, *self._cycle(seqs)):
             seq.stats.accepted.append(n_acc)
             seq.stats.sources.append(source)
             seq.stats.drafted.append(n_drafted)
             seq.stats.branches.append(branch)
+            seq.stats.extended.append(n_extended)
             kept = []
             for tok in tokens:
                 kept.append(tok)
@@ -489,14 +536,14 @@ class Engine:
                 u[i] = torch.rand(count, generator=s.generator)
         return u.to(self.device)
 
-    def _cycle(self, seqs: list[Sequence]) -> tuple[list[int], list[list[int]], list[str], list[int], list[int]]:
+    def _cycle(self, seqs: list[Sequence]) -> tuple[list[int], list[list[int]], list[str], list[int], list[int], list[int]]:
         """One cycle over every running row: (accepted drafts, new tokens, draft source, drafts verified,
-        whether the last accepted draft was a tree leaf) per row."""
+        whether the last accepted draft was a tree leaf, lookup extension drafts verified) per row."""
         rows = torch.tensor([s.row for s in seqs])
         params = [s.params for s in seqs]
         anchors = torch.tensor([s.anchor for s in seqs], device=self.device)
         b = self.block_size
-        most = max(b - 1, MAX_LOOKUP_DRAFTS)  # uniforms per row: drafts, accepts, the next token, leaves
+        most = max(b - 1 + MAX_EXTENSION, MAX_LOOKUP_DRAFTS)  # uniforms per row: drafts, accepts, the next token, leaves
         u = self._uniforms(seqs, 2 * most + 1 + MAX_LEAVES)
         u_accept, u_next = u[:, most : 2 * most], u[:, 2 * most]
         if self.mode == "ar":
@@ -505,7 +552,7 @@ class Engine:
             self.forwards += 1
             self.cache.lengths[rows] += 1
             tokens = draw(logits, params, u[:, :1])[0][:, 0]
-            return [0] * len(seqs), [[t] for t in tokens.tolist()], ["ar"] * len(seqs), [0] * len(seqs), [0] * len(seqs)
+            return [0] * len(seqs), [[t] for t in tokens.tolist()], ["ar"] * len(seqs), [0] * len(seqs), [0] * len(seqs), [0] * len(seqs)
         # lookup drafts a row may take: the verify pass is as wide as its widest row for every row, so
         # it must fit the fullest row's cache slots; and none past the row's own token budget
         slots = self.max_len - 1 - int(self.cache.lengths[rows].max())
@@ -524,7 +571,7 @@ class Engine:
                 drafts[i, : len(plan.drafts)] = torch.tensor(plan.drafts, device=self.device)
                 if q is not None:
                     q[i, range(len(plan.drafts)), plan.drafts] = 1.0  # a deterministic proposal
-        leaves = None
+        leaves, extended = None, [0] * len(seqs)
         if diffuse:
             # draft: one diffusion pass over [anchor, MASK...] for the rows the planner gave the
             # drafter; row j predicts position anchor + j + 1
@@ -543,8 +590,22 @@ class Engine:
                 kept = (sure.long().cumprod(-1).sum(-1) + 1).clamp(max=b - 1)
             lengths[picked] = kept
             self.forwards += 1
-            if "tree" in self.sources:
-                leaves = plan_leaves([seqs[i] for i in diffuse], draft_logits, drafts[picked, : b - 1], kept, self.pass_costs)
+            if "tree" in self.sources or "lookup" in self.sources:
+                leaves, extensions = plan_tree([seqs[i] for i in diffuse], draft_logits, drafts[picked, : b - 1], kept,
+                                               self.pass_costs, [room[i] for i in diffuse], "tree" in self.sources,
+                                               "lookup" in self.sources)
+                longest = max(n + len(e) for n, e in zip(kept.tolist(), extensions))
+                if longest > drafts.shape[1]:  # the drafts' (and their distributions') room for the longest chain
+                    drafts = torch.cat([drafts, drafts.new_zeros(len(seqs), longest - drafts.shape[1])], 1)
+                    if q is not None:
+                        q = torch.cat([q, q.new_zeros(len(seqs), longest - q.shape[1], q.shape[2])], 1)
+                for j, (i, extension) in enumerate(zip(diffuse, extensions)):
+                    if extension:  # after the drafts: a deterministic proposal each (one-hot q)
+                        n = int(kept[j])
+                        drafts[i, n : n + len(extension)] = torch.tensor(extension, device=self.device)
+                        if q is not None:
+                            q[i, range(n, n + len(extension)), extension] = 1.0
+                        lengths[i], extended[i] = n + len(extension), len(extension)
         k = int(lengths.max())
         drafts = drafts[:, :k]
         # verify: one AR pass over [anchor, drafts] for every row, writing the cache; a tree's leaves
@@ -574,4 +635,5 @@ class Engine:
                 kv[:, rows[i], :, start + a] = kv[:, rows[i], :, start + k + 1 + s]
             new_tokens[i][a - 1] = int(leaves.tokens[i, s])
         self.cache.lengths[rows] += accepted.cpu() + 1  # commit the anchor and the accepted drafts (a leaf's included)
-        return accepted.tolist(), new_tokens, [plan.source for plan in plans], lengths.tolist(), (leaf >= 0).long().tolist()
+        return (accepted.tolist(), new_tokens, [plan.source for plan in plans], lengths.tolist(), (leaf >= 0).long().tolist(),
+                extended)

@@ -9,7 +9,7 @@ import torch
 from orthrus.cache import KVCache
 from orthrus.checkpoint import init_untrained_twins
 from orthrus.engine import (SOURCES, PassCosts, PromptLookup, Sequence, SequenceStats, exploration_interval,
-                            plan_cycle, plan_leaves)
+                            extension_accepted, plan_cycle, plan_tree)
 
 from .conftest import PROMPTS
 
@@ -189,13 +189,68 @@ def test_tree_leaves_go_where_the_drafter_is_unsure_and_rows_are_cheap():
     drafts, kept = torch.tensor([[7, 8, 10]]), torch.tensor([3])
     seq = Sequence([1, 2, 3])
     flat = PassCosts((0.0,) + (1.0,) * 8, 1.0)
-    leaves = plan_leaves([seq], logits, drafts, kept, flat)
+    leaves, extensions = plan_tree([seq], logits, drafts, kept, flat, [7])
     assert leaves.tokens[0, 0] == 9 and leaves.depths[0, 0] == 2  # draft 2's runner-up first
     assert leaves.tokens.shape[1] == 4 and set(leaves.depths[0].tolist()) <= {2, 3}  # no leaf beside the sure draft 1
+    assert extensions == [[]]  # the drafts' last tokens occur nowhere earlier
     seq.stats = SequenceStats(accepted=[3] * 8, sources=["diffusion"] * 8, drafted=[3] * 8)  # ~3.8 tokens a cycle
     steep = PassCosts((0.0,) + tuple(2.0 * t for t in range(1, 9)), 4.0)  # a row costs two steps
-    assert plan_leaves([seq], logits, drafts, kept, steep) is None
-    assert plan_leaves([seq], logits, drafts, torch.tensor([1]), flat) is None  # only draft 1 verified: nothing unsure
+    assert plan_tree([seq], logits, drafts, kept, steep, [7]) == (None, [[]])
+    assert plan_tree([seq], logits, drafts, torch.tensor([1]), flat, [7])[0] is None  # only draft 1 verified: nothing unsure
+    assert plan_tree([seq], logits, drafts, kept, flat, [7], leaves=False)[0] is None
+
+
+def test_a_lookup_extension_follows_sure_drafts_where_the_text_went_on_before():
+    """The drafts 7 8 10 end with 8 10, which the text had before, followed by 11 12 13 14 15: the
+    rows after sure drafts take that continuation as a longer chain (cheap rows: as much as fits
+    the passes the costs know and the row's room), leaves beside unsure ones still come first,
+    and a row that has seen its extensions refused takes fewer."""
+    sure = torch.full((1, 3, 50), -20.0)
+    sure[0, 0, 7] = sure[0, 1, 8] = sure[0, 2, 10] = 5.0
+    drafts, kept = torch.tensor([[7, 8, 10]]), torch.tensor([3])
+    seq = Sequence([1, 8, 10, 11, 12, 13, 14, 15, 2])
+    flat = PassCosts((0.0,) + (1.0,) * 8, 1.0)
+    leaves, extensions = plan_tree([seq], sure, drafts, kept, flat, [7])
+    assert leaves is None and extensions == [[11, 12, 13, 14]]  # 1 + 3 drafts + 4 = the 8 rows measured
+    assert plan_tree([seq], sure, drafts, kept, flat, [5])[1] == [[11, 12]]  # room for 5 drafts
+    assert plan_tree([seq], sure, drafts, kept, flat, [7], extend=False)[1] == [[]]
+    steep = PassCosts((0.0,) + tuple(2.0 * t for t in range(1, 9)), 4.0)
+    seq.stats = SequenceStats(accepted=[3] * 8, sources=["diffusion"] * 8, drafted=[3] * 8)  # ~3.8 tokens a cycle
+    assert plan_tree([seq], sure, drafts, kept, steep, [7])[1] == [[]]  # rows that cost a pass each: none
+    seq.stats = SequenceStats()
+    unsure = sure.clone()
+    unsure[0, 2, 10:14] = 1.0  # draft 3 four-way: its leaves are likelier than a chain past it
+    leaves, extensions = plan_tree([seq], unsure, drafts, kept, flat, [7])
+    assert leaves is not None and leaves.tokens.shape[1] == 3 and extensions == [[11]]
+    # every extension of recent cycles refused (3 block drafts accepted, then the first extension token not)
+    seq.stats = SequenceStats(accepted=[3] * 16, sources=["diffusion"] * 16, drafted=[7] * 16, branches=[0] * 16,
+                              extended=[4] * 16)
+    assert seq.stats.extension_rate() == 1 / 18 and extension_accepted([3, 5, 2], [7, 7, 3], [4, 4, 0]) == [0, 2, 0]
+    gentle = PassCosts((0.0,) + tuple(1 + 0.05 * t for t in range(8)), 1.0)
+    assert plan_tree([seq], sure, drafts, kept, gentle, [7])[1] == [[]]  # a 1/18 chance is not worth a row
+
+
+def test_greedy_orthrus_with_lookup_extensions_equals_ar(smollm2):
+    """Text the model copies: with every draft right (the oracle drafter), lookup extensions after
+    the block draft are verified and accepted, and the output is AR's, alone and in a batch."""
+    text = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
+            "How vexingly quick daft zebras jump. ")
+    prompts = [[{"role": "user", "content": f"Repeat this text exactly, twice:\n{text}"}],
+               [{"role": "user", "content": f"Copy the next line:\n{text * 2}"}]]
+    expected = [g.token_ids for g in smollm2.generate(prompts, max_new_tokens=40, mode="ar")]
+    smollm2.pass_costs(4)  # measured with the model's own draft pass, not the oracle's (the file is kept for later tests)
+    restore = make_oracle(smollm2, [smollm2.encode(p) + e for p, e in zip(prompts, expected)])
+    try:
+        batch = smollm2.generate(prompts, max_new_tokens=40, block_size=4, sources=("diffusion", "lookup"))
+        alone = [smollm2.generate(p, max_new_tokens=40, block_size=4, sources=("diffusion", "lookup")) for p in prompts]
+    finally:
+        restore()
+    assert [g.token_ids for g in batch] == expected and [g.token_ids for g in alone] == expected
+    stats = [g.stats for g in batch]
+    assert sum(sum(st.extended) for st in stats) > 0
+    assert sum(sum(extension_accepted(st.accepted, st.drafted, st.extended)) for st in stats) >= len(prompts) * 4
+    assert max(a for st in stats for a in st.accepted) > 3  # past the block's 3 drafts
+    assert all(g.stats.as_dict()["accepted_by_source"]["lookup"] > 0 for g in batch)
 
 
 def test_the_planner_tries_a_losing_drafter_less_and_less_often():

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from ..engine import acceptance_length, position_acceptance
+from ..engine import acceptance_length, extension_accepted, position_acceptance
 from .runner import METHODS, Run
 
 
@@ -35,6 +35,7 @@ def summarize(runs: list[Run], block_size: int) -> dict:
                     src: {"cycles": n, "acceptance_length": round(acceptance_length([a for s, a in by_source if s == src]), 3)}
                     for src in dict.fromkeys(s for s, _ in by_source) if (n := sum(s == src for s, _ in by_source))}
                 m["tree_leaves_accepted"] = sum(sum(r.branches) for r in mine)  # drafter cycles a leaf lengthened
+                m["lookup_extension_accepted"] = sum(sum(extension_accepted(r.accepted, r.drafted, r.extended)) for r in mine)
                 m["cycles"] = len(cycles)
                 m["acceptance_length"] = round(acceptance_length(cycles), 3)
                 m["position_acceptance"] = [round(x, 3) for x in position_acceptance(cycles, block_size)]

@@ -44,6 +44,8 @@ class Run:
     accepted: list[int] = field(default_factory=list)  # orthrus: accepted drafts per cycle
     sources: list[str] = field(default_factory=list)  # orthrus: each cycle's draft source
     branches: list[int] = field(default_factory=list)  # orthrus: 1 where a cycle's last accepted draft was a tree leaf
+    drafted: list[int] = field(default_factory=list)  # orthrus: drafts verified per cycle
+    extended: list[int] = field(default_factory=list)  # orthrus: lookup extension drafts among them
 
 
 class HFGenerate:
@@ -133,21 +135,23 @@ class Runner:
         self.llama_cpp = LlamaCpp(gguf, llm.stop_token_ids) if "llama.cpp" in methods else None
 
     def run_one(self, method: str, ids: list[int], max_new_tokens: int, seed: int) -> tuple:
-        """(tokens, seconds, forwards, accepted, sources, branches): the fields of a `Run` after its method."""
+        """(tokens, seconds, forwards, accepted, sources, branches, drafted, extended): the fields of a `Run` after its method."""
         start = time.perf_counter()
         if method.startswith("hf"):
             tokens, forwards = self.hf.generate(ids, max_new_tokens, self.sampling, seed, prompt_lookup=method == "hf-pld")
-            return tokens, time.perf_counter() - start, forwards, [], [], []
+            return tokens, time.perf_counter() - start, forwards, [], [], [], [], []
         if method == "llama.cpp":
             tokens, forwards = self.llama_cpp.generate(ids, max_new_tokens, self.sampling, seed)
-            return tokens, time.perf_counter() - start, forwards, [], [], []
+            return tokens, time.perf_counter() - start, forwards, [], [], [], [], []
         params = self.sampling
         out = self.llm.generate(ids, max_new_tokens=max_new_tokens, temperature=params.temperature, top_k=params.top_k,
                                 top_p=params.top_p, seed=seed,
                                 mode="ar" if method == "ar" else "orthrus", sources=ORTHRUS_SOURCES[method],
                                 block_size=self.block_size, draft_confidence=self.draft_confidence)
         seconds = time.perf_counter() - start
-        return out.token_ids, seconds, out.stats.forwards, list(out.stats.accepted), list(out.stats.sources), list(out.stats.branches)
+        stats = out.stats
+        return (out.token_ids, seconds, stats.forwards, list(stats.accepted), list(stats.sources), list(stats.branches),
+                list(stats.drafted), list(stats.extended))
 
     def warm_up(self, ids: list[int]) -> None:
         for method in self.methods:

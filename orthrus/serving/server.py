@@ -29,7 +29,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import Orthrus, TextStream
-from ..engine import Engine, Mode, Sequence
+from ..engine import Engine, Mode, Sequence, extension_accepted
 from ..errors import OrthrusError
 from ..sampling import SamplingParams
 from .metrics import Metrics
@@ -202,12 +202,17 @@ class EngineLoop:
             m.inc("orthrus:spec_decode_num_drafts_total", source=source)
             m.inc("orthrus:spec_decode_num_draft_tokens_total", seq.stats.drafted[-1], source=source)
             leaf = seq.stats.branches[-1]  # the last accepted token a tree leaf: counted as the tree's
-            m.inc("orthrus:spec_decode_num_accepted_tokens_total", seq.stats.accepted[-1] - leaf, source=source)
+            accepted = seq.stats.accepted[-1]
+            # lookup tokens after the block draft: counted as lookup's
+            extension = extension_accepted([accepted], seq.stats.drafted[-1:], seq.stats.extended[-1:])[0]
+            m.inc("orthrus:spec_decode_num_accepted_tokens_total", accepted - leaf - extension, source=source)
             if leaf:
                 m.inc("orthrus:spec_decode_num_accepted_tokens_total", 1, source="tree")
-            for position in range(seq.stats.accepted[-1]):
-                m.inc("orthrus:spec_decode_num_accepted_tokens_per_pos", position=str(position),
-                      source="tree" if leaf and position == seq.stats.accepted[-1] - 1 else source)
+            if extension:
+                m.inc("orthrus:spec_decode_num_accepted_tokens_total", extension, source="lookup")
+            for position in range(accepted):
+                by = "tree" if leaf and position == accepted - 1 else "lookup" if position >= accepted - extension else source
+                m.inc("orthrus:spec_decode_num_accepted_tokens_per_pos", position=str(position), source=by)
         if job.last_output is None:
             m.observe("orthrus:time_to_first_token_seconds", now - job.arrived)
         else:  # a cycle emits several tokens at once: each gets its share of the gap
