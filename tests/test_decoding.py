@@ -243,9 +243,13 @@ def test_greedy_orthrus_with_lookup_extensions_equals_ar(smollm2):
     try:
         batch = smollm2.generate(prompts, max_new_tokens=40, block_size=4, sources=("diffusion", "lookup"))
         alone = [smollm2.generate(p, max_new_tokens=40, block_size=4, sources=("diffusion", "lookup")) for p in prompts]
+        # sampling: extensions are one-hot proposals beside sampled drafts; a seeded row repeats in a batch
+        sampled = smollm2.generate(prompts, max_new_tokens=40, block_size=4, temperature=0.3, seed=5)
+        sampled_alone = smollm2.generate(prompts[1], max_new_tokens=40, block_size=4, temperature=0.3, seed=5)
     finally:
         restore()
     assert [g.token_ids for g in batch] == expected and [g.token_ids for g in alone] == expected
+    assert sampled[1].token_ids == sampled_alone.token_ids and sum(sum(g.stats.extended) for g in sampled) > 0
     stats = [g.stats for g in batch]
     assert sum(sum(st.extended) for st in stats) > 0
     assert sum(sum(extension_accepted(st.accepted, st.drafted, st.extended)) for st in stats) >= len(prompts) * 4
