@@ -1699,8 +1699,6 @@ torch::Tensor rmsnorm(const torch::Tensor& x, const torch::Tensor& w, double eps
   return y;
 }
 
-// Rotary embedding in place on x [N, T, H, D] (D contiguous): x * cos + rotate_half(x) * sin with
-// cos, sin [N, T, D] fp32, computed in fp32 (two products and a sum, as aten does in fp32).
 // Per row of x [R, V] (fp32 logits): its k largest values, largest first (equal values: the lower
 // index first), their indices, and log(sum(exp(x))). One read of the row for the first two, a
 // second (from cache) for the sum: what a planner needs of a draft's distributions, where every
@@ -1873,6 +1871,8 @@ std::vector<torch::Tensor> residual_draw(const torch::Tensor& p, const torch::Te
   return {next, leaf};
 }
 
+// Rotary embedding in place on x [N, T, H, D] (D contiguous): x * cos + rotate_half(x) * sin with
+// cos, sin [N, T, D] fp32, computed in fp32 (two products and a sum, as aten does in fp32).
 template <typename T>
 void rope_impl(T* x, const float* cos, const float* sin, int64_t NT, int64_t T_, int64_t H, int64_t D, int64_t sn,
                int64_t st) {
