@@ -44,8 +44,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--sources", default="diffusion,lookup,tree,ar", type=parse_sources,
-                   help="what the cycle planner may choose from each cycle: the drafter (diffusion), prompt lookup, "
-                        "tree leaves beside the drafter's block, a plain AR step (comma-separated; default all)")
+                   help="what the cycle planner may choose from each cycle: the drafter (diffusion), prompt lookup "
+                        "(alone, or after the drafter's block as a longer chain), tree leaves beside the drafter's block, "
+                        "a plain AR step (comma-separated; default all)")
     p.add_argument("--no-thinking", dest="thinking", action="store_false",
                    help="chat templates that support it (Qwen3) answer without a thinking block")
     p.add_argument("--stats", action="store_true", help="print decoding statistics to stderr")
