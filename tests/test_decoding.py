@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+from orthrus import kernels
 from orthrus.cache import KVCache
 from orthrus.checkpoint import init_untrained_twins
 from orthrus.engine import (SOURCES, PassCosts, PromptLookup, Sequence, SequenceStats, exploration_interval,
@@ -52,6 +53,8 @@ def randomize_twins(llm, seed=0):
 def test_greedy_orthrus_equals_ar_with_three_drafters(request, name, block, path):
     if path == "plain":
         request.getfixturevalue("plain_pytorch")
+    elif kernels.unavailable_reason() is not None:  # bf16 is exact through the kernels' batch invariance alone
+        pytest.skip(kernels.unavailable_reason())
     llm = request.getfixturevalue(name)
     max_new = 24 if name.startswith("qwen3") else 14
     prompts = [[{"role": "user", "content": p}] for p in PROMPTS]
@@ -94,6 +97,8 @@ def test_greedy_orthrus_equals_ar_with_three_drafters(request, name, block, path
 
 @pytest.mark.parametrize("name", ["qwen3", "qwen3_bf16", "qwen3_int8_drafts"])
 def test_drafts_from_a_draft_vocabulary_are_the_full_heads_there_and_keep_the_output(request, name):
+    if kernels.unavailable_reason() is not None:  # head rows alone bit for bit, and bf16 exact: the kernels' doing
+        pytest.skip(kernels.unavailable_reason())
     llm = request.getfixturevalue(name)
     model = llm.model
     cache = KVCache(model.config, 1, 16, next(model.parameters()).dtype, "cpu")
@@ -316,7 +321,8 @@ def test_greedy_orthrus_with_lookup_equals_ar_on_repetitive_text(smollm2):
     out = smollm2.generate(prompts, max_new_tokens=40, block_size=4)  # the untrained drafter: lookup must carry it
     assert [g.token_ids for g in out] == [g.token_ids for g in ar]
     lookup = [a for g in out for a, s in zip(g.stats.accepted, g.stats.sources) if s == "lookup"]
-    assert lookup and sum(lookup) >= len(lookup), "lookup drafts should be taken and mostly accepted here"
+    if kernels.unavailable_reason() is None:  # on the plain path a 2-token pass costs ~1.7 steps: AR steps win there
+        assert lookup and sum(lookup) >= len(lookup), "lookup drafts should be taken and mostly accepted here"
 
 
 def test_seeded_sampling_repeats_exactly_alone_or_batched(qwen3):
