@@ -15,12 +15,11 @@ from orthrus.sampling import (NUCLEUS_CANDIDATES, Leaves, SamplingParams, accept
 def vocabulary_path(request):
     """The sampling draws and the accept rule's residual on the CPU kernels (where they build), then on
     plain PyTorch (CUDA's and a machine's without the kernels): both must give the target distribution."""
-    if request.param == "kernels" and kernels.unavailable_reason() is not None:
+    if request.param == "plain":
+        request.getfixturevalue("plain_pytorch")
+    elif kernels.unavailable_reason() is not None:
         pytest.skip(kernels.unavailable_reason())
-    kernels.enabled = request.param == "kernels"
     assert kernels.takes_fp32(torch.zeros(1)) == (request.param == "kernels")
-    yield
-    kernels.enabled = True
 
 
 def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
