@@ -8,7 +8,9 @@ per cycle (AR steps count as cycles of one token).
         --variant ar mode=ar
 
 A variant is a name and `key=value` options of `generate` (a comma makes a tuple of strings; an
-integer or a float is parsed as one). `--paired` also prints, per prompt, every variant's time from
+integer or a float is parsed as one), or `engine.NAME=value`: a planner constant of `orthrus.engine`
+set for that variant's runs (`--variant off engine.MAX_EXTENSION=0`; variants without it run at the
+module's own value). `--paired` also prints, per prompt, every variant's time from
 the one round in which the last variant ran fastest, beside each variant's own fastest: on a machine
 whose memory bus is sometimes shared (BENCHMARKS.md, "Two machine states"), with AR as the last
 variant this gives the ratios of the uncontended state, where the variants of a round ran within
@@ -23,6 +25,7 @@ import time
 import torch
 
 import orthrus
+from orthrus import engine
 from orthrus.bench.prompts import load_prompt_set
 
 
@@ -48,6 +51,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     variants = {name: dict(map(option, options)) for name, *options in args.variant}
+    constants = {key: getattr(engine, key.removeprefix("engine.")) for options in variants.values() for key in options
+                 if key.startswith("engine.")}  # each at its own value, for the variants that do not set it
     llm = orthrus.load(None)
     llm.generate("Hello", max_new_tokens=8)  # packs the weights, calibrates the planner
     for spec in args.sets.split(","):
@@ -58,8 +63,11 @@ def main(argv=None) -> None:
         for _ in range(args.rounds):
             for i, prompt in enumerate(prompts):
                 for name, options in variants.items():
+                    for key, default in constants.items():
+                        setattr(engine, key.removeprefix("engine."), options.get(key, default))
+                    generate = {key: value for key, value in options.items() if key not in constants}
                     start = time.perf_counter()
-                    out = llm.generate(prompt, max_new_tokens=args.max_new_tokens, **options)
+                    out = llm.generate(prompt, max_new_tokens=args.max_new_tokens, **generate)
                     took[name][i].append(time.perf_counter() - start)
                     tokens[name][i], cycles[name][i] = len(out.token_ids), out.stats.cycles
         kept = {"fastest": {name: [min(times) for times in took[name]] for name in variants}}

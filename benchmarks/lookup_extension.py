@@ -1,21 +1,18 @@
-"""The lookup extension after the block draft (`engine.plan_tree`), measured two ways on the default
-model and drafter, greedy unless told otherwise, 10 prompts a set x 128 new tokens:
+"""The lookup extension after the block draft (`engine.plan_tree`): its potential. Decodes each
+prompt of each set (default model and drafter, greedy, 10 prompts x 128 new tokens) with the extension
+off and, in every drafter cycle that accepted its whole block draft (3 drafts), checks what a prompt
+lookup keyed on the drafts' last tokens would have added had up to M extension rows been free:
+tokens per drafter cycle, M = 1..4.
 
-- `--replay`: its potential. Decodes each prompt with the extension off and, in every drafter cycle
-  that accepted its whole block draft, checks what a prompt lookup keyed on the drafts' last tokens
-  would have added had up to M extension rows been free: tokens per drafter cycle, M = 1..4.
-- otherwise, side by side: Orthrus with the extension off (MAX_EXTENSION = 0) and on, and AR mode,
-  each prompt under each in turn for two rounds, the fastest kept; speed over AR and tokens a cycle.
+    python benchmarks/lookup_extension.py --sets mtbench,humaneval,gsm,benchmarks/prompts/docs.jsonl
 
-    python benchmarks/lookup_extension.py --sets mtbench,humaneval,gsm,benchmarks/prompts/docs.jsonl [--replay]
-
-Pause background jobs first.
+Its speed, off against on, side by side: `benchmarks/generate_ab.py --variant off engine.MAX_EXTENSION=0
+--variant on engine.MAX_EXTENSION=4 --variant ar mode=ar`.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
@@ -45,41 +42,18 @@ def replay(llm, prompts, most: int = 4) -> str:
     return ", ".join(f"M={m} +{gained[m] / cycles:.3f}" for m in range(1, most + 1)) + f" tokens a drafter cycle ({cycles} cycles)"
 
 
-def side_by_side(llm, prompts, temperature: float) -> str:
-    variants = {"off": ("orthrus", 0), "on": ("orthrus", 4), "ar": ("ar", 0)}
-    fastest, tokens, cycles = ({v: 0.0 for v in variants} for _ in range(3))
-    for i, prompt in enumerate(prompts):
-        best = dict.fromkeys(variants, float("inf"))
-        for round_ in range(2):
-            for name, (mode, extension) in variants.items():
-                engine.MAX_EXTENSION = extension
-                start = time.perf_counter()
-                out = llm.generate(prompt, max_new_tokens=128, mode=mode, temperature=temperature, seed=i)
-                best[name] = min(best[name], time.perf_counter() - start)
-                if round_ == 0:
-                    tokens[name] += len(out.token_ids)
-                    cycles[name] += out.stats.cycles
-        for name in variants:
-            fastest[name] += best[name]
-    return ", ".join(f"{name} {fastest['ar'] / fastest[name]:.3f}x AR ({tokens[name] / cycles[name]:.2f} tokens a cycle)"
-                     for name in variants)
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sets", default="mtbench,humaneval,gsm")
     ap.add_argument("--num-prompts", type=int, default=10)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--replay", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     llm = orthrus.load(None)
-    llm.generate("Hello", max_new_tokens=8)  # builds, packs and calibrates outside the timings
+    llm.generate("Hello", max_new_tokens=8)  # builds, packs and calibrates first
     for spec in args.sets.split(","):
         prompts = load_prompt_set(spec, args.num_prompts)
-        result = replay(llm, prompts.prompts) if args.replay else side_by_side(llm, prompts.prompts, args.temperature)
-        print(f"{prompts.name}: {result}", flush=True)
+        print(f"{prompts.name}: {replay(llm, prompts.prompts)}", flush=True)
 
 
 if __name__ == "__main__":
