@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import orthrus
 from orthrus.cache import KVCache
@@ -22,8 +23,8 @@ from orthrus.checkpoint import load_model
 from orthrus.errors import OrthrusError
 from orthrus.training.data import draw_anchors, pack, read_shards, shard_files
 from orthrus.training.distill import distill, write_shard
-from orthrus.training.trainer import (TrainConfig, ar_mask, block_mask, draft_loss, dual_pass, position_weights, prepare_model,
-                                      train)
+from orthrus.training.trainer import (TrainConfig, ar_mask, diffusion_mask_mod, draft_loss, dual_pass, position_weights, prepare_model,
+                                      split_attention, train, visible_ar_keys)
 
 from .conftest import write_random_model
 
@@ -97,14 +98,23 @@ def test_training_pass_gives_the_inference_draft_logits(llama_folder):
     assert ok[0, 1].tolist() == [True] * 3 + [False] * 4 and ok[0, 3].tolist() == [True] * 4 + [False] * 3
 
 
-def test_block_mask_is_block_diagonal_with_the_causal_limit():
+def test_block_queries_see_their_anchors_past_and_their_own_block():
     doc = torch.tensor([[0, 0, 0, 0, 1, 1, 1, -1]])
-    mask = block_mask(doc, torch.tensor([[2, 6]]), 2)[0, 0]  # 2 blocks of 2 queries, 8 AR + 4 block keys
-    ar = mask[:, :8]
+    anchors = torch.tensor([[2, 6]])  # 2 blocks of 2 queries
+    ar = visible_ar_keys(doc, anchors, 2)[0]
     assert ar[:2].tolist() == [[True, True, False, False, False, False, False, False]] * 2
     assert ar[2:].tolist() == [[False, False, False, False, True, True, False, False]] * 2
-    assert mask[:, 8:].tolist() == [[True, True, False, False]] * 2 + [[False, False, True, True]] * 2
     assert ar_mask(doc)[0, 0, 5].tolist() == [False, False, False, False, True, True, False, False]
+    # the attention over those keys and the block's own, against SDPA with the whole mask (8 AR + 4 block keys)
+    mask_mod = diffusion_mask_mod(doc, anchors, 2)
+    whole = mask_mod(torch.arange(1)[:, None, None], None, torch.arange(4)[None, :, None], torch.arange(12)[None, None, :])
+    assert whole[0, :, 8:].tolist() == [[True, True, False, False]] * 2 + [[False, False, True, True]] * 2
+    torch.manual_seed(0)
+    q, k_ar, v_ar, k_block, v_block = torch.randn(1, 6, 4, 8), *torch.randn(2, 1, 2, 8, 8), *torch.randn(2, 1, 2, 4, 8)
+    split = split_attention(q, (k_ar, k_block), (v_ar, v_block), visible_ar_keys(doc, anchors, 2), 2)
+    dense = F.scaled_dot_product_attention(q, torch.cat([k_ar, k_block], 2), torch.cat([v_ar, v_block], 2),
+                                           attn_mask=whole[:, None], enable_gqa=True)
+    torch.testing.assert_close(split, dense)
 
 
 def test_anchors_lie_in_replies_without_repeats_and_depend_only_on_the_row(data_folder):
@@ -398,15 +408,15 @@ def test_text_data_is_sharegpt_replies_made_the_same_on_every_machine(qwen3, tmp
         write_text_data(qwen3, tmp_path / "a", 15, max_new_tokens=41)
 
 
-def test_flex_attention_pass_agrees_with_the_sdpa_pass(llama_folder, data_folder):
-    """The block-sparse FlexAttention path (used on CUDA) gives the dense-mask path's drafts."""
+def test_flex_attention_pass_agrees_with_the_split_pass(llama_folder, data_folder):
+    """The block-sparse FlexAttention path (used on CUDA) gives the split path's drafts."""
     model = trained_model(llama_folder)
     rows = pack(read_shards(data_folder), 128).select([0, 1])
     anchors, _ = draw_anchors(rows, 8, 8, seed=0, row_ids=[0, 1])
     with torch.no_grad():
-        dense, teacher, ok = dual_pass(model, rows, anchors, 8, flex=False)
+        split, teacher, ok = dual_pass(model, rows, anchors, 8, flex=False)
         sparse, teacher2, ok2 = dual_pass(model, rows, anchors, 8, flex=True)
-    torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sparse, split, atol=1e-5, rtol=1e-5)
     assert torch.equal(teacher, teacher2) and torch.equal(ok, ok2)
 
 

@@ -93,22 +93,45 @@ def compiled_flex_attention():
 
 
 class BlockStore:
-    """Diffusion pass: keys = the row's recorded AR keys followed by every block's own keys,
-    attended through a dense boolean mask (SDPA) or a FlexAttention BlockMask (`flex`)."""
+    """Diffusion pass: keys = the row's recorded AR keys followed by every block's own keys. On
+    CUDA through a FlexAttention BlockMask (`flex`); else split (`split_attention`): each block's
+    queries against the AR keys, masked, and against its own block's B keys, under one softmax,
+    never the dense [blocks x B, L + blocks x B] score matrix whose block part is almost all masked."""
 
     def __init__(self, ar: RecordingStore, doc: torch.Tensor, anchors: torch.Tensor, block_size: int, flex: bool):
-        self.ar = ar
-        self.mask = None if flex else block_mask(doc, anchors, block_size)
-        self.attend = None
+        self.ar, self.flex = ar, flex
         if flex:
             from torch.nn.attention.flex_attention import flex_attention
 
             attention = compiled_flex_attention() if doc.is_cuda else flex_attention  # eager flex is slow on GPU
             sparse = flex_block_mask(doc, anchors, block_size)
             self.attend = lambda q, k, v: attention(q, k, v, block_mask=sparse, enable_gqa=k.shape[1] != q.shape[1])
+        else:
+            visible = visible_ar_keys(doc, anchors, block_size)
+            self.attend = lambda q, k, v: split_attention(q, k, v, visible, block_size)
 
     def update(self, layer, k, v):
-        return torch.cat([self.ar.keys[layer], k], 2), torch.cat([self.ar.values[layer], v], 2)
+        if self.flex:
+            return torch.cat([self.ar.keys[layer], k], 2), torch.cat([self.ar.values[layer], v], 2)
+        return (self.ar.keys[layer], k), (self.ar.values[layer], v)
+
+
+def split_attention(q: torch.Tensor, keys: tuple, values: tuple, visible: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Attention of block queries q [R, H, nb*B, D] over (AR keys [R, KV, L, D], block keys [R, KV,
+    nb*B, D]) and the same values: query t sees the AR keys `visible` [R, nb*B, L] and the B keys of
+    its own block t // B. Head h reads KV head h // (H / KV), as SDPA's enable_gqa."""
+    (k_ar, k_block), (v_ar, v_block) = keys, values
+    R, H, T, D = q.shape
+    kv, L, B = k_ar.shape[1], k_ar.shape[2], block_size
+    g, nb = H // kv, T // B
+    q = q.reshape(R, kv, g * T, D) * D**-0.5
+    on_ar = (q @ k_ar.transpose(-1, -2)).view(R, kv, g, nb, B, L)
+    on_ar = on_ar.masked_fill(~visible.view(R, 1, 1, nb, B, L), float("-inf"))
+    on_block = q.view(R, kv, g, nb, B, D) @ k_block.view(R, kv, 1, nb, B, D).transpose(-1, -2)  # [.., nb, B, B]
+    p = torch.cat([on_ar, on_block], -1).float().softmax(-1)
+    out = (p[..., :L].reshape(R, kv, g * T, L).to(v_ar.dtype) @ v_ar).view(R, kv, g, nb, B, D)
+    out = out + p[..., L:].to(v_block.dtype) @ v_block.view(R, kv, 1, nb, B, D)
+    return out.reshape(R, H, T, D)
 
 
 def ar_mask(doc: torch.Tensor) -> torch.Tensor:
@@ -134,12 +157,12 @@ def diffusion_mask_mod(doc: torch.Tensor, anchors: torch.Tensor, block_size: int
     return mask_mod
 
 
-def block_mask(doc: torch.Tensor, anchors: torch.Tensor, block_size: int) -> torch.Tensor:
-    """[R, 1, nb*B, L + nb*B] boolean mask (SDPA) from `diffusion_mask_mod`."""
+def visible_ar_keys(doc: torch.Tensor, anchors: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[R, nb*B, L] boolean: the AR keys each block query sees, from `diffusion_mask_mod`."""
     (R, L), queries = doc.shape, anchors.shape[1] * block_size
     idx = lambda n: torch.arange(n, device=doc.device)  # noqa: E731
     mask_mod = diffusion_mask_mod(doc, anchors, block_size)
-    return mask_mod(idx(R)[:, None, None], None, idx(queries)[None, :, None], idx(L + queries)[None, None, :])[:, None]
+    return mask_mod(idx(R)[:, None, None], None, idx(queries)[None, :, None], idx(L)[None, None, :])
 
 
 def flex_block_mask(doc: torch.Tensor, anchors: torch.Tensor, block_size: int):
@@ -158,7 +181,7 @@ def dual_pass(model: OrthrusLM, rows: PackedRows, anchors: torch.Tensor, block_s
     teacher's AR states at a_b + j, plus target_ok [R, nb, B-1]: row j's target a_b+j+1 is a reply
     token of a_b's conversation. `diffusion_model` is the (DDP/FSDP-wrapped) module for the pass
     that gets gradients; the AR pass runs on the bare model with no graph. `flex` (default: on
-    CUDA) attends block-sparsely, so memory grows with visible blocks, not queries x keys."""
+    CUDA) attends through FlexAttention's block-sparse mask, else through `split_attention`."""
     device = next(model.parameters()).device
     tokens, positions, doc = rows.tokens.to(device), rows.positions.to(device), rows.doc.to(device)
     anchors = anchors.to(device)
