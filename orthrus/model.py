@@ -82,8 +82,9 @@ class Linear(nn.Linear):
         rows = x.numel() // x.shape[-1]
         if kernels.usable(x, rows):
             return kernels.linear(x, self)[0]
-        if x.dtype is torch.bfloat16 and x.device.type == "cpu" and rows > kernels.MAX_TOKENS:
-            # many rows (a prefill): aten's bf16 GEMM is slow on CPUs without AMX; MKL's fp32 one, rounded once
+        if x.dtype is torch.bfloat16 and x.device.type == "cpu" and rows > kernels.MAX_TOKENS and not torch.is_autocast_enabled("cpu"):
+            # many rows (a prefill): aten's bf16 GEMM is slow on CPUs without AMX; MKL's fp32 one, rounded
+            # once (under autocast, as in bf16 training, autocast picks the product's precision itself)
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
         return super().forward(x)
