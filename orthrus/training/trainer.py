@@ -183,7 +183,9 @@ def dual_pass(model: OrthrusLM, rows: PackedRows, anchors: torch.Tensor, block_s
     that gets gradients; the AR pass runs on the bare model with no graph. `flex` (default: on
     CUDA) attends through FlexAttention's block-sparse mask, else through `split_attention`."""
     device = next(model.parameters()).device
-    tokens, positions, doc = rows.tokens.to(device), rows.positions.to(device), rows.doc.to(device)
+    used = int((rows.doc >= 0).any(0).nonzero().max()) + 1 if (rows.doc >= 0).any() else 1
+    # the rows' common trailing padding sees only itself and is no key of any anchor: not computed
+    tokens, positions, doc = (t[:, :used].to(device) for t in (rows.tokens, rows.positions, rows.doc))
     anchors = anchors.to(device)
     R, L = tokens.shape
     nb, B = anchors.shape[1], block_size
