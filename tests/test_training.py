@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from orthrus.errors import OrthrusError
 from orthrus.training.data import draw_anchors, pack, read_shards, shard_files
 from orthrus.training.distill import distill, write_shard
 from orthrus.training.trainer import (TrainConfig, ar_mask, diffusion_mask_mod, draft_loss, dual_pass, position_weights, prepare_model,
-                                      split_attention, train, visible_ar_keys)
+                                      split_attention, train, visible_ar_keys, walk_anchors)
 
 from .conftest import write_random_model
 
@@ -115,6 +116,29 @@ def test_block_queries_see_their_anchors_past_and_their_own_block():
     dense = F.scaled_dot_product_attention(q, torch.cat([k_ar, k_block], 2), torch.cat([v_ar, v_block], 2),
                                            attn_mask=whole[:, None], enable_gqa=True)
     torch.testing.assert_close(split, dense)
+
+
+def test_walk_anchors_are_where_greedy_decoding_puts_them(llama_folder):
+    """On a reply the engine decoded (greedy, the drafter alone), the walk starts at the last prompt
+    token, visits the engine's anchors and accepts in each cycle what the engine accepted."""
+    from orthrus.engine import Engine, Sequence
+
+    model = trained_model(llama_folder)
+    model.config.block_size = 4
+    prompt = [random.Random(2).randrange(2000) for _ in range(12)]
+    engine = Engine(model, 1, 128, block_size=4, sources=("diffusion",))
+    seq = Sequence(prompt, max_new_tokens=60)
+    engine.add(seq)
+    while engine.has_work():
+        engine.step()
+    rows = pack([{"index": 0, "tokens": prompt + seq.generated, "prompt_len": len(prompt)}], 96)
+    anchors, valid, accepted = walk_anchors(model, rows, 4)
+    walk, taken = anchors[0][valid[0]].tolist(), accepted[0][valid[0]].tolist()
+    assert sum(seq.stats.accepted) > 0  # drafts were accepted: the walk has strides to follow
+    assert taken[:-1] == seq.stats.accepted[: len(taken) - 1]  # the last cycle is cut by the token budget
+    assert walk[0] == len(prompt) - 1 and all(b == a + k + 1 for a, k, b in zip(walk, taken, walk[1:]))
+    capped, _, _ = walk_anchors(model, rows, 4, count=5, seed=3, row_ids=[0])
+    assert set(capped[0].tolist()) <= set(walk) and len(capped[0]) == 5
 
 
 def test_anchors_lie_in_replies_without_repeats_and_depend_only_on_the_row(data_folder):
@@ -306,6 +330,18 @@ def test_bf16_training_step_keeps_fp32_master_twins(llama_folder, data_folder, t
              and n != "model.mask_embedding"]
     assert len(moved) == len(twins) - 1
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines()))
+
+
+def test_a_run_on_walk_anchors_trains_and_reports_acceptance_on_decodings_anchors(llama_folder, data_folder, tmp_path):
+    cfg = TrainConfig(data=str(data_folder), model=str(llama_folder), block_size=4, seq_len=128, anchors=6, batch=1,
+                      steps=2, eval_every=2, eval_rows=2, log_every=1, walk_anchors=True)
+    train(cfg, tmp_path / "run", device="cpu")
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2] and all(r["tokens"] > 0 for r in records if "loss" in r)
+    evals = [r for r in records if "walk_acceptance" in r]
+    assert len(evals) == 1 and 1.0 <= evals[0]["walk_acceptance"] <= 4.0
+    with pytest.raises(OrthrusError, match="walk_anchors"):  # a run keeps the anchors it started with
+        train(replace(cfg, walk_anchors=False, steps=3), tmp_path / "run", device="cpu")
 
 
 def test_prompt_mix_never_repeats_a_prompt(monkeypatch):

@@ -47,6 +47,9 @@ def register(sub) -> None:
     t.add_argument("--mix", default="", metavar="SOURCE:WEIGHT,...",
                    help="an epoch takes each training row as many times as its source's weight, e.g. chat:2,math:1,code:1 "
                         "(0 leaves a source out; default: every row once); the held-out rows stay as they are")
+    t.add_argument("--walk-anchors", action="store_true",
+                   help="train at the anchors greedy decoding with the drafter visits (after each cycle's accepted drafts), "
+                        "up to --anchors a row, not at uniform ones: decoding lands where the drafter is weak more often")
     t.add_argument("--clip", type=float, default=1.0)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
@@ -122,6 +125,7 @@ def cmd_train(args) -> None:
     cfg = TrainConfig(data=str(folder(args.data, "distill")), model=args.model, block_size=args.block_size,
                       seq_len=args.seq_len, anchors=args.anchors, batch=args.batch, grad_accum=args.grad_accum, lr=args.lr,
                       warmup=args.warmup, steps=args.steps, loss=args.loss, position_decay=args.position_decay, mix=args.mix,
+                      walk_anchors=args.walk_anchors,
                       clip=args.clip, seed=args.seed, dtype=args.dtype, parallel=args.parallel,
                       checkpoint_minutes=args.checkpoint_minutes, eval_every=args.eval_every, eval_rows=args.eval_rows,
                       log_every=args.log_every, init_from=args.init_from)

@@ -299,6 +299,18 @@ def split_held_out(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     return [r for r in rows if r["index"] % HELD_OUT_EVERY != 0], held
 
 
+def anchor_candidates(rows: PackedRows, span: int = 1) -> torch.Tensor:
+    """[R, L] boolean: position a may anchor a block when its next `span` tokens are reply tokens of
+    a's conversation (with span 1 the first anchor of a reply is the last prompt token, as at inference)."""
+    L = rows.tokens.shape[1]
+    nxt = torch.ones_like(rows.assistant)
+    for k in range(1, span + 1):
+        same = torch.zeros_like(rows.assistant)
+        same[:, : L - k] = rows.assistant[:, k:] & (rows.doc[:, k:] == rows.doc[:, : L - k])
+        nxt &= same
+    return nxt
+
+
 def draw_anchors(rows: PackedRows, count: int, block_size: int, seed: int, row_ids: list[int],
                  full_blocks: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Random anchors inside assistant spans, without repeats: anchor a is a candidate when the
@@ -308,12 +320,7 @@ def draw_anchors(rows: PackedRows, count: int, block_size: int, seed: int, row_i
     split of a batch across processes draws the same anchors. Returns anchors [R, count] and
     valid [R, count] (rows with fewer candidates are padded with invalid anchor 0)."""
     R, L = rows.tokens.shape
-    span = block_size - 1 if full_blocks else 1
-    nxt = torch.ones_like(rows.assistant)
-    for k in range(1, span + 1):  # every target a+1..a+span is a reply token of a's conversation
-        same = torch.zeros_like(rows.assistant)
-        same[:, : L - k] = rows.assistant[:, k:] & (rows.doc[:, k:] == rows.doc[:, : L - k])
-        nxt &= same
+    nxt = anchor_candidates(rows, block_size - 1 if full_blocks else 1)
     anchors = torch.zeros((R, count), dtype=torch.long)
     valid = torch.zeros((R, count), dtype=torch.bool)
     for i in range(R):

@@ -36,7 +36,7 @@ from ..checkpoint import base_fingerprint, load_drafter, publish_folder, save_dr
 from .. import kernels
 from ..errors import OrthrusError
 from ..model import OrthrusLM
-from .data import (PackedRows, draw_anchors, frequent_tokens, pack, parse_mix, read_shards, shard_files, split_held_out,
+from .data import (PackedRows, anchor_candidates, draw_anchors, frequent_tokens, pack, parse_mix, read_shards, shard_files, split_held_out,
                    weigh_sources)
 
 
@@ -55,6 +55,7 @@ class TrainConfig:
     loss: str = "kl"
     position_decay: float = 0.0  # block row j's loss weighs exp(-j / decay): > 0 as acceptance does, < 0 later rows up (0: alike)
     mix: str = ""  # "chat:2,math:1,code:1": an epoch takes each training row as many times as its source's weight ("": once)
+    walk_anchors: bool = False  # anchors where greedy decoding with the drafter lands (`walk_anchors`), not uniform ones
     clip: float = 1.0
     seed: int = 0
     dtype: str = "auto"  # auto: bf16 where the hardware multiplies bf16 natively (`train_dtype`)
@@ -68,7 +69,7 @@ class TrainConfig:
 
 # Fields that define the run: a checkpoint written under other values is refused.
 IDENTITY = ("data", "model", "block_size", "seq_len", "anchors", "global_batch", "lr", "warmup", "steps", "loss",
-            "position_decay", "mix", "clip", "seed")
+            "position_decay", "mix", "walk_anchors", "clip", "seed")
 
 
 # ---- the two passes ----------------------------------------------------------------------------
@@ -198,11 +199,59 @@ def dual_pass(model: OrthrusLM, rows: PackedRows, anchors: torch.Tensor, block_s
     block_positions = positions.gather(1, anchors)[:, :, None] + offsets
     store = BlockStore(ar, doc, anchors, B, flex=device.type == "cuda" if flex is None else flex)
     student = (diffusion_model or model)(block_tokens.view(R, nb * B), block_positions.view(R, nb * B), store, "diffusion",
-                                         logits=False).view(R, nb, B, -1)[:, :, :-1]
+                                         logits=False).view(R, nb, B, -1)[:, :, :-1].contiguous()  # (a head over a strided
+    # view under bf16 autocast would go through a batched product with the weight expanded per block)
     at = (anchors[:, :, None] + offsets[:-1]).clamp(max=L - 1)  # teacher rows a_b + j
     teacher = ar_hidden.gather(1, at.view(R, -1, 1).expand(-1, -1, ar_hidden.shape[-1])).view(R, nb, B - 1, -1)
     target_ok = target_mask(rows, anchors.cpu(), B).to(device)
     return student, teacher, target_ok
+
+
+@torch.no_grad()
+def walk_anchors(model: OrthrusLM, rows: PackedRows, block_size: int, count: int | None = None, seed: int = 0,
+                 row_ids: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The anchors greedy decoding with this drafter visits in the rows' replies, and the drafts it
+    accepts at each: a reply's first anchor is its last prompt token; after anchor a the next is
+    a + accepted + 1, where accepted counts the leading drafts (the diffusion view's argmax) equal to
+    the row's next tokens (which in the model's own greedy replies are the AR argmax, as decoding
+    compares them). Decoding lands right after rejected drafts more often than uniform anchors do,
+    where the drafter is weakest. With `count`, at most that many a row (a seeded draw per row id,
+    as `draw_anchors`). Returns anchors [R, n], valid [R, n] and accepted [R, n]."""
+    candidates = anchor_candidates(rows)
+    every = [c.nonzero().flatten() for c in candidates]
+    width = max(1, max(map(len, every)))
+    anchors = torch.stack([torch.cat([c, c.new_zeros(width - len(c))]) for c in every])
+    student, _, _ = dual_pass(model, rows, anchors, block_size)
+    flat = student.reshape(-1, student.shape[-1])
+    drafts = torch.cat([model.lm_head(chunk).argmax(-1) for chunk in flat.split(256)]).view(*anchors.shape, -1).cpu()
+    tokens, doc, reply = rows.tokens.tolist(), rows.doc.tolist(), rows.assistant.tolist()
+    walks = []
+    for i, positions in enumerate(every):
+        at = {a: n for n, a in enumerate(positions.tolist())}
+        row_drafts, walk = drafts[i].tolist(), []
+        for start in (a for a in at if not reply[i][a]):  # each reply's last prompt token
+            a = start
+            while a in at:
+                accepted = 0
+                for j, d in enumerate(row_drafts[at[a]]):
+                    t = a + 1 + j
+                    if t >= len(tokens[i]) or doc[i][t] != doc[i][a] or not reply[i][t] or d != tokens[i][t]:
+                        break
+                    accepted += 1
+                walk.append((a, accepted))
+                a += accepted + 1
+        if count is not None and len(walk) > count:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + (row_ids[i] if row_ids else i))
+            walk = sorted(walk[k] for k in torch.randperm(len(walk), generator=g)[:count].tolist())
+        walks.append(walk)
+    n = max(1, max(map(len, walks)))
+    out = torch.zeros(len(walks), n, dtype=torch.long), torch.zeros(len(walks), n, dtype=torch.bool), torch.zeros(len(walks), n, dtype=torch.long)
+    for i, walk in enumerate(walks):
+        if walk:
+            out[0][i, : len(walk)] = torch.tensor([a for a, _ in walk])
+            out[1][i, : len(walk)] = True
+            out[2][i, : len(walk)] = torch.tensor([k for _, k in walk])
+    return out
 
 
 def target_mask(rows: PackedRows, anchors: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -424,15 +473,18 @@ def eval_set(cfg: TrainConfig, files: list[str]) -> PackedRows:
 @torch.no_grad()
 def evaluate(model: OrthrusLM, rows: PackedRows, cfg: TrainConfig) -> dict:
     """Held-out loss and simulated greedy acceptance: for anchors whose whole block is reply, the
-    drafts accepted are the longest prefix where argmax q == argmax p; a cycle emits that + 1."""
+    drafts accepted are the longest prefix where argmax q == argmax p; a cycle emits that + 1. And
+    the tokens a cycle on the anchors decoding visits (`walk_anchors`), what decoding the rows would give."""
     anchors, valid = draw_anchors(rows, cfg.anchors, cfg.block_size, cfg.seed + 1, list(range(len(rows))), full_blocks=True)
     student, teacher, ok = dual_pass(model, rows, anchors, cfg.block_size)
     loss = draft_loss(model, student, teacher, ok, cfg.loss) / ok.sum().clamp(min=1)
     match = model.lm_head(student).argmax(-1) == model.lm_head(teacher).argmax(-1)  # [R, nb, B-1]
     match = match[valid.to(match.device)]
     accepted = match.long().cumprod(-1)
+    _, walked, walk_accepted = walk_anchors(model, rows, cfg.block_size)
     return {"eval_loss": float(loss), "acceptance": float(accepted.sum(-1).float().mean() + 1) if len(match) else float("nan"),
-            "per_position": [round(float(x), 4) for x in accepted.float().mean(0)], "eval_blocks": int(len(match))}
+            "per_position": [round(float(x), 4) for x in accepted.float().mean(0)], "eval_blocks": int(len(match)),
+            "walk_acceptance": round(float(walk_accepted[walked].float().mean() + 1), 4)}
 
 
 def init_trained(drafter: str | None) -> dict:
@@ -512,8 +564,12 @@ def train(cfg: TrainConfig, run: Path, device: str = "auto", stop_after: int | N
         micro = [ids[m * world * cfg.batch + rank * cfg.batch :][: cfg.batch] for m in range(cfg.grad_accum)]
         draws = []
         for m_ids in micro:
-            rows = packed.select(m_ids)
-            anchors, valid = draw_anchors(rows, cfg.anchors, cfg.block_size, cfg.seed * 1009 + state["epoch"], m_ids.tolist())
+            rows, seed = packed.select(m_ids), cfg.seed * 1009 + state["epoch"]
+            if cfg.walk_anchors:
+                with autocast:
+                    anchors, valid, _ = walk_anchors(model, rows, cfg.block_size, cfg.anchors, seed, m_ids.tolist())
+            else:
+                anchors, valid = draw_anchors(rows, cfg.anchors, cfg.block_size, seed, m_ids.tolist())
             draws.append((rows, anchors, valid))
         # normalise by the (weighted) valid targets of the whole global batch, so any split gives the same gradient
         count = torch.tensor(0.0)
@@ -558,7 +614,8 @@ def train(cfg: TrainConfig, run: Path, device: str = "auto", stop_after: int | N
             with autocast:
                 ev = evaluate(model, held, cfg)
             log({"step": state["step"], **ev}, f"eval step {state['step']}: loss {ev['eval_loss']:.4f} "
-                                               f"acceptance {ev['acceptance']:.3f} ({ev['eval_blocks']} blocks)")
+                                               f"acceptance {ev['acceptance']:.3f} ({ev['eval_blocks']} blocks), "
+                                               f"on decoding's anchors {ev['walk_acceptance']:.3f}")
             if rank == 0:
                 plot_curves(run)
         done = state["step"] >= cfg.steps or (stop_after is not None and steps_here >= stop_after)
