@@ -4,7 +4,8 @@ process (issue 11's data-mix comparison).
 A training run measures itself on the held-out rows of its own data only, so a run on ShareGPT's
 text and a run on the model's own replies report numbers that cannot be compared. This measures
 every drafter on every data's held-out rows, with the trainer's own `evaluate` (simulated greedy
-acceptance of anchor blocks whose drafts all lie in a reply), same anchors for every drafter.
+acceptance of anchor blocks whose drafts all lie in a reply, same anchors for every drafter; and
+the tokens a cycle on the anchors greedy decoding with each drafter visits, `walk_anchors`).
 
     python benchmarks/heldout_acceptance.py --data data/distill/smollm2 sharegpt-text \\
         --drafters orthrus/drafters/smollm2-135m-instruct /tmp/text-export /tmp/self-export
@@ -52,15 +53,16 @@ def main(argv=None) -> None:
         for source in sorted({r["source"] for r in rows}):
             packed = pack([r for r in rows if r["source"] == source], cfg.seq_len)
             held[f"{name} {source}"] = (cfg, packed.select(list(range(min(args.rows, len(packed))))))
-    print("| drafter | " + " | ".join(f"{name} acceptance | per position" for name in held) + " |")
-    print("|---|" + "---:|---|" * len(held))
+    print("| drafter | " + " | ".join(f"{name} acceptance | on decoding's anchors | per position" for name in held) + " |")
+    print("|---|" + "---:|---:|---|" * len(held))
     llm = orthrus.load(drafter="none", dtype="float32", device="cpu")  # the base once; each drafter swaps its twins in
     for drafter in args.drafters:
         load_drafter(llm.model, drafter)
         cells = []
         for name, (cfg, rows) in held.items():
             result = evaluate(llm.model, rows, cfg)
-            cells.append(f"{result['acceptance']:.3f} ({result['eval_blocks']} blocks) | {result['per_position']}")
+            cells.append(f"{result['acceptance']:.3f} ({result['eval_blocks']} blocks) | {result['walk_acceptance']:.3f} | "
+                         f"{result['per_position']}")
         print(f"| {drafter} | " + " | ".join(cells) + " |", flush=True)
 
 
