@@ -36,8 +36,8 @@ from ..checkpoint import base_fingerprint, load_drafter, publish_folder, save_dr
 from .. import kernels
 from ..errors import OrthrusError
 from ..model import OrthrusLM
-from .data import (PackedRows, anchor_candidates, draw_anchors, frequent_tokens, pack, parse_mix, read_shards, shard_files, split_held_out,
-                   weigh_sources)
+from .data import (PackedRows, anchor_candidates, draw_anchors, frequent_tokens, pack, parse_mix, read_shards, shard_files,
+                   split_held_out, weigh_sources)
 
 
 @dataclass
@@ -184,8 +184,9 @@ def dual_pass(model: OrthrusLM, rows: PackedRows, anchors: torch.Tensor, block_s
     that gets gradients; the AR pass runs on the bare model with no graph. `flex` (default: on
     CUDA) attends through FlexAttention's block-sparse mask, else through `split_attention`."""
     device = next(model.parameters()).device
-    used = int((rows.doc >= 0).any(0).nonzero().max()) + 1 if (rows.doc >= 0).any() else 1
     # the rows' common trailing padding sees only itself and is no key of any anchor: not computed
+    real = (rows.doc >= 0).any(0).nonzero()
+    used = int(real.max()) + 1 if len(real) else 1
     tokens, positions, doc = (t[:, :used].to(device) for t in (rows.tokens, rows.positions, rows.doc))
     anchors = anchors.to(device)
     R, L = tokens.shape
@@ -245,13 +246,12 @@ def walk_anchors(model: OrthrusLM, rows: PackedRows, block_size: int, count: int
             walk = sorted(walk[k] for k in torch.randperm(len(walk), generator=g)[:count].tolist())
         walks.append(walk)
     n = max(1, max(map(len, walks)))
-    out = torch.zeros(len(walks), n, dtype=torch.long), torch.zeros(len(walks), n, dtype=torch.bool), torch.zeros(len(walks), n, dtype=torch.long)
+    anchors, accepted = (torch.zeros(len(walks), n, dtype=torch.long) for _ in range(2))
+    valid = torch.zeros(len(walks), n, dtype=torch.bool)
     for i, walk in enumerate(walks):
-        if walk:
-            out[0][i, : len(walk)] = torch.tensor([a for a, _ in walk])
-            out[1][i, : len(walk)] = True
-            out[2][i, : len(walk)] = torch.tensor([k for _, k in walk])
-    return out
+        for k, (a, taken) in enumerate(walk):
+            anchors[i, k], accepted[i, k], valid[i, k] = a, taken, True
+    return anchors, valid, accepted
 
 
 def target_mask(rows: PackedRows, anchors: torch.Tensor, block_size: int) -> torch.Tensor:
