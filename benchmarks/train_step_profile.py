@@ -2,8 +2,8 @@
 
 Times the parts of one micro-batch of `orthrus train` at a run's own settings and data, in the
 order the trainer runs them: the AR pass alone (no graph), the dual pass (that AR pass plus the
-diffusion pass with a graph), the student and teacher heads with their log-softmax, the KL, and
-the backward. Pause any background training first.
+diffusion pass with a graph), the heads and the KL (`draft_loss`, which also forms the gradient
+for the student's states), and the backward. Pause any background training first.
 
     python benchmarks/train_step_profile.py --run-dir smollm2-b4-text --threads 1 --dtype fp32
 """
@@ -17,7 +17,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from orthrus.hub import cache_dir
 from orthrus.training import trainer
@@ -62,10 +61,7 @@ def main(argv=None) -> None:
             student, teacher, ok = timed("dual pass (AR + diffusion forward)",
                                          lambda: trainer.dual_pass(model, rows, anchors, cfg.block_size))
             ok &= valid[:, :, None]
-            q_logp = timed("student head + log-softmax", lambda: F.log_softmax(model.lm_head(student[ok]).float(), -1))
-            with torch.no_grad():
-                p_logp = timed("teacher head + log-softmax", lambda: F.log_softmax(model.lm_head(teacher[ok]).float(), -1))
-            loss = timed("KL", lambda: (p_logp.exp() * (p_logp - q_logp)).sum())
+            loss = timed("heads and KL (with the student's gradient)", lambda: trainer.draft_loss(model, student, teacher, ok, "kl"))
         timed("backward", loss.backward)
         model.zero_grad(set_to_none=True)
     tokens = int((rows.doc >= 0).sum())

@@ -168,6 +168,29 @@ def test_only_the_twins_and_the_mask_embedding_get_gradients(llama_folder, data_
             assert p.grad is None and not p.requires_grad, name
 
 
+@pytest.mark.parametrize("kind", ["kl", "ce"])
+def test_the_chunked_head_loss_and_its_gradient_are_the_plain_ones(kind, monkeypatch):
+    """`HeadLoss` (chunks of rows, the gradient formed in the forward pass) against autograd through
+    the whole logits, rows weighed, more rows than a chunk."""
+    from orthrus.training import trainer
+
+    monkeypatch.setattr(trainer, "LOSS_CHUNK", 5)
+    g = torch.Generator().manual_seed(0)
+    head, teacher = torch.randn(300, 16, generator=g), torch.randn(13, 16, generator=g)
+    student, weights = torch.randn(13, 16, generator=g, requires_grad=True), torch.rand(13, generator=g)
+    loss = trainer.HeadLoss.apply(student, teacher, head, weights, kind)
+    loss.backward()
+    fused = student.grad.clone()
+    student.grad = None
+    q_logp, p_logp = F.log_softmax(student @ head.T, -1), F.log_softmax(teacher @ head.T, -1)
+    per_row = (F.nll_loss(q_logp, p_logp.argmax(-1), reduction="none") if kind == "ce"
+               else (p_logp.exp() * (p_logp - q_logp)).sum(-1))
+    plain = (per_row * weights).sum()
+    plain.backward()
+    torch.testing.assert_close(loss, plain)
+    torch.testing.assert_close(fused, student.grad)
+
+
 def test_position_decay_weighs_each_block_row_by_its_weight(llama_folder, data_folder):
     model = trained_model(llama_folder)
     rows = pack(read_shards(data_folder), 128).select([0, 1])

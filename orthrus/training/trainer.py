@@ -271,19 +271,49 @@ def position_weights(block_size: int, decay: float) -> torch.Tensor:
     return torch.exp(-j / decay) if decay != 0 else torch.ones_like(j)
 
 
+LOSS_CHUNK = 64  # rows of [rows, vocabulary] logits the loss holds at a time
+
+
+class HeadLoss(torch.autograd.Function):
+    """sum_i w_i loss_i over rows of the student's and the teacher's final hidden states [N, H]
+    through the frozen head [V, H]: forward KL(p_AR || p_diff) or CE on the AR argmax. LOSS_CHUNK rows
+    at a time, so the [N, V] logits are never whole; as the head is frozen, the gradient for the
+    student's states, (softmax(s) - p) w_i through the head, is formed in the same pass (as fused
+    linear-cross-entropy kernels do) and only it is kept for backward."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, head, row_weights, kind):
+        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        grad = torch.empty_like(student) if ctx.needs_input_grad[0] else None
+        for rows in torch.arange(len(student), device=student.device).split(LOSS_CHUNK):
+            q_logp = F.log_softmax((student[rows].to(head.dtype) @ head.T).float(), -1)
+            p_logp = F.log_softmax((teacher[rows].to(head.dtype) @ head.T).float(), -1)
+            if kind == "ce":
+                target = p_logp.argmax(-1)
+                per_row, p = -q_logp.gather(-1, target[:, None]).squeeze(-1), F.one_hot(target, q_logp.shape[-1]).float()
+            else:
+                p = p_logp.exp()
+                per_row = (p * (p_logp - q_logp)).sum(-1)
+            w = row_weights[rows]
+            total += (per_row * w).sum()
+            if grad is not None:
+                grad[rows] = (((q_logp.exp() - p) * w[:, None]).to(head.dtype) @ head).to(grad.dtype)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total, None, None, None, None
+
+
 def draft_loss(model: OrthrusLM, student, teacher, ok, kind: str, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Summed loss over the valid rows [R, nb, B-1]: forward KL(p_AR || p_diff), or CE on the AR
-    argmax; row j weighs weights[j] (default 1)."""
-    q_logp = F.log_softmax(model.lm_head(student[ok]).float(), -1)
-    with torch.no_grad():
-        p_logp = F.log_softmax(model.lm_head(teacher[ok]).float(), -1)
-    if kind == "ce":
-        per_row = F.nll_loss(q_logp, p_logp.argmax(-1), reduction="none")
-    else:
-        per_row = (p_logp.exp() * (p_logp - q_logp)).sum(-1)
-    if weights is None:
-        return per_row.sum()
-    return (per_row * weights.to(per_row.device).expand_as(ok)[ok]).sum()
+    argmax; row j weighs weights[j] (default 1). `HeadLoss` computes it."""
+    head = model.lm_head.weight.detach()
+    head = head.full_tensor() if hasattr(head, "full_tensor") else head  # FSDP2 shards it
+    row_weights = (torch.ones(ok.shape[-1]) if weights is None else weights).to(student.device, torch.float32)
+    return HeadLoss.apply(student[ok], teacher[ok], head, row_weights.expand_as(ok)[ok], kind)
 
 
 # ---- the run -----------------------------------------------------------------------------------
