@@ -311,6 +311,13 @@ def anchor_candidates(rows: PackedRows, span: int = 1) -> torch.Tensor:
     return nxt
 
 
+def row_draw(n: int, count: int, seed: int, row_id: int) -> torch.Tensor:
+    """Up to `count` of the indices 0..n-1, ascending, drawn without repeats from (seed, row id)
+    alone: a row draws the same whatever batch or process it lands in."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + row_id)
+    return torch.randperm(n, generator=g)[:count].sort().values
+
+
 def draw_anchors(rows: PackedRows, count: int, block_size: int, seed: int, row_ids: list[int],
                  full_blocks: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Random anchors inside assistant spans, without repeats: anchor a is a candidate when the
@@ -325,8 +332,7 @@ def draw_anchors(rows: PackedRows, count: int, block_size: int, seed: int, row_i
     valid = torch.zeros((R, count), dtype=torch.bool)
     for i in range(R):
         cand = nxt[i].nonzero().flatten()
-        g = torch.Generator().manual_seed(seed * 1_000_003 + row_ids[i])
-        pick = cand[torch.randperm(len(cand), generator=g)[:count]].sort().values
+        pick = cand[row_draw(len(cand), count, seed, row_ids[i])]
         anchors[i, : len(pick)] = pick
         valid[i, : len(pick)] = True
     return anchors, valid

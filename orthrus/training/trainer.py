@@ -36,8 +36,8 @@ from ..checkpoint import base_fingerprint, load_drafter, publish_folder, save_dr
 from .. import kernels
 from ..errors import OrthrusError
 from ..model import OrthrusLM
-from .data import (PackedRows, anchor_candidates, draw_anchors, frequent_tokens, pack, parse_mix, read_shards, shard_files,
-                   split_held_out, weigh_sources)
+from .data import (PackedRows, anchor_candidates, draw_anchors, frequent_tokens, pack, parse_mix, read_shards, row_draw,
+                   shard_files, split_held_out, weigh_sources)
 
 
 @dataclass
@@ -216,8 +216,8 @@ def walk_anchors(model: OrthrusLM, rows: PackedRows, block_size: int, count: int
     a + accepted + 1, where accepted counts the leading drafts (the diffusion view's argmax) equal to
     the row's next tokens (which in the model's own greedy replies are the AR argmax, as decoding
     compares them). Decoding lands right after rejected drafts more often than uniform anchors do,
-    where the drafter is weakest. With `count`, at most that many a row (a seeded draw per row id,
-    as `draw_anchors`). Returns anchors [R, n], valid [R, n] and accepted [R, n]."""
+    where the drafter is weakest. With `count`, at most that many a row (`row_draw`, as `draw_anchors`).
+    Returns anchors [R, n], valid [R, n] and accepted [R, n]."""
     candidates = anchor_candidates(rows)
     every = [c.nonzero().flatten() for c in candidates]
     width = max(1, max(map(len, every)))
@@ -241,9 +241,8 @@ def walk_anchors(model: OrthrusLM, rows: PackedRows, block_size: int, count: int
                     accepted += 1
                 walk.append((a, accepted))
                 a += accepted + 1
-        if count is not None and len(walk) > count:
-            g = torch.Generator().manual_seed(seed * 1_000_003 + (row_ids[i] if row_ids else i))
-            walk = sorted(walk[k] for k in torch.randperm(len(walk), generator=g)[:count].tolist())
+        if count is not None:  # the walk is in anchor order, so the draw keeps it so
+            walk = [walk[k] for k in row_draw(len(walk), count, seed, row_ids[i] if row_ids else i).tolist()]
         walks.append(walk)
     n = max(1, max(map(len, walks)))
     anchors, accepted = (torch.zeros(len(walks), n, dtype=torch.long) for _ in range(2))
