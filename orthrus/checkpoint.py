@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -169,6 +170,18 @@ def load_drafter(model: OrthrusLM, folder: str | Path) -> None:
         raise OrthrusError(f"{folder}: drafter weights missing: {sorted(needed - loaded)[:5]}")
     model.config.block_size = hf.get("block_size", model.config.block_size)
     model.draft_vocab = None if vocab is None else vocab.to(model.lm_head.weight.device)
+    model.chance_temperatures = _chance_temperatures(hf.get("chance_temperatures"), folder)
+
+
+def _chance_temperatures(values, where: Path) -> tuple[float, ...]:
+    """A drafter's `chance_temperatures` (none: ()), after checking they are positive numbers."""
+    if values is None:
+        return ()
+    if not (isinstance(values, list) and values and all(isinstance(t, (int, float)) and not isinstance(t, bool)
+                                                        and math.isfinite(t) and t > 0 for t in values)):
+        raise OrthrusError(f"{where / 'config.json'}: chance_temperatures must be a non-empty list of positive numbers, "
+                           f"got {values!r}.")
+    return tuple(float(t) for t in values)
 
 
 def _draft_vocab(ids: torch.Tensor | None, vocab_size: int, where: Path) -> torch.Tensor | None:
@@ -246,6 +259,7 @@ def save_drafter(model: OrthrusLM, folder: str | Path, base_model: str, dtype=to
         "block_size": model.config.block_size,
         "mask_token_id": model.config.mask_token_id,
         "storage": "int8-delta" if storage == "int8" else "float",
+        **({"chance_temperatures": list(model.chance_temperatures)} if model.chance_temperatures else {}),
         **(extra or {}),
     }
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

@@ -268,6 +268,18 @@ def plan_cycle(seqs: list["Sequence"], block_size: int, costs: PassCosts, source
     return plans
 
 
+def chance_logits(logits: torch.Tensor, temperatures: tuple[float, ...], greedy: list[bool]) -> torch.Tensor:
+    """Draft logits [N, B-1, V] whose softmax is the planner's chance that a token is the one verification
+    keeps at its position: a greedy row's divided by the drafter's `chance_temperatures` (position j by
+    the j-th, the last one past them), a sampling row's as drafted."""
+    if not temperatures or not any(greedy):
+        return logits
+    k = logits.shape[1]
+    per_position = [1 / temperatures[min(j, len(temperatures) - 1)] for j in range(k)]
+    scale = torch.tensor([per_position if g else [1.0] * k for g in greedy], dtype=logits.dtype, device=logits.device)
+    return logits * scale[..., None]
+
+
 def plan_tree(seqs: list["Sequence"], logits: torch.Tensor, drafts: torch.Tensor, lengths: torch.Tensor,
               costs: PassCosts, room: list[int], leaves: bool = True, extend: bool = True) -> tuple[Leaves | None, list[list[int]]]:
     """The planner's second half, after the draft pass: per drafting row, the tokens its verify pass
@@ -276,7 +288,7 @@ def plan_tree(seqs: list["Sequence"], logits: torch.Tensor, drafts: torch.Tensor
     and alone):
     - tree leaves (`leaves`): another token t for draft j's position, as DDTree's best-first tree comes
       out for a few-token block. Its chance to be the accepted token there is, by the drafter's own
-      distributions (softmax of `logits` [N, B-1, V]), q_1(d_1) ... q_{j-1}(d_{j-1}) q_j(t).
+      distributions (softmax of `logits` [N, B-1, V], the drafts' `chance_logits`), q_1(d_1) ... q_{j-1}(d_{j-1}) q_j(t).
     - a lookup extension (`extend`): the tokens that followed the drafts' last few tokens earlier in the
       row's text (`PromptLookup` keyed on the drafts), verified after them as a longer chain, where a
       copy goes on past what the drafter drafts (summaries, code, repeated phrases). Extension token i
@@ -591,7 +603,8 @@ class Engine:
             lengths[picked] = kept
             self.forwards += 1
             if "tree" in self.sources or "lookup" in self.sources:
-                leaves, extensions = plan_tree([seqs[i] for i in diffuse], draft_logits, drafts[picked, : b - 1], kept,
+                chances = chance_logits(draft_logits, self.model.chance_temperatures, [params[i].greedy for i in diffuse])
+                leaves, extensions = plan_tree([seqs[i] for i in diffuse], chances, drafts[picked, : b - 1], kept,
                                                self.pass_costs, [room[i] for i in diffuse], "tree" in self.sources,
                                                "lookup" in self.sources)
                 longest = max(n + len(e) for n, e in zip(kept.tolist(), extensions))

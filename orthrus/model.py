@@ -197,6 +197,11 @@ class OrthrusLM(nn.Module):
         # None for every token. Drafts are proposals the AR view verifies, so a head over the tokens
         # the model actually writes drafts nearly always the same for a fraction of the full head's cost.
         self.register_buffer("draft_vocab", None, persistent=False)
+        # Per draft position j, the temperature at which softmax(draft logits / t) is the chance that
+        # greedy verification keeps a token there (a drafter's `chance_temperatures`, fit on held-out
+        # text; none: t = 1). The planner weighs tree leaves and lookup extensions by it. A drafter
+        # learns the model's distribution, and the model's argmax is likelier than its probability.
+        self.chance_temperatures: tuple[float, ...] = ()
         self.tie_weights()
 
     def tie_weights(self) -> None:

@@ -94,6 +94,23 @@ def test_a_draft_vocabulary_is_saved_with_the_drafter_and_checked(qwen3_folder, 
             load_drafter(fresh, tmp_path / "d")
 
 
+def test_chance_temperatures_are_saved_with_the_drafter_and_checked(qwen3_folder, tmp_path):
+    model, _ = load_model(qwen3_folder, mask_token_id=151669)
+    save_drafter(model, tmp_path / "plain", base_model="tiny-qwen3", dtype=torch.float32)
+    model.chance_temperatures = (0.3, 0.8, 0.95)
+    save_drafter(model, tmp_path / "d", base_model="tiny-qwen3", dtype=torch.float32)
+    fresh, _ = load_model(qwen3_folder, mask_token_id=151669)
+    load_drafter(fresh, tmp_path / "d")
+    assert fresh.chance_temperatures == (0.3, 0.8, 0.95)
+    load_drafter(fresh, tmp_path / "plain")  # a drafter without them: the drafts' own distributions
+    assert fresh.chance_temperatures == ()
+    config = json.loads((tmp_path / "d" / "config.json").read_text())
+    for bad in ([], [0.5, 0], [0.5, -1.0], "0.5", [True], [float("inf")]):
+        (tmp_path / "d" / "config.json").write_text(json.dumps({**config, "chance_temperatures": bad}))
+        with pytest.raises(OrthrusError, match="chance_temperatures must"):
+            load_drafter(fresh, tmp_path / "d")
+
+
 def test_learned_mask_embedding_is_saved_with_the_drafter(smollm2_folder, tmp_path):
     model, _ = load_model(smollm2_folder)  # SmolLM2's vocabulary has no spare row
     assert model.config.learned_mask and hasattr(model.model, "mask_embedding")

@@ -9,7 +9,7 @@ import torch
 from orthrus import kernels
 from orthrus.cache import KVCache
 from orthrus.checkpoint import init_untrained_twins
-from orthrus.engine import (SOURCES, PassCosts, PromptLookup, Sequence, SequenceStats, exploration_interval,
+from orthrus.engine import (SOURCES, PassCosts, PromptLookup, Sequence, SequenceStats, chance_logits, exploration_interval,
                             extension_accepted, plan_cycle, plan_tree)
 
 from .conftest import PROMPTS
@@ -235,6 +235,26 @@ def test_a_lookup_extension_follows_sure_drafts_where_the_text_went_on_before():
     assert plan_tree([seq], sure, drafts, kept, gentle, [7])[1] == [[]]  # a 1/18 chance is not worth a row
 
 
+def test_chance_temperatures_make_a_greedy_rows_likely_draft_likelier_to_the_planner():
+    """Draft 1 is the drafter's first choice at 13% (the rest spread over 48 tokens), drafts 2 and 3 sure,
+    and the text went on after them before. At the drafter's own distribution a chain past draft 1 looks
+    unlikely and no extension pays its rows; with draft position 1's chance temperature 0.25 (a drafter
+    whose first choice is the model's far more often than its probability says) two do. A sampling row
+    keeps the drafts' own distributions."""
+    logits = torch.zeros(2, 3, 50)
+    logits[:, 0, 7], logits[:, 0, 9] = 2.0, 1.0
+    logits[:, 1, 8] = logits[:, 2, 10] = 12.0
+    sharpened = chance_logits(logits, (0.25,), [True, False])
+    assert torch.equal(sharpened[0], logits[0] * 4) and torch.equal(sharpened[1], logits[1])
+    assert chance_logits(logits, (), [True, True]) is logits
+    assert torch.equal(chance_logits(logits, (0.5, 0.25), [True, True]), logits * torch.tensor([2.0, 4.0, 4.0])[:, None])
+    drafts, kept = torch.tensor([[7, 8, 10]]), torch.tensor([3])
+    costs = PassCosts((0.0,) + tuple(1 + 0.1 * t for t in range(8)), 1.0)
+    text = [1, 8, 10, 11, 12, 13, 14, 15, 2]
+    assert plan_tree([Sequence(text)], logits[:1], drafts, kept, costs, [7]) == (None, [[]])
+    assert plan_tree([Sequence(text)], sharpened[:1], drafts, kept, costs, [7]) == (None, [[11, 12]])
+
+
 def test_greedy_orthrus_with_lookup_extensions_equals_ar(smollm2):
     """Text the model copies: with every draft right (the oracle drafter), lookup extensions after
     the block draft are verified and accepted, and the output is AR's, alone and in a batch."""
@@ -380,6 +400,7 @@ def test_the_shipped_drafter_is_the_default_and_exact(smollm2):
 
     llm = orthrus.load(dtype="float32", device="cpu")
     assert llm.drafter_trained and llm.drafter == str(DEFAULT_DRAFTER)
+    assert len(llm.model.chance_temperatures) == llm.block_size - 1  # its planner chances, fit on held-out text
     prompts = [[{"role": "user", "content": p}] for p in PROMPTS[:4]]
     ar = smollm2.generate(prompts, max_new_tokens=24, mode="ar")
     assert [g.token_ids for g in llm.generate(prompts, max_new_tokens=24)] == [g.token_ids for g in ar]

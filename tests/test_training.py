@@ -24,8 +24,9 @@ from orthrus.checkpoint import load_model
 from orthrus.errors import OrthrusError
 from orthrus.training.data import draw_anchors, pack, read_shards, shard_files
 from orthrus.training.distill import distill, write_shard
-from orthrus.training.trainer import (TrainConfig, ar_mask, diffusion_mask_mod, draft_loss, dual_pass, position_weights, prepare_model,
-                                      split_attention, train, visible_ar_keys, walk_anchors)
+from orthrus.training.trainer import (CHANCE_TEMPERATURES, TrainConfig, ar_mask, diffusion_mask_mod, draft_loss, dual_pass,
+                                      fit_temperatures, position_weights, prepare_model, split_attention, train, visible_ar_keys,
+                                      walk_anchors)
 
 from .conftest import write_random_model
 
@@ -340,6 +341,28 @@ def test_export_int8_and_float_drafters_load_and_decode_losslessly(llama_folder,
     first, second = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("float", "b4-export"))
     assert second["trained_steps"] == first["trained_steps"] + 1 == 3
     assert second["trained_tokens"] == first["trained_tokens"] + state["tokens"]
+    # every export carries chance temperatures fit on the run's held-out rows, one per draft position
+    for folder, block in (("int8", 8), ("float", 4), ("b4-export", 4)):
+        temperatures = json.loads((tmp_path / folder / "config.json").read_text())["chance_temperatures"]
+        assert len(temperatures) == block - 1 and set(temperatures) <= set(CHANCE_TEMPERATURES), folder
+    assert llm.model.chance_temperatures == tuple(first["chance_temperatures"])
+
+
+def test_chance_temperatures_are_the_ones_the_outcomes_follow():
+    """Drafts right with probability softmax(logits / t_j) of the drafted token, t = 0.3 / 0.8 / 1.5: the
+    fit finds each position's t, counting a position only where the drafts before it were right."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6000, 3, 20, generator=gen) * 2
+    truth = torch.tensor([0.3, 0.8, 1.5])
+    chance = (logits / truth[:, None]).softmax(-1).amax(-1)
+    right = torch.rand(6000, 3, generator=gen) < chance
+    fitted = fit_temperatures(zip(logits.split(1000), right.split(1000)))
+    assert fitted == pytest.approx(truth.tolist(), abs=0.1)
+    reached_only = right.clone()
+    reached_only[~right[:, 0], 1:] = True  # past a wrong first draft nothing counts, whatever it holds
+    assert fit_temperatures([(logits, reached_only)]) == fitted
+    with pytest.raises(OrthrusError, match="no draft blocks"):
+        fit_temperatures([])
 
 
 def test_bf16_training_step_keeps_fp32_master_twins(llama_folder, data_folder, tmp_path):

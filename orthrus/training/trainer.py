@@ -516,6 +516,52 @@ def evaluate(model: OrthrusLM, rows: PackedRows, cfg: TrainConfig) -> dict:
             "walk_acceptance": round(float(walk_accepted[walked].float().mean() + 1), 4)}
 
 
+CHANCE_TEMPERATURES = tuple(round(0.05 * i, 2) for i in range(2, 41))  # what `fit_temperatures` picks from: 0.1 .. 2.0
+CHANCE_FIT_ROWS = 16  # held-out packed rows an export fits the drafter's chance temperatures on
+
+
+def fit_temperatures(batches) -> list[float]:
+    """Per draft position j, the temperature t (from CHANCE_TEMPERATURES) at which softmax(logits / t) of
+    the drafted token best predicts (Bernoulli log-likelihood) whether it is right, over the blocks whose
+    drafts before j are right. `batches`: (draft logits [n, B-1, V], right [n, B-1] bool) pairs."""
+    loss = None
+    for logits, right in batches:
+        logits = logits.float()
+        reached = torch.cat([torch.ones_like(right[:, :1]), right[:, :-1].cumprod(-1).bool()], 1)  # [n, B-1]
+        gaps = logits - logits.amax(-1, keepdim=True)
+        # log-probability of the drafted (largest) token at each temperature: -logsumexp(gaps / t)
+        top = torch.stack([-(gaps / t).logsumexp(-1) for t in CHANCE_TEMPERATURES], -1)  # [n, B-1, grid]
+        miss = torch.log1p(-top.exp().clamp(max=1 - 1e-6))
+        nll = -torch.where(right[..., None], top, miss) * reached[..., None]
+        loss = nll.sum(0) if loss is None else loss + nll.sum(0)
+    if loss is None:
+        raise OrthrusError("no draft blocks to fit chance temperatures on")
+    return [CHANCE_TEMPERATURES[i] for i in loss.argmin(-1).tolist()]
+
+
+@torch.no_grad()
+def fit_chance_temperatures(model: OrthrusLM, rows: PackedRows, block_size: int, anchors: int = 128, seed: int = 1,
+                            chunk: int = 64) -> list[float]:
+    """The drafter's `chance_temperatures` (model.py): per draft position, the temperature at which its
+    distribution best gives the chance that greedy verification keeps a draft, fit on held-out rows'
+    anchor blocks (drafts right where their argmax is the AR one, as `evaluate` counts them). The drafter
+    learns the model's distribution, and the model's argmax is likelier than its probability: the
+    shipped SmolLM2 drafter's first drafts with probability 0.3 are the model's choice 79% of the time."""
+    anchor_ids, valid = draw_anchors(rows, anchors, block_size, seed, list(range(len(rows))), full_blocks=True)
+    student, teacher, _ = dual_pass(model, rows, anchor_ids, block_size)
+    student, teacher = student[valid.to(student.device)], teacher[valid.to(teacher.device)]  # [blocks, B-1, H]
+
+    head, vocab = model.draft_head(), model.draft_vocab  # drafts come from the draft vocabulary, if the drafter has one
+
+    def batches():
+        for s, t in zip(student.split(chunk), teacher.split(chunk)):
+            logits = head(s).float()
+            drafts = logits.argmax(-1) if vocab is None else vocab[logits.argmax(-1)]
+            yield logits, drafts == model.lm_head(t).argmax(-1)
+
+    return fit_temperatures(batches())
+
+
 def init_trained(drafter: str | None) -> dict:
     """The steps and tokens the drafter a run starts from was trained on (from its config.json)."""
     path = Path(drafter or "") / "config.json"
@@ -737,7 +783,8 @@ def plot_curves(run: Path) -> Path:
 
 def export_drafter(run: Path, out: Path, storage: str = "int8", model: str | None = None, block_size: int | None = None,
                    draft_vocab: int = 0) -> None:
-    """Write the run's last checkpoint as a drafter-only folder (orthrus.checkpoint.save_drafter).
+    """Write the run's last checkpoint as a drafter-only folder (orthrus.checkpoint.save_drafter), with
+    its chance temperatures fit on the run's held-out rows (`fit_chance_temperatures`).
     `block_size`: the drafter's default decode block, if not the trained one (pick it by measurement).
     `draft_vocab`: how many of the tokens the run's data replies with most its drafts may take (0: every
     token). Worth it where the head is a large part of a draft pass (Qwen3's 151,936 tokens); on
@@ -760,6 +807,10 @@ def export_drafter(run: Path, out: Path, storage: str = "int8", model: str | Non
         rows = read_shards(Path(state["config"]["data"]))
         stops = sorted(t for t in llm.stop_token_ids if t < llm.model.config.vocab_size)
         llm.model.draft_vocab = frequent_tokens(rows, draft_vocab, stops)
+    settings = state["config"]
+    held = eval_set(TrainConfig(data=settings["data"], seq_len=settings["seq_len"], eval_rows=CHANCE_FIT_ROWS),
+                    state.get("eval_files", state["files"]))
+    llm.model.chance_temperatures = tuple(fit_chance_temperatures(llm.model, held, llm.model.config.block_size))
     before = state.get("init_trained", {})  # a run started from a drafter counts what that one had seen
     steps, tokens = state["step"] + before.get("steps", 0), state["tokens"] + before.get("tokens", 0)
     save_drafter(llm.model, out, base_model=state["base_model"], storage=storage,
