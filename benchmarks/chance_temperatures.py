@@ -94,7 +94,8 @@ def calibration(llm, prompts: list[list[int]], temperature: float) -> None:
         logits, chosen = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
         for t in (1.0, temperatures[min(j, len(temperatures) - 1)]):
             top = (logits / t).softmax(-1).topk(4, -1)
-            cells = [f"{float(top.values[:, r].mean()):.3f} / {float((top.indices[:, r] == chosen).float().mean()):.3f}" for r in range(4)]
+            kept = (top.indices == chosen[:, None]).float().mean(0)
+            cells = [f"{float(top.values[:, r].mean()):.3f} / {float(kept[r]):.3f}" for r in range(4)]
             print(f"| {j + 1} | {t} | {len(rows)} | " + " | ".join(cells) + " |")
 
 

@@ -288,7 +288,8 @@ def plan_tree(seqs: list["Sequence"], logits: torch.Tensor, drafts: torch.Tensor
     and alone):
     - tree leaves (`leaves`): another token t for draft j's position, as DDTree's best-first tree comes
       out for a few-token block. Its chance to be the accepted token there is, by the drafter's own
-      distributions (softmax of `logits` [N, B-1, V], the drafts' `chance_logits`), q_1(d_1) ... q_{j-1}(d_{j-1}) q_j(t).
+      distributions (softmax of `logits` [N, B-1, V], the drafts' `chance_logits`), q_1(d_1) ... q_{j-1}(d_{j-1}) q_j(t)
+      (a sampling row's drafts at its recent acceptance rates instead, `SequenceStats.draft_rates`).
     - a lookup extension (`extend`): the tokens that followed the drafts' last few tokens earlier in the
       row's text (`PromptLookup` keyed on the drafts), verified after them as a longer chain, where a
       copy goes on past what the drafter drafts (summaries, code, repeated phrases). Extension token i
@@ -299,6 +300,9 @@ def plan_tree(seqs: list["Sequence"], logits: torch.Tensor, drafts: torch.Tensor
     top, token, norm = kernels.top_tokens(logits, LEAF_CHOICES + 1)  # the drafts' own tokens among them, skipped below
     chance = (top - norm[..., None]).exp().tolist()
     right = (logits.gather(-1, drafts[..., None]).squeeze(-1) - norm).exp().tolist()
+    # a sampled draft is accepted with probability min(1, p/q): likely where p and q agree, however unlikely the
+    # draft itself (BENCHMARKS.md, "The planner's chances, calibrated"), so a sampling row's count at its recent rates
+    right = [r if s.params.greedy else s.stats.draft_rates(len(r)) for s, r in zip(seqs, right)]
     token, drafts = token.tolist(), drafts.tolist()
     most_rows = len(costs.verify) - 1  # no plan past the passes the costs know
     plans = []
@@ -367,6 +371,25 @@ class SequenceStats:
         """Mean accepted drafts over the last `window` cycles of `source`, with PRIOR_CYCLES pseudo-cycles of PRIOR_ACCEPTED."""
         recent = [a for a, s in zip(reversed(self.accepted), reversed(self.sources)) if s == source][:window]
         return (sum(recent) + PRIOR_ACCEPTED * PRIOR_CYCLES) / (len(recent) + PRIOR_CYCLES)
+
+    def draft_rates(self, positions: int, window: int = 16) -> list[float]:
+        """Per block draft position, the chance a draft there is accepted once the drafts before it are,
+        over the last `window` drafter cycles that verified it (Laplace: 1/2 with none). A tree leaf
+        accepted in a draft's place does not count as that draft's."""
+        hits, tries = [0] * positions, [0] * positions
+        seen = 0
+        for a, d, e, leaf, source in zip(reversed(self.accepted), reversed(self.drafted), reversed(self.extended),
+                                         reversed(self.branches), reversed(self.sources)):
+            if source != "diffusion":
+                continue
+            chain = a - leaf if a <= d - e else d - e  # block drafts accepted (past them: extension tokens)
+            for j in range(min(positions, chain + 1, d - e)):
+                tries[j] += 1
+                hits[j] += chain > j
+            seen += 1
+            if seen == window:
+                break
+        return [(h + 1) / (t + 2) for h, t in zip(hits, tries)]
 
     def lookup_rate(self, window: int = 16) -> float:
         """The chance a lookup draft is accepted, over the last `window` lookup cycles (Laplace: 1/2 with none)."""

@@ -255,6 +255,30 @@ def test_chance_temperatures_make_a_greedy_rows_likely_draft_likelier_to_the_pla
     assert plan_tree([Sequence(text)], sharpened[:1], drafts, kept, costs, [7]) == (None, [[11, 12]])
 
 
+def test_a_sampling_row_counts_its_drafts_at_its_own_recent_acceptance_rates():
+    """Per position, drafts accepted once the ones before were, over the row's drafter cycles: a leaf in a
+    draft's place and AR or lookup cycles do not count, an extension past the drafts counts them all.
+    The same drafts as above: with no history (1/2 a position) no extension pays its rows; after 16
+    cycles that kept every draft, two do. A greedy row goes by its drafts' chances either way."""
+    from orthrus.sampling import SamplingParams
+
+    stats = SequenceStats(accepted=[3, 1, 2, 5, 0, 0, 0], drafted=[3, 3, 3, 7, 3, 2, 4], extended=[0, 0, 0, 4, 0, 0, 0],
+                          branches=[0, 0, 1, 0, 0, 0, 0], sources=["diffusion"] * 4 + ["ar", "diffusion", "lookup"])
+    assert stats.draft_rates(3) == [5 / 7, 3 / 6, 3 / 4]  # (hits + 1) / (tries + 2): tries 5 / 4 / 2
+    logits = torch.zeros(1, 3, 50)
+    logits[0, 0, 7], logits[0, 0, 9] = 2.0, 1.0
+    logits[0, 1, 8] = logits[0, 2, 10] = 12.0
+    drafts, kept = torch.tensor([[7, 8, 10]]), torch.tensor([3])
+    costs = PassCosts((0.0,) + tuple(1 + 0.1 * t for t in range(8)), 1.0)
+    sure = SequenceStats(accepted=[3] * 16, drafted=[3] * 16, extended=[0] * 16, branches=[0] * 16, sources=["diffusion"] * 16)
+    for stats, sampled in ((SequenceStats(), [[]]), (sure, [[11, 12]])):
+        text = [1, 8, 10, 11, 12, 13, 14, 15, 2]
+        sampling, greedy = Sequence(text, SamplingParams(temperature=0.7)), Sequence(text)
+        sampling.stats = greedy.stats = stats
+        assert plan_tree([sampling], logits, drafts, kept, costs, [7]) == (None, sampled)
+        assert plan_tree([greedy], logits, drafts, kept, costs, [7]) == (None, [[]])
+
+
 def test_greedy_orthrus_with_lookup_extensions_equals_ar(smollm2):
     """Text the model copies: with every draft right (the oracle drafter), lookup extensions after
     the block draft are verified and accepted, and the output is AR's, alone and in a batch."""
