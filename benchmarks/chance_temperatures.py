@@ -11,7 +11,9 @@ position, the drafter's 4 likeliest tokens' mean chance against how often each i
 choice, at temperature 1 and at the drafter's (with `--temperature T`: sampling, and how often drafts
 are accepted against the q they were drawn from). `--ab SETS` (prompt sets, `heldout` for 40 held-out
 prompts): the planner with and without them, per set: tokens a cycle and tokens per modeled second
-(each pass costed by the planner's own calibrated pass costs, so the comparison has no timing noise).
+(each pass costed by the planner's own calibrated pass costs, so the comparison has no timing noise);
+with `--temperature T`, a sampling row's drafts weighed at their own q (the planner before) against
+its recent acceptance rates (`SequenceStats.draft_rates`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 import orthrus
 from orthrus import engine
 from orthrus.bench.prompts import load_prompt_set
-from orthrus.engine import Engine, Sequence
+from orthrus.engine import Engine, Sequence, SequenceStats
 from orthrus.model import OrthrusLM
 from orthrus.sampling import SamplingParams
 from orthrus.training.data import read_shards, shard_files, split_held_out
@@ -40,11 +42,12 @@ def held_out_prompts(data: str, count: int, skip: int = 0) -> list[list[int]]:
     return [list(r["tokens"][: r["prompt_len"]]) for r in held if 1 < r["prompt_len"] < 600][skip : skip + count]
 
 
-def decode(llm, prompts: list[list[int]], temperature: float = 0.0, **engine_options) -> list[Sequence]:
+def decode(llm, prompts: list[list[int]], temperature: float = 0.0, seed: int = 0, **engine_options) -> list[Sequence]:
+    """Each prompt alone, 128 new tokens; prompt i sampled with seed `seed + i`."""
     seqs = []
     for i, ids in enumerate(prompts):
         e = Engine(llm.model, 1, len(ids) + 140, pass_costs=llm.pass_costs(llm.block_size), **engine_options)
-        seqs.append(Sequence(ids, SamplingParams(temperature=temperature, seed=i), 128, llm.stop_token_ids))
+        seqs.append(Sequence(ids, SamplingParams(temperature=temperature, seed=seed + i), 128, llm.stop_token_ids))
         e.add(seqs[-1])
         while e.has_work():
             e.step()
@@ -99,9 +102,11 @@ def calibration(llm, prompts: list[list[int]], temperature: float) -> None:
             print(f"| {j + 1} | {t} | {len(rows)} | " + " | ".join(cells) + " |")
 
 
-def ab(llm, sets: list[str], data: str) -> None:
+def ab(llm, sets: list[str], data: str, temperature: float, seeds: int) -> None:
+    """Greedy: the planner without and with the drafter's chance temperatures. Sampling: a row's drafts
+    counted at their own q (what the planner did before) and at the row's recent rates (`draft_rates`)."""
     costs, spent = llm.pass_costs(llm.block_size), []
-    forward, draft = OrthrusLM.forward, OrthrusLM.draft
+    forward, draft, plan_tree, rates = OrthrusLM.forward, OrthrusLM.draft, engine.plan_tree, SequenceStats.draft_rates
 
     def costed_forward(self, tokens, positions, kv, view="ar", logits=True):
         if logits and view == "ar" and tokens.shape[1] <= 16:  # a verify pass (or an AR step), not a prefill
@@ -112,22 +117,35 @@ def ab(llm, sets: list[str], data: str) -> None:
         spent.append(costs.draft_pass(int(positions[0, 0])))
         return draft(self, tokens, positions, kv)
 
+    def plan_tree_at_q(seqs, logits, drafts, *a, **k):  # each row's drafts at their own q, as "rates"
+        q = logits.log_softmax(-1).gather(-1, drafts[..., None]).squeeze(-1).exp().tolist()
+        for s, row in zip(seqs, q):
+            s.stats.draft_rates = lambda positions, window=16, row=row: row
+        return plan_tree(seqs, logits, drafts, *a, **k)
+
     OrthrusLM.forward, OrthrusLM.draft = costed_forward, costed_draft
     fitted = llm.model.chance_temperatures
+    variants = ((("without", ()), ("with", fitted)) if temperature == 0 else (("q", plan_tree_at_q), ("rates", plan_tree)))
     try:
         for spec in sets:
             prompts = held_out_prompts(data, 40, skip=40) if spec == "heldout" else [
                 llm.encode(chat) for chat in load_prompt_set(spec, 10).prompts]
             result = {}
-            for name, temperatures in (("without", ()), ("with", fitted)):
-                llm.model.chance_temperatures, spent[:] = temperatures, []
-                seqs = decode(llm, prompts)
-                tokens = sum(len(s.generated) for s in seqs)
-                result[name] = (tokens / sum(s.stats.cycles for s in seqs), tokens / sum(spent))
-            (c0, r0), (c1, r1) = result["without"], result["with"]
+            for name, setting in variants:
+                if temperature == 0:
+                    llm.model.chance_temperatures = setting
+                else:
+                    engine.plan_tree = setting
+                spent[:], tokens, cycles = [], 0, 0
+                for seed in range(seeds if temperature > 0 else 1):
+                    seqs = decode(llm, prompts, temperature, seed=1000 * seed)
+                    tokens, cycles = tokens + sum(len(s.generated) for s in seqs), cycles + sum(s.stats.cycles for s in seqs)
+                result[name] = (tokens / cycles, tokens / sum(spent))
+            (c0, r0), (c1, r1) = result.values()
             print(f"| {spec} | {c0:.3f} | {c1:.3f} | {r0:.1f} | {r1:.1f} | {r1 / r0:.3f}x |", flush=True)
     finally:
-        OrthrusLM.forward, OrthrusLM.draft, llm.model.chance_temperatures = forward, draft, fitted
+        OrthrusLM.forward, OrthrusLM.draft, engine.plan_tree = forward, draft, plan_tree
+        llm.model.chance_temperatures, SequenceStats.draft_rates = fitted, rates
 
 
 def main(argv=None) -> None:
@@ -138,7 +156,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--write", action="store_true", help="store the fit in the drafter's config.json")
     ap.add_argument("--calibration", type=int, default=0, metavar="N", help="the calibration table over N held-out prompts")
-    ap.add_argument("--temperature", type=float, default=0.0, help="--calibration's sampling temperature (0: greedy)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of --calibration and --ab (0: greedy)")
+    ap.add_argument("--seeds", type=int, default=3, help="--ab's sampling runs a prompt (seeds 0, 1000, ... + the prompt's index)")
     ap.add_argument("--ab", default="", metavar="SETS", help="the planner with and without them on these prompt sets")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -147,8 +166,9 @@ def main(argv=None) -> None:
         if args.calibration:
             calibration(llm, held_out_prompts(args.data, args.calibration), args.temperature)
         if args.ab:
-            print("| set | tokens a cycle, without | with | tokens per modeled s, without | with | ratio |")
-            ab(llm, args.ab.split(","), args.data)
+            names = ("without", "with") if args.temperature == 0 else ("at q", "at rates")
+            print(f"| set | tokens a cycle, {names[0]} | {names[1]} | tokens per modeled s, {names[0]} | {names[1]} | ratio |")
+            ab(llm, args.ab.split(","), args.data, args.temperature, args.seeds)
         return
     llm = orthrus.load(drafter=args.drafter, dtype="float32", device="cpu")
     held = eval_set(TrainConfig(data=args.data, seq_len=512, eval_rows=args.rows), [p.name for p in shard_files(Path(args.data))])
