@@ -298,7 +298,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(llama_f
         for name in ref_twins:
             torch.testing.assert_close(twins[name], ref_twins[name], atol=1e-5, rtol=1e-4)
 
-def test_export_int8_and_float_drafters_load_and_decode_losslessly(llama_folder, data_folder, tmp_path):
+def test_export_int8_and_float_drafters_load_and_decode_losslessly(llama_folder, data_folder, tmp_path, capsys):
     from orthrus.training.trainer import export_drafter
 
     cfg = TrainConfig(data=str(data_folder), model=str(llama_folder), block_size=8, seq_len=128, anchors=8, batch=2,
@@ -346,6 +346,14 @@ def test_export_int8_and_float_drafters_load_and_decode_losslessly(llama_folder,
         temperatures = json.loads((tmp_path / folder / "config.json").read_text())["chance_temperatures"]
         assert len(temperatures) == block - 1 and set(temperatures) <= set(CHANCE_TEMPERATURES), folder
     assert llm.model.chance_temperatures == tuple(first["chance_temperatures"])
+    # a run whose data is gone still exports, without them, and says so
+    latest = max((tmp_path / "run" / "checkpoints").iterdir())
+    state = json.loads((latest / "state.json").read_text())
+    state["config"]["data"] = str(tmp_path / "moved-away")
+    (latest / "state.json").write_text(json.dumps(state))
+    export_drafter(tmp_path / "run", tmp_path / "no-data", storage="int8")
+    assert "chance_temperatures" not in json.loads((tmp_path / "no-data" / "config.json").read_text())
+    assert "exported without chance temperatures" in capsys.readouterr().err
 
 
 def test_chance_temperatures_are_the_ones_the_outcomes_follow():

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -548,6 +549,8 @@ def fit_chance_temperatures(model: OrthrusLM, rows: PackedRows, block_size: int,
     learns the model's distribution, and the model's argmax is likelier than its probability: the
     shipped SmolLM2 drafter gives its first drafts 0.69 on average, and 90% of them are the model's
     choice (BENCHMARKS.md, "The planner's chances, calibrated")."""
+    if len(rows) == 0:
+        raise OrthrusError("no held-out rows to fit chance temperatures on")
     anchor_ids, valid = draw_anchors(rows, anchors, block_size, seed, list(range(len(rows))), full_blocks=True)
     student, teacher, _ = dual_pass(model, rows, anchor_ids, block_size)
     student, teacher = student[valid.to(student.device)], teacher[valid.to(teacher.device)]  # [blocks, B-1, H]
@@ -808,9 +811,13 @@ def export_drafter(run: Path, out: Path, storage: str = "int8", model: str | Non
         stops = sorted(t for t in llm.stop_token_ids if t < llm.model.config.vocab_size)
         llm.model.draft_vocab = frequent_tokens(rows, draft_vocab, stops)
     settings = state["config"]
-    held = eval_set(TrainConfig(data=settings["data"], seq_len=settings["seq_len"], eval_rows=CHANCE_FIT_ROWS),
-                    state.get("eval_files", state["files"]))
-    llm.model.chance_temperatures = tuple(fit_chance_temperatures(llm.model, held, llm.model.config.block_size))
+    try:
+        held = eval_set(TrainConfig(data=settings["data"], seq_len=settings["seq_len"], eval_rows=CHANCE_FIT_ROWS),
+                        state.get("eval_files", state["files"]))
+        llm.model.chance_temperatures = tuple(fit_chance_temperatures(llm.model, held, llm.model.config.block_size))
+    except OrthrusError as e:  # the run's data is not here (or has no held-out block): export without them
+        print(f"orthrus train: exported without chance temperatures ({e}); `benchmarks/chance_temperatures.py "
+              "--write` fits them later", file=sys.stderr, flush=True)
     before = state.get("init_trained", {})  # a run started from a drafter counts what that one had seen
     steps, tokens = state["step"] + before.get("steps", 0), state["tokens"] + before.get("tokens", 0)
     save_drafter(llm.model, out, base_model=state["base_model"], storage=storage,
