@@ -28,7 +28,7 @@ import torch
 import orthrus
 from orthrus import engine
 from orthrus.bench.prompts import load_prompt_set
-from orthrus.engine import Engine, Sequence, SequenceStats
+from orthrus.engine import Engine, Sequence
 from orthrus.model import OrthrusLM
 from orthrus.sampling import SamplingParams
 from orthrus.training.data import read_shards, shard_files, split_held_out
@@ -106,7 +106,7 @@ def ab(llm, sets: list[str], data: str, temperature: float, seeds: int) -> None:
     """Greedy: the planner without and with the drafter's chance temperatures. Sampling: a row's drafts
     counted at their own q (what the planner did before) and at the row's recent rates (`draft_rates`)."""
     costs, spent = llm.pass_costs(llm.block_size), []
-    forward, draft, plan_tree, rates = OrthrusLM.forward, OrthrusLM.draft, engine.plan_tree, SequenceStats.draft_rates
+    forward, draft, plan_tree = OrthrusLM.forward, OrthrusLM.draft, engine.plan_tree
 
     def costed_forward(self, tokens, positions, kv, view="ar", logits=True):
         if logits and view == "ar" and tokens.shape[1] <= 16:  # a verify pass (or an AR step), not a prefill
@@ -117,7 +117,7 @@ def ab(llm, sets: list[str], data: str, temperature: float, seeds: int) -> None:
         spent.append(costs.draft_pass(int(positions[0, 0])))
         return draft(self, tokens, positions, kv)
 
-    def plan_tree_at_q(seqs, logits, drafts, *a, **k):  # each row's drafts at their own q, as "rates"
+    def plan_tree_at_q(seqs, logits, drafts, *a, **k):  # each row's drafts at their own q, as "rates" (on its own stats)
         q = logits.log_softmax(-1).gather(-1, drafts[..., None]).squeeze(-1).exp().tolist()
         for s, row in zip(seqs, q):
             s.stats.draft_rates = lambda positions, window=16, row=row: row
@@ -145,7 +145,7 @@ def ab(llm, sets: list[str], data: str, temperature: float, seeds: int) -> None:
             print(f"| {spec} | {c0:.3f} | {c1:.3f} | {r0:.1f} | {r1:.1f} | {r1 / r0:.3f}x |", flush=True)
     finally:
         OrthrusLM.forward, OrthrusLM.draft, engine.plan_tree = forward, draft, plan_tree
-        llm.model.chance_temperatures, SequenceStats.draft_rates = fitted, rates
+        llm.model.chance_temperatures = fitted
 
 
 def main(argv=None) -> None:

@@ -281,15 +281,17 @@ def chance_logits(logits: torch.Tensor, temperatures: tuple[float, ...], greedy:
 
 
 def plan_tree(seqs: list["Sequence"], logits: torch.Tensor, drafts: torch.Tensor, lengths: torch.Tensor,
-              costs: PassCosts, room: list[int], leaves: bool = True, extend: bool = True) -> tuple[Leaves | None, list[list[int]]]:
+              costs: PassCosts, room: list[int], leaves: bool = True, extend: bool = True,
+              temperatures: tuple[float, ...] = ()) -> tuple[Leaves | None, list[list[int]]]:
     """The planner's second half, after the draft pass: per drafting row, the tokens its verify pass
     takes besides the block draft, the likeliest first, while the expected tokens they add beat what
     their rows add to the pass (each row by its own costs and history, so a row plans alike in a batch
     and alone):
     - tree leaves (`leaves`): another token t for draft j's position, as DDTree's best-first tree comes
       out for a few-token block. Its chance to be the accepted token there is, by the drafter's own
-      distributions (softmax of `logits` [N, B-1, V], the drafts' `chance_logits`), q_1(d_1) ... q_{j-1}(d_{j-1}) q_j(t)
-      (a sampling row's drafts at its recent acceptance rates instead, `SequenceStats.draft_rates`).
+      distributions (softmax of the draft `logits` [N, B-1, V] at the drafter's chance `temperatures`,
+      `chance_logits`), q_1(d_1) ... q_{j-1}(d_{j-1}) q_j(t) (a sampling row's drafts at its recent
+      acceptance rates instead, `SequenceStats.draft_rates`).
     - a lookup extension (`extend`): the tokens that followed the drafts' last few tokens earlier in the
       row's text (`PromptLookup` keyed on the drafts), verified after them as a longer chain, where a
       copy goes on past what the drafter drafts (summaries, code, repeated phrases). Extension token i
@@ -297,6 +299,7 @@ def plan_tree(seqs: list["Sequence"], logits: torch.Tensor, drafts: torch.Tensor
     `room`: the most drafts each row can use (its cache slots and token budget). Returns the leaves
     (None: none) and each row's extension tokens. (A few dozen numbers go to Python: small tensor ops
     right after a pass cost more than the loops.)"""
+    logits = chance_logits(logits, temperatures, [s.params.greedy for s in seqs])
     top, token, norm = kernels.top_tokens(logits, LEAF_CHOICES + 1)  # the drafts' own tokens among them, skipped below
     chance = (top - norm[..., None]).exp().tolist()
     right = (logits.gather(-1, drafts[..., None]).squeeze(-1) - norm).exp().tolist()
@@ -626,10 +629,9 @@ class Engine:
             lengths[picked] = kept
             self.forwards += 1
             if "tree" in self.sources or "lookup" in self.sources:
-                chances = chance_logits(draft_logits, self.model.chance_temperatures, [params[i].greedy for i in diffuse])
-                leaves, extensions = plan_tree([seqs[i] for i in diffuse], chances, drafts[picked, : b - 1], kept,
+                leaves, extensions = plan_tree([seqs[i] for i in diffuse], draft_logits, drafts[picked, : b - 1], kept,
                                                self.pass_costs, [room[i] for i in diffuse], "tree" in self.sources,
-                                               "lookup" in self.sources)
+                                               "lookup" in self.sources, self.model.chance_temperatures)
                 longest = max(n + len(e) for n, e in zip(kept.tolist(), extensions))
                 if longest > drafts.shape[1]:  # the drafts' (and their distributions') room for the longest chain
                     drafts = torch.cat([drafts, drafts.new_zeros(len(seqs), longest - drafts.shape[1])], 1)

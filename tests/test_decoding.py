@@ -252,7 +252,7 @@ def test_chance_temperatures_make_a_greedy_rows_likely_draft_likelier_to_the_pla
     costs = PassCosts((0.0,) + tuple(1 + 0.1 * t for t in range(8)), 1.0)
     text = [1, 8, 10, 11, 12, 13, 14, 15, 2]
     assert plan_tree([Sequence(text)], logits[:1], drafts, kept, costs, [7]) == (None, [[]])
-    assert plan_tree([Sequence(text)], sharpened[:1], drafts, kept, costs, [7]) == (None, [[11, 12]])
+    assert plan_tree([Sequence(text)], logits[:1], drafts, kept, costs, [7], temperatures=(0.25,)) == (None, [[11, 12]])
 
 
 def test_a_sampling_row_counts_its_drafts_at_its_own_recent_acceptance_rates():
