@@ -32,7 +32,7 @@ from orthrus.engine import Engine, Sequence
 from orthrus.model import OrthrusLM
 from orthrus.sampling import SamplingParams
 from orthrus.training.data import read_shards, shard_files, split_held_out
-from orthrus.training.trainer import CHANCE_FIT_ROWS, TrainConfig, eval_set, fit_chance_temperatures
+from orthrus.training.trainer import CHANCE_FIT_ROWS, fit_chance_temperatures_on
 
 
 def held_out_prompts(data: str, count: int, skip: int = 0) -> list[list[int]]:
@@ -171,10 +171,9 @@ def main(argv=None) -> None:
             ab(llm, args.ab.split(","), args.data, args.temperature, args.seeds)
         return
     llm = orthrus.load(drafter=args.drafter, dtype="float32", device="cpu")
-    held = eval_set(TrainConfig(data=args.data, seq_len=512, eval_rows=args.rows), [p.name for p in shard_files(Path(args.data))])
-    temperatures = fit_chance_temperatures(llm.model, held, llm.block_size)
+    temperatures, fit_rows = fit_chance_temperatures_on(llm.model, args.data, rows=args.rows)
     print(f"{args.drafter}: chance temperatures {temperatures} (draft positions 1..{llm.block_size - 1}, "
-          f"{len(held)} held-out rows of {args.data})")
+          f"{fit_rows} held-out rows of {args.data})")
     if args.write:
         path = Path(args.drafter) / "config.json"
         config = json.loads(path.read_text())

@@ -4,7 +4,11 @@ acceptance, the planner, the cache bookkeeping and text decoding cost on top of 
 included: it is a forward), the engine's functions that take most of it, per call, and the passes
 themselves by kind and token count (ms each).
 
-    python benchmarks/engine_overhead.py --max-new-tokens 128 --repeats 2 [--temperature 0.7]
+    python benchmarks/engine_overhead.py --max-new-tokens 128 --repeats 2 [--temperature 0.7] [--set mtbench]
+
+With `--set` (a bench prompt set, chat-formatted as `orthrus bench` feeds it, seed = 1 + the prompt's index)
+in place of the three raw prompts below: at temperature 0.7 the raw ones often end at once (SmolLM2
+samples its end token after "...learning to paint."), leaving a few cycles to time.
 
 Pause background jobs first.
 """
@@ -19,6 +23,7 @@ import torch
 
 import orthrus
 from orthrus import engine
+from orthrus.bench.prompts import load_prompt_set
 
 TIMED = ("plan_cycle", "plan_tree", "draw", "accept")  # engine functions timed per call
 
@@ -36,10 +41,13 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--set", default="", help="a bench prompt set (mtbench, humaneval, gsm or .jsonl) in place of the raw prompts")
+    ap.add_argument("--num-prompts", type=int, default=3, help="prompts of --set")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     llm = orthrus.load(None)
+    prompts = [llm.encode(p) for p in load_prompt_set(args.set, args.num_prompts).prompts] if args.set else PROMPTS
     in_forward, depth = [0.0], [0]
     by_shape = collections.defaultdict(lambda: [0.0, 0])  # (view, tokens): seconds, passes
 
@@ -75,7 +83,7 @@ def main(argv=None) -> None:
 
     for name in TIMED:
         setattr(engine, name, timed(name, getattr(engine, name)))
-    llm.generate(PROMPTS[0], max_new_tokens=16)  # warm up
+    llm.generate(prompts[0], max_new_tokens=16)  # warm up
     for mode in ("orthrus", "ar"):
         for _ in range(args.repeats):
             in_forward[0], cycles, tokens = 0.0, 0, 0
@@ -83,8 +91,9 @@ def main(argv=None) -> None:
             for entry in spent.values():
                 entry[:] = [0.0, 0]
             start = time.perf_counter()
-            for prompt in PROMPTS:
-                out = llm.generate(prompt, max_new_tokens=args.max_new_tokens, mode=mode, temperature=args.temperature, seed=1)
+            for i, prompt in enumerate(prompts):
+                out = llm.generate(prompt, max_new_tokens=args.max_new_tokens, mode=mode, temperature=args.temperature,
+                                   seed=1 + i if args.set else 1)
                 cycles, tokens = cycles + out.stats.cycles, tokens + len(out.token_ids)
             total = time.perf_counter() - start
             calls = ", ".join(f"{name} {seconds / n * 1e3:.2f}" for name, (seconds, n) in spent.items() if n)

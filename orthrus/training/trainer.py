@@ -565,6 +565,15 @@ def fit_chance_temperatures(model: OrthrusLM, rows: PackedRows, block_size: int,
     return fit_temperatures(batches())
 
 
+def fit_chance_temperatures_on(model: OrthrusLM, data: str | Path, files: list[str] | None = None, seq_len: int = 512,
+                               rows: int = CHANCE_FIT_ROWS) -> tuple[list[float], int]:
+    """`fit_chance_temperatures` at the model's block size on the first `rows` held-out packed rows of a data
+    folder (`files`: its shards, default every one): (the temperatures, the rows fit on)."""
+    held = eval_set(TrainConfig(data=str(data), seq_len=seq_len, eval_rows=rows),
+                    files or [p.name for p in shard_files(Path(data))])
+    return fit_chance_temperatures(model, held, model.config.block_size), len(held)
+
+
 def init_trained(drafter: str | None) -> dict:
     """The steps and tokens the drafter a run starts from was trained on (from its config.json)."""
     path = Path(drafter or "") / "config.json"
@@ -812,9 +821,9 @@ def export_drafter(run: Path, out: Path, storage: str = "int8", model: str | Non
         llm.model.draft_vocab = frequent_tokens(rows, draft_vocab, stops)
     settings = state["config"]
     try:
-        held = eval_set(TrainConfig(data=settings["data"], seq_len=settings["seq_len"], eval_rows=CHANCE_FIT_ROWS),
-                        state.get("eval_files", state["files"]))
-        llm.model.chance_temperatures = tuple(fit_chance_temperatures(llm.model, held, llm.model.config.block_size))
+        temperatures, _ = fit_chance_temperatures_on(llm.model, settings["data"], state.get("eval_files", state["files"]),
+                                                     settings["seq_len"])
+        llm.model.chance_temperatures = tuple(temperatures)
     except OrthrusError as e:  # the run's data is not here (or has no held-out block): export without them
         print(f"orthrus train: exported without chance temperatures ({e}); `benchmarks/chance_temperatures.py "
               "--write` fits them later", file=sys.stderr, flush=True)
