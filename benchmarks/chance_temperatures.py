@@ -29,10 +29,11 @@ import orthrus
 from orthrus import engine
 from orthrus.bench.prompts import load_prompt_set
 from orthrus.engine import Engine, Sequence
-from orthrus.model import OrthrusLM
 from orthrus.sampling import SamplingParams
 from orthrus.training.data import read_shards, shard_files, split_held_out
 from orthrus.training.trainer import CHANCE_FIT_ROWS, fit_chance_temperatures_on
+
+from generate_ab import modeled_passes
 
 
 def held_out_prompts(data: str, count: int, skip: int = 0) -> list[list[int]]:
@@ -105,17 +106,7 @@ def calibration(llm, prompts: list[list[int]], temperature: float) -> None:
 def ab(llm, sets: list[str], data: str, temperature: float, seeds: int) -> None:
     """Greedy: the planner without and with the drafter's chance temperatures. Sampling: a row's drafts
     counted at their own q (what the planner did before) and at the row's recent rates (`draft_rates`)."""
-    costs, spent = llm.pass_costs(llm.block_size), []
-    forward, draft, plan_tree = OrthrusLM.forward, OrthrusLM.draft, engine.plan_tree
-
-    def costed_forward(self, tokens, positions, kv, view="ar", logits=True):
-        if logits and view == "ar" and tokens.shape[1] <= 16:  # a verify pass (or an AR step), not a prefill
-            spent.append(costs.verify_pass(tokens.shape[1], int(positions[0, 0])))
-        return forward(self, tokens, positions, kv, view, logits)
-
-    def costed_draft(self, tokens, positions, kv):
-        spent.append(costs.draft_pass(int(positions[0, 0])))
-        return draft(self, tokens, positions, kv)
+    plan_tree = engine.plan_tree
 
     def plan_tree_at_q(seqs, logits, drafts, *a, **k):  # each row's drafts at their own q, as "rates" (on its own stats)
         q = logits.log_softmax(-1).gather(-1, drafts[..., None]).squeeze(-1).exp().tolist()
@@ -123,28 +114,28 @@ def ab(llm, sets: list[str], data: str, temperature: float, seeds: int) -> None:
             s.stats.draft_rates = lambda positions, window=16, row=row: row
         return plan_tree(seqs, logits, drafts, *a, **k)
 
-    OrthrusLM.forward, OrthrusLM.draft = costed_forward, costed_draft
     fitted = llm.model.chance_temperatures
     variants = ((("without", ()), ("with", fitted)) if temperature == 0 else (("q", plan_tree_at_q), ("rates", plan_tree)))
     try:
-        for spec in sets:
-            prompts = held_out_prompts(data, 40, skip=40) if spec == "heldout" else [
-                llm.encode(chat) for chat in load_prompt_set(spec, 10).prompts]
-            result = {}
-            for name, setting in variants:
-                if temperature == 0:
-                    llm.model.chance_temperatures = setting
-                else:
-                    engine.plan_tree = setting
-                spent[:], tokens, cycles = [], 0, 0
-                for seed in range(seeds if temperature > 0 else 1):
-                    seqs = decode(llm, prompts, temperature, seed=1000 * seed)
-                    tokens, cycles = tokens + sum(len(s.generated) for s in seqs), cycles + sum(s.stats.cycles for s in seqs)
-                result[name] = (tokens / cycles, tokens / sum(spent))
-            (c0, r0), (c1, r1) = result.values()
-            print(f"| {spec} | {c0:.3f} | {c1:.3f} | {r0:.1f} | {r1:.1f} | {r1 / r0:.3f}x |", flush=True)
+        with modeled_passes(llm) as spent:
+            for spec in sets:
+                prompts = held_out_prompts(data, 40, skip=40) if spec == "heldout" else [
+                    llm.encode(chat) for chat in load_prompt_set(spec, 10).prompts]
+                result = {}
+                for name, setting in variants:
+                    if temperature == 0:
+                        llm.model.chance_temperatures = setting
+                    else:
+                        engine.plan_tree = setting
+                    spent[:], tokens, cycles = [], 0, 0
+                    for seed in range(seeds if temperature > 0 else 1):
+                        seqs = decode(llm, prompts, temperature, seed=1000 * seed)
+                        tokens, cycles = tokens + sum(len(s.generated) for s in seqs), cycles + sum(s.stats.cycles for s in seqs)
+                    result[name] = (tokens / cycles, tokens / sum(spent))
+                (c0, r0), (c1, r1) = result.values()
+                print(f"| {spec} | {c0:.3f} | {c1:.3f} | {r0:.1f} | {r1:.1f} | {r1 / r0:.3f}x |", flush=True)
     finally:
-        OrthrusLM.forward, OrthrusLM.draft, engine.plan_tree = forward, draft, plan_tree
+        engine.plan_tree = plan_tree
         llm.model.chance_temperatures = fitted
 
 

@@ -15,11 +15,17 @@ the one round in which the last variant ran fastest, beside each variant's own f
 whose memory bus is sometimes shared (BENCHMARKS.md, "Two machine states"), with AR as the last
 variant this gives the ratios of the uncontended state, where the variants of a round ran within
 seconds of each other. Pause background jobs first.
+
+`--modeled`: each decoding pass costs what the planner's calibration says it costs (the machine's
+cached pass costs, `Orthrus.pass_costs`; prefill not counted), not its wall time: planner variants
+compare without timing noise, and background jobs need not be paused (one round is enough for greedy
+variants, whose tokens repeat).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -27,6 +33,30 @@ import torch
 import orthrus
 from orthrus import engine
 from orthrus.bench.prompts import load_prompt_set
+from orthrus.model import OrthrusLM
+
+
+@contextlib.contextmanager
+def modeled_passes(llm):
+    """Within it, each verify pass (or AR step) and draft pass of `llm` appends its calibrated cost in
+    seconds (`llm.pass_costs`, at the pass's context) to the list it yields; prefill passes add nothing."""
+    costs, spent = llm.pass_costs(llm.block_size), []
+    forward, draft = OrthrusLM.forward, OrthrusLM.draft
+
+    def costed_forward(self, tokens, positions, kv, view="ar", logits=True):
+        if logits and view == "ar" and tokens.shape[1] <= 16:  # a verify pass (or an AR step), not a prefill
+            spent.append(costs.verify_pass(tokens.shape[1], int(positions[0, 0])))
+        return forward(self, tokens, positions, kv, view, logits)
+
+    def costed_draft(self, tokens, positions, kv):
+        spent.append(costs.draft_pass(int(positions[0, 0])))
+        return draft(self, tokens, positions, kv)
+
+    OrthrusLM.forward, OrthrusLM.draft = costed_forward, costed_draft
+    try:
+        yield spent
+    finally:
+        OrthrusLM.forward, OrthrusLM.draft = forward, draft
 
 
 def option(text: str) -> tuple[str, object]:
@@ -48,6 +78,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variant", nargs="+", action="append", required=True, metavar=("NAME", "KEY=VALUE"))
     ap.add_argument("--paired", action="store_true", help="times from the round where the last variant was fastest")
+    ap.add_argument("--modeled", action="store_true", help="passes timed at their calibrated costs, not by the clock")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     variants = {name: dict(map(option, options)) for name, *options in args.variant}
@@ -66,9 +97,10 @@ def main(argv=None) -> None:
                     for key, default in constants.items():
                         setattr(engine, key.removeprefix("engine."), options.get(key, default))
                     generate = {key: value for key, value in options.items() if key not in constants}
-                    start = time.perf_counter()
-                    out = llm.generate(prompt, max_new_tokens=args.max_new_tokens, **generate)
-                    took[name][i].append(time.perf_counter() - start)
+                    with modeled_passes(llm) if args.modeled else contextlib.nullcontext() as spent:
+                        start = time.perf_counter()
+                        out = llm.generate(prompt, max_new_tokens=args.max_new_tokens, **generate)
+                        took[name][i].append(sum(spent) if args.modeled else time.perf_counter() - start)
                     tokens[name][i], cycles[name][i] = len(out.token_ids), out.stats.cycles
         kept = {"fastest": {name: [min(times) for times in took[name]] for name in variants}}
         if args.paired:

@@ -9,8 +9,8 @@ import torch
 from orthrus import kernels
 from orthrus.cache import KVCache
 from orthrus.checkpoint import init_untrained_twins
-from orthrus.engine import (SOURCES, PassCosts, PromptLookup, Sequence, SequenceStats, chance_logits, exploration_interval,
-                            extension_accepted, plan_cycle, plan_tree)
+from orthrus.engine import (SOURCES, PassCosts, PromptLookup, Sequence, SequenceStats, chained_rates, chance_logits,
+                            exploration_interval, extension_accepted, plan_cycle, plan_tree)
 
 from .conftest import PROMPTS
 
@@ -184,6 +184,21 @@ def test_the_planner_picks_the_source_with_the_most_tokens_per_second():
     assert plan_cycle([seq], 4, linear, ("diffusion", "ar"), [7])[0].source == "diffusion"  # tries the drafter again
 
 
+def test_a_lookup_that_starts_right_goes_on_in_the_planners_eyes():
+    """Lookups of 4 drafts accepted whole or not at all, in turn: a first draft is a coin flip, a draft
+    after accepted ones sure. The planner counts each position at its own rate once the ones before it
+    are accepted, so 4 lookup drafts are worth their rows (2.7 tokens for 2.2 steps); at one pooled
+    rate a draft (16 of 32: 1/2 each, 1.94 tokens) the best plan would be a single draft."""
+    rates = chained_rates([(4, 4), (4, 0)] * 4, 6)
+    assert rates[0] == 0.5 and rates[1] == (4 + 2 * 0.5) / 6 and rates[1] < rates[2] < rates[3]
+    assert rates[4] == rates[5] == rates[3]  # never offered: a position takes the one before's rate
+    seq = Sequence([1, 2, 3, 9, 1, 2, 3])  # a lookup finds [9, 1, 2, 3]
+    seq.stats = SequenceStats(accepted=[4, 0] * 4, sources=["lookup"] * 8, drafted=[4] * 8)
+    assert seq.stats.lookup_rates(6) == rates
+    gentle = PassCosts((0.0,) + tuple(1 + 0.3 * t for t in range(8)), 1.0)
+    assert plan_cycle([seq], 4, gentle, ("lookup", "ar"), [7])[0].drafts == [9, 1, 2, 3]
+
+
 def test_tree_leaves_go_where_the_drafter_is_unsure_and_rows_are_cheap():
     """Draft 1 sure, draft 2 split between two tokens, draft 3 unsure: the best leaf is draft 2's
     runner-up; free rows take leaves up to MAX_LEAVES, best first, rows that cost a pass each none."""
@@ -230,7 +245,7 @@ def test_a_lookup_extension_follows_sure_drafts_where_the_text_went_on_before():
     # every extension of recent cycles refused (3 block drafts accepted, then the first extension token not)
     seq.stats = SequenceStats(accepted=[3] * 16, sources=["diffusion"] * 16, drafted=[7] * 16, branches=[0] * 16,
                               extended=[4] * 16)
-    assert seq.stats.extension_rate() == 1 / 18 and extension_accepted([3, 5, 2], [7, 7, 3], [4, 4, 0]) == [0, 2, 0]
+    assert seq.stats.extension_rates(4) == [1 / 18] * 4 and extension_accepted([3, 5, 2], [7, 7, 3], [4, 4, 0]) == [0, 2, 0]
     gentle = PassCosts((0.0,) + tuple(1 + 0.05 * t for t in range(8)), 1.0)
     assert plan_tree([seq], sure, drafts, kept, gentle, [7])[1] == [[]]  # a 1/18 chance is not worth a row
 
