@@ -418,18 +418,18 @@ class SequenceStats:
     def lookup_rates(self, positions: int, window: int = 16) -> list[float]:
         """Per lookup draft position, the chance a lookup draft there is accepted once the ones before it
         are, over the last `window` lookup cycles (`chained_rates`)."""
-        recent = [(d, a) for a, d, s in zip(reversed(self.accepted), reversed(self.drafted), reversed(self.sources))
-                  if s == "lookup"][:window]
-        return chained_rates(recent, positions)
+        recent = ((d, a) for a, d, s in zip(reversed(self.accepted), reversed(self.drafted), reversed(self.sources))
+                  if s == "lookup")
+        return chained_rates(list(itertools.islice(recent, window)), positions)
 
     def extension_rates(self, positions: int, window: int = 16) -> list[float]:
         """Per lookup extension position, the chance an extension draft there is accepted once the drafts
         before it are, over the last `window` cycles that reached their extension (every block draft
         accepted; `chained_rates`)."""
-        reached = [(e, a - (d - e)) for a, d, e, leaf in zip(reversed(self.accepted), reversed(self.drafted),
+        reached = ((e, a - (d - e)) for a, d, e, leaf in zip(reversed(self.accepted), reversed(self.drafted),
                                                               reversed(self.extended), reversed(self.branches))
-                   if e and a >= d - e and not leaf]
-        return chained_rates(reached[:window], positions)
+                   if e and a >= d - e and not leaf)
+        return chained_rates(list(itertools.islice(reached, window)), positions)  # the latest first, no further
 
     @property
     def forwards(self) -> int:
