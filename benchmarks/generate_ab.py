@@ -37,10 +37,12 @@ from orthrus.model import OrthrusLM
 
 
 @contextlib.contextmanager
-def modeled_passes(llm):
+def modeled_passes(llm, block_size: int | None = None):
     """Within it, each verify pass (or AR step) and draft pass of `llm` appends its calibrated cost in
-    seconds (`llm.pass_costs`, at the pass's context) to the list it yields; prefill passes add nothing."""
-    costs, spent = llm.pass_costs(llm.block_size), []
+    seconds (`llm.pass_costs` of `block_size`, default the drafter's: the block decoded within, whose
+    calibration knows its draft pass and its widest verify; at the pass's context) to the list it
+    yields; prefill passes add nothing."""
+    costs, spent = llm.pass_costs(block_size), []
     forward, draft = OrthrusLM.forward, OrthrusLM.draft
 
     def costed_forward(self, tokens, positions, kv, view="ar", logits=True):
@@ -97,7 +99,8 @@ def main(argv=None) -> None:
                     for key, default in constants.items():
                         setattr(engine, key.removeprefix("engine."), options.get(key, default))
                     generate = {key: value for key, value in options.items() if key not in constants}
-                    with modeled_passes(llm) if args.modeled else contextlib.nullcontext() as spent:
+                    timing = modeled_passes(llm, generate.get("block_size")) if args.modeled else contextlib.nullcontext()
+                    with timing as spent:
                         start = time.perf_counter()
                         out = llm.generate(prompt, max_new_tokens=args.max_new_tokens, **generate)
                         took[name][i].append(sum(spent) if args.modeled else time.perf_counter() - start)
