@@ -19,6 +19,7 @@
 #include <chrono>
 #include <c10/util/Optional.h>
 #include <cmath>
+#include <functional>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -536,6 +537,13 @@ void linear_feature(const float* x, int64_t M, int64_t K, const W* w, const floa
   }
 }
 
+// What a product's caller does with outputs as soon as they are computed, by the thread that computed
+// them, while they are in its cache (SiLU * up after gate/up, the residual add after o and down):
+// after(j, n0, n1) once weight j's features [n0, n1) are done for every row; each feature is in one
+// call. A thread's calls cover whole runs of panels (`for_each_panel_run`), and the features past the
+// last whole panel come last, in one call after every thread is done.
+using Epilogue = std::function<void(size_t j, int64_t n0, int64_t n1)>;
+
 // Several weights that read the same x (q, k, v; gate, up) in one call: their panels, in groups of
 // GROUP, form one range that the threads split, so each weight is read by one thread, once. The
 // tiles read x as X (ldx apart), the features past the last panel read it in fp32 (xf).
@@ -549,6 +557,7 @@ struct Products {
   std::vector<int64_t> N;
   std::vector<const float*> scale, bias;
   std::vector<float*> y;
+  const Epilogue* after;
 };
 
 // Each thread walks its own contiguous share of the chunks front to back (one long run for the
@@ -767,13 +776,17 @@ void linear_impl(const Products<X, W>& p) {
       out[s] = {p.scale[j] ? p.scale[j] + n0 : nullptr, p.bias[j] ? p.bias[j] + n0 : nullptr, p.y[j] + n0};
     }
     linear_group(p, w, out, p.N[j], run);
+    if (p.after) (*p.after)(j, (group0 + s0) * PANEL, (group0 + s0 + run) * PANEL);
   });
-  for (int64_t j = 0; j < count; ++j)  // features past the last whole panel (row-major)
-    for (int64_t n = p.N[j] / PANEL * PANEL; n < p.N[j]; ++n)
+  for (int64_t j = 0; j < count; ++j) {  // features past the last whole panel (row-major)
+    const int64_t whole = p.N[j] / PANEL * PANEL;
+    for (int64_t n = whole; n < p.N[j]; ++n)
       if constexpr (std::is_same_v<W, int8_t>)
         int8_feature(p.x, p.ldx, p.M, p.K, p.w[j] + n * Kw, p.scale[j][n], p.bias[j] ? p.bias[j] + n : nullptr, p.y[j] + n, p.N[j]);
       else
         linear_feature(p.xf, p.M, p.K, p.w[j] + n * Kw, p.bias[j] ? p.bias[j] + n : nullptr, p.y[j] + n, p.N[j]);
+    if (p.after && whole < p.N[j]) (*p.after)(j, whole, p.N[j]);
+  }
 }
 
 // x's rows as bf16 pairs, the even input in the low half (the dot instruction's operand; exact
@@ -798,6 +811,21 @@ std::vector<uint32_t> bf16_pairs(const float* x, int64_t M, int64_t K) {
   return pairs;
 }
 
+// The sum of n int8 values, 32 at a time (an integer sum: exact in any order).
+inline int32_t sum_of_bytes(const int8_t* q, int64_t n) {
+  __m256i sums = _mm256_setzero_si256();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m256i pairs = _mm256_maddubs_epi16(_mm256_set1_epi8(1), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i)));
+    sums = _mm256_add_epi32(sums, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+  }
+  int32_t lanes[8];
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes), sums);
+  int32_t sum = std::accumulate(lanes, lanes + 8, 0);
+  for (; i < n; ++i) sum += q[i];
+  return sum;
+}
+
 // x's rows for int8 weights: each row over its largest magnitude (x 127, rounded to [-127, 127]), 4
 // inputs a word (a last partial word zero-padded), then the row's scale (fp32 bits) and the sum of
 // its quantized inputs (see `int8_tile`); for 4-bit weights then, per `group` inputs, the sum of
@@ -813,7 +841,7 @@ std::vector<uint32_t> int8_quads(const float* x, int64_t M, int64_t K, int64_t g
     out[steps + 1] = static_cast<uint32_t>(sum);
     const auto* q = reinterpret_cast<const int8_t*>(out);
     for (int64_t g = 0; g < groups; ++g) {
-      const float group_sum = static_cast<float>(std::accumulate(q + g * group, q + (g + 1) * group, 0));
+      const float group_sum = static_cast<float>(sum_of_bytes(q + g * group, group));
       std::memcpy(out + steps + 2 + g, &group_sum, 4);
     }
   }
@@ -1021,7 +1049,8 @@ inline void q4_panels(const uint32_t* x, int64_t ldx, int64_t groups, const uint
 
 // Products with 4-bit weights: the threads split every weight's panels in runs of up to GROUP; the
 // row tiles pass over a run while it stays in cache.
-void run_q4(const float* x, int64_t M, int64_t K, const std::vector<Operand>& operands, const std::vector<float*>& ys) {
+void run_q4(const float* x, int64_t M, int64_t K, const std::vector<Operand>& operands, const std::vector<float*>& ys,
+            const Epilogue* after) {
   const int64_t groups = K / Q4_INPUTS, ldx = K / 4 + 2 + groups;
   const auto rows = int8_quads(x, M, K, Q4_INPUTS);
   std::vector<int64_t> panels(operands.size());
@@ -1046,6 +1075,7 @@ void run_q4(const float* x, int64_t M, int64_t K, const std::vector<Operand>& op
       }
       m += r;
     }
+    if (after) (*after)(j, panel0 * PANEL, (panel0 + count) * PANEL);
   });
 }
 
@@ -1054,10 +1084,10 @@ void run_q4(const float* x, int64_t M, int64_t K, const std::vector<Operand>& op
 // build has it.
 template <typename W>
 void run_products(const float* x, int64_t M, int64_t K, const std::vector<Operand>& operands, const std::vector<float*>& ys,
-                  bool x_in_bf16) {
+                  bool x_in_bf16, const Epilogue* after) {
   auto run = [&](const auto* tile_x, int64_t ldx) {
     using X = std::remove_const_t<std::remove_pointer_t<decltype(tile_x)>>;
-    Products<X, W> p{tile_x, ldx, x, M, K, {}, {}, {}, {}, ys};
+    Products<X, W> p{tile_x, ldx, x, M, K, {}, {}, {}, {}, ys, after};
     for (const Operand& o : operands) {
       p.w.push_back(o.w->template data_ptr<W>());
       p.N.push_back(o.w->size(0));
@@ -1081,12 +1111,12 @@ void run_products(const float* x, int64_t M, int64_t K, const std::vector<Operan
 }
 
 void products(const float* x, int64_t M, int64_t K, const std::vector<Operand>& operands, const std::vector<float*>& ys,
-              bool x_in_bf16) {
+              bool x_in_bf16, const Epilogue* after = nullptr) {
   switch (operands.at(0).w->scalar_type()) {
-    case at::kFloat: return run_products<float>(x, M, K, operands, ys, x_in_bf16);
-    case at::kBFloat16: return run_products<bf16>(x, M, K, operands, ys, x_in_bf16);
-    case at::kChar: return run_products<int8_t>(x, M, K, operands, ys, x_in_bf16);
-    case at::kByte: return run_q4(x, M, K, operands, ys);
+    case at::kFloat: return run_products<float>(x, M, K, operands, ys, x_in_bf16, after);
+    case at::kBFloat16: return run_products<bf16>(x, M, K, operands, ys, x_in_bf16, after);
+    case at::kChar: return run_products<int8_t>(x, M, K, operands, ys, x_in_bf16, after);
+    case at::kByte: return run_q4(x, M, K, operands, ys, after);
     default: TORCH_CHECK(false, "weights must be fp32, bf16, int8 or 4-bit");
   }
 }
@@ -1126,20 +1156,22 @@ std::vector<torch::Tensor> linear(const torch::Tensor& x, const std::vector<torc
     operands.push_back({&ws[j], &cs[j], &bs[j]});
     outs.push_back(ys[j].data_ptr<float>());
   }
-  products(xf.data_ptr<float>(), M, K, operands, outs, x.scalar_type() == at::kBFloat16);
+  const bool bf16_in_fp32 = x.scalar_type() == at::kBFloat16 && float_out;
+  const Epilogue to_bf16 = [&](size_t j, int64_t n0, int64_t n1) {  // bf16 values, kept in fp32
+    const int64_t N = ys[j].size(1);
+    for (int64_t m = 0; m < M; ++m) {
+      float* y = outs[j] + m * N;
+      int64_t i = n0;
+      for (; i + 8 <= n1; i += 8) _mm256_storeu_ps(y + i, round_lanes(_mm256_loadu_ps(y + i), static_cast<bf16*>(nullptr)));
+      for (; i < n1; ++i) y[i] = static_cast<float>(static_cast<bf16>(y[i]));
+    }
+  };
+  products(xf.data_ptr<float>(), M, K, operands, outs, x.scalar_type() == at::kBFloat16, bf16_in_fp32 ? &to_bf16 : nullptr);
   auto shape = x.sizes().vec();
   for (size_t j = 0; j < ys.size(); ++j) {
     shape.back() = ys[j].size(1);
     ys[j] = ys[j].view(shape);
-    if (x.scalar_type() == at::kBFloat16 && float_out) {  // bf16 values, kept in fp32
-      float* y = ys[j].data_ptr<float>();
-      const int64_t n = ys[j].numel();
-      int64_t i = 0;
-      for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, round_lanes(_mm256_loadu_ps(y + i), static_cast<bf16*>(nullptr)));
-      for (; i < n; ++i) y[i] = static_cast<float>(static_cast<bf16>(y[i]));
-    } else {
-      ys[j] = ys[j].to(x.scalar_type());
-    }
+    if (!bf16_in_fp32) ys[j] = ys[j].to(x.scalar_type());
   }
   return ys;
 }
@@ -1922,8 +1954,9 @@ void rope_(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin)
 // layer RMSNorm, q/k/v (+ biases, QK-norms), RoPE, the cache write, attention over the cache, o
 // and the residual, RMSNorm, gate/up, SiLU * up, down and the residual. Activations are stored in
 // the model's dtype between ops (rounded where the plain path rounds) and products accumulate in
-// fp32. The products and the attention run on both cores; the small ops of a few tokens run inline
-// (they cost less than waking a thread), and split only when a wide batch gives them enough rows.
+// fp32. The products and the attention run on both cores; SiLU * up and the residual adds in the
+// products' epilogues, by the thread that computed their operands; the other small ops of a few
+// tokens run inline (they cost less than waking a thread).
 
 struct Weight {  // a product's weight, packed; with its scales when int8
   torch::Tensor packed, scale;
@@ -1931,9 +1964,10 @@ struct Weight {  // a product's weight, packed; with its scales when int8
 inline Operand operand(const Weight& w, const torch::Tensor* bias = nullptr) { return {&w.packed, &w.scale, bias}; }
 
 // One view's weights: its attention's q, k, v, o (optional fp32 biases and QK-norm weights) and the
-// MLP's gate, up, down, shared by the views unless the drafts take quantized copies.
+// MLP's gate and up (as one weight, `interleave_panels`) and down, shared by the views unless the
+// drafts take quantized copies.
 struct ViewWeights {
-  Weight q, k, v, o, gate, up, down;
+  Weight q, k, v, o, gate_up, down;
   torch::Tensor q_bias, k_bias, v_bias, q_norm, k_norm;
 };
 
@@ -1970,9 +2004,18 @@ void silu_mul(const float* gate, const float* up, T* out, int64_t n) {
   }
 }
 
-// Rows from which SiLU * up (the widest small op, an exp and a division a value) splits across
-// threads; fewer run inline, where waking a thread costs more than it saves.
-constexpr int64_t SPLIT_SMALL_OPS = 4;
+// gate [I, C] and up [I, C] as one weight [2I, C], panel by panel: gate's features [16p, 16p + 16),
+// then up's, for every whole panel; then the rest of gate's, then the rest of up's. A thread that
+// computes a panel pair holds both operands of SiLU(gate) * up for its 16 features, and computes
+// them there (`Epilogue`): no pass over the outputs after the product, and no thread to wake for it
+// (a bf16 pass of 7 tokens spent 0.12-0.22 ms on SiLU * up alone, the draft pass 0.07-0.16;
+// `benchmarks/pass_phases.py`, 2026-11-27, Zen 5).
+torch::Tensor interleave_panels(const torch::Tensor& gate, const torch::Tensor& up) {
+  const int64_t I = gate.size(0), C = gate.size(1), paired = I / PANEL * PANEL;
+  const auto panels = [&](const torch::Tensor& w) { return w.narrow(0, 0, paired).reshape({paired / PANEL, 1, PANEL, C}); };
+  const auto pairs = torch::cat({panels(gate), panels(up)}, 1).reshape({2 * paired, C});
+  return torch::cat({pairs, gate.narrow(0, paired, I - paired), up.narrow(0, paired, I - paired)}).contiguous();
+}
 
 // Where a pass's time goes, phase by phase, when built with -DORTHRUS_PHASES
 // (`benchmarks/pass_phases.py`); the normal build has none of this.
@@ -2020,11 +2063,13 @@ class DecoderStack {
       pointers_.push_back(t.data_ptr());
       return t.detach().contiguous();
     };
-    auto product = [&](const std::vector<c10::optional<torch::Tensor>>& l, size_t i, bool int8) -> Weight {
-      const torch::Tensor t = get(l, i);
+    auto weight = [](const torch::Tensor& t, bool int8) -> Weight {
       if (!int8) return {pack(t), {}};
       const auto q = draft_weight(t);
       return {q[0], q[1]};
+    };
+    auto product = [&](const std::vector<c10::optional<torch::Tensor>>& l, size_t i, bool int8) {
+      return weight(get(l, i), int8);
     };
     for (const auto& l : layers) {
       TORCH_CHECK(l.size() == 23, "DecoderStack: 23 entries per layer");
@@ -2036,11 +2081,10 @@ class DecoderStack {
         const bool int8 = v == 1 && int8_drafts;
         const size_t b = 5 + 9 * v;
         if (v == 0 || int8) {
-          a.gate = product(l, 2, int8);
-          a.up = product(l, 3, int8);
+          a.gate_up = weight(interleave_panels(get(l, 2), get(l, 3)), int8);
           a.down = product(l, 4, int8);
         } else {
-          a.gate = w.ar.gate, a.up = w.ar.up, a.down = w.ar.down;  // shared, not copied
+          a.gate_up = w.ar.gate_up, a.down = w.ar.down;  // shared, not copied
         }
         a.q = product(l, b, int8);
         a.k = product(l, b + 1, int8);
@@ -2056,6 +2100,7 @@ class DecoderStack {
       layers_.push_back(std::move(w));
     }
     dtype_ = layers_.at(0).post_norm.scalar_type();
+    intermediate_ = layers.at(0)[2]->size(0);
   }
 
   bool fresh() const {  // in-place updates move the version, `.data` swaps the pointer
@@ -2105,18 +2150,17 @@ class DecoderStack {
   template <typename T>
   void run(T* x, int64_t N, int64_t T_, const float* cos, const float* sin, T* kc, T* vc, at::IntArrayRef cs,
            const int64_t* rows, const int64_t* starts, const int64_t* limits, const int64_t* lasts, bool diffusion) const {
-    const int64_t M = N * T_, C = layers_[0].post_norm.numel(), I = layers_[0].ar.gate.packed.size(0);
+    const int64_t M = N * T_, C = layers_[0].post_norm.numel(), I = intermediate_;
     const int64_t H = heads_, G = kv_heads_, D = head_dim_, QD = H * D, KD = G * D;
     const float scale = 1.f / std::sqrt(static_cast<float>(D));
     constexpr bool IN_BF16 = std::is_same_v<T, bf16>;  // the products' inputs are activations in T
     std::vector<T> h(M * std::max(C, QD)), q(M * QD), k(M * KD), v(M * KD), act(M * I);
-    std::vector<float> hf(M * std::max({C, QD, I})), qf(M * QD), kf(M * KD), vf(M * KD), yf(M * std::max(C, I)),
-        uf(M * I);
+    // af: SiLU * up in fp32, down's input (written while gate/up still read hf)
+    std::vector<float> hf(M * std::max(C, QD)), qf(M * QD), kf(M * KD), vf(M * KD), yf(M * std::max(C, 2 * I)), af(M * I);
     // 16 lanes at a time on AVX-512 builds, then 8, the last few one by one: the same roundings
     // (to nearest, ties to even) lane for lane (an 8-token bf16 pass 0.974x against 8 at a time,
     // the draft pass 0.990x; `kernel_ab.py`, 2026-11-27, Zen 5)
-    auto widen = [&](const T* src, int64_t n, int64_t at = 0) {  // a product's input in fp32 (exact), from hf[at]
-      float* dst = hf.data() + at;
+    auto widen = [](const T* src, int64_t n, float* dst) {  // a product's input in fp32 (exact)
       int64_t i = 0;
 #ifdef __AVX512F__
       for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, load16(src + i));
@@ -2140,12 +2184,27 @@ class DecoderStack {
       for (; i + 8 <= n; i += 8) store8(round_lanes(_mm256_add_ps(load8(x + i), round_lanes(_mm256_loadu_ps(y + i), x)), x), x + i);
       for (; i < n; ++i) store(to_float(x[i]) + to_float(static_cast<T>(y[i])), x + i);
     };
+    const int64_t paired = I / PANEL * PANEL;  // gate/up features in panel pairs (`interleave_panels`)
+    const Epilogue silu_after = [&](size_t, int64_t n0, int64_t n1) {  // SiLU * up of the pairs in [n0, n1), and the rest with the last
+      for (int64_t m = 0; m < M; ++m) {
+        const float* y = yf.data() + m * 2 * I;
+        auto act_of = [&](int64_t gate_at, int64_t up_at, int64_t at, int64_t n) {
+          silu_mul(y + gate_at, y + up_at, act.data() + m * I + at, n);
+          widen(act.data() + m * I + at, n, af.data() + m * I + at);
+        };
+        for (int64_t f = n0; f < std::min(n1, 2 * paired); f += 2 * PANEL) act_of(f, f + PANEL, f / 2, PANEL);  // runs start at even panels
+        if (n1 == 2 * I && paired < I) act_of(2 * paired, paired + I, paired, I - paired);
+      }
+    };
+    const Epilogue add_after = [&](size_t, int64_t n0, int64_t n1) {  // the residual: x += round(y) over [n0, n1)
+      for (int64_t m = 0; m < M; ++m) add_into(x + m * C + n0, yf.data() + m * C + n0, n1 - n0);
+    };
     PHASE_CLOCK;
     for (size_t l = 0; l < layers_.size(); ++l) {
       const LayerWeights& w = layers_[l];
       const ViewWeights& a = diffusion ? w.diffusion : w.ar;
       rmsnorm_impl(x, w.input_norm.data_ptr<T>(), h.data(), M, C, eps_);
-      widen(h.data(), M * C);
+      widen(h.data(), M * C, hf.data());
       PHASE(QKV);
       products(hf.data(), M, C, {operand(a.q, &a.q_bias), operand(a.k, &a.k_bias), operand(a.v, &a.v_bias)},
                {qf.data(), kf.data(), vf.data()}, IN_BF16);
@@ -2168,30 +2227,22 @@ class DecoderStack {
             std::copy_n(k.data() + from, D, kl + at);
             std::copy_n(v.data() + from, D, vl + at);
           }
-      widen(q.data(), M * QD);
+      widen(q.data(), M * QD, hf.data());
       PHASE(ATTENTION);
       attend_raw<T>(hf.data(), N, T_, H, G, D, kl, vl, cs[1], cs[2], cs[3], rows, limits, lasts, scale, qf.data());
       PHASE(SMALL_OPS);
       round_into(qf.data(), h.data(), M * QD);  // the heads' output, in the model's dtype
-      widen(h.data(), M * QD);
+      widen(h.data(), M * QD, hf.data());
       PHASE(O_PROJ);
-      products(hf.data(), M, QD, {operand(a.o)}, {yf.data()}, IN_BF16);
+      products(hf.data(), M, QD, {operand(a.o)}, {yf.data()}, IN_BF16, &add_after);
       PHASE(SMALL_OPS);
-      add_into(x, yf.data(), M * C);
       rmsnorm_impl(x, w.post_norm.data_ptr<T>(), h.data(), M, C, eps_);
-      widen(h.data(), M * C);
+      widen(h.data(), M * C, hf.data());
       PHASE(GATE_UP);
-      products(hf.data(), M, C, {operand(a.gate), operand(a.up)}, {yf.data(), uf.data()}, IN_BF16);
-      PHASE(SMALL_OPS);
-      parallel_chunks(M, M < SPLIT_SMALL_OPS ? M : 1, [&](int64_t begin, int64_t end) {  // by rows
-        const int64_t at = begin * I, n = (end - begin) * I;
-        silu_mul(yf.data() + at, uf.data() + at, act.data() + at, n);
-        widen(act.data() + at, n, at);
-      });
+      products(hf.data(), M, C, {operand(a.gate_up)}, {yf.data()}, IN_BF16, &silu_after);
       PHASE(DOWN);
-      products(hf.data(), M, I, {operand(a.down)}, {yf.data()}, IN_BF16);
+      products(af.data(), M, I, {operand(a.down)}, {yf.data()}, IN_BF16, &add_after);
       PHASE(SMALL_OPS);
-      add_into(x, yf.data(), M * C);
     }
   }
 
@@ -2199,7 +2250,7 @@ class DecoderStack {
   std::vector<torch::Tensor> sources_;
   std::vector<uint32_t> versions_;
   std::vector<const void*> pointers_;
-  int64_t heads_, kv_heads_, head_dim_;
+  int64_t heads_, kv_heads_, head_dim_, intermediate_;
   float eps_;
   at::ScalarType dtype_;
 };
