@@ -271,16 +271,14 @@ def plan_cycle(seqs: list["Sequence"], block_size: int, costs: PassCosts, source
     return plans
 
 
-def chance_logits(logits: torch.Tensor, temperatures: tuple[float, ...], greedy: list[bool]) -> torch.Tensor:
-    """Draft logits [N, B-1, V] whose softmax is the planner's chance that a token is the one verification
-    keeps at its position: a greedy row's divided by the drafter's `chance_temperatures` (position j by
-    the j-th, the last one past them), a sampling row's as drafted."""
+def chance_scales(positions: int, temperatures: tuple[float, ...], greedy: list[bool]) -> torch.Tensor | None:
+    """Scales [N, B-1] of draft logits [N, B-1, V] whose softmax is then the planner's chance that a token
+    is the one verification keeps at its position: a greedy row's 1 / the drafter's `chance_temperatures`
+    (position j by the j-th, the last one past them), a sampling row's 1 (as drafted); None: all 1."""
     if not temperatures or not any(greedy):
-        return logits
-    k = logits.shape[1]
-    per_position = [1 / temperatures[min(j, len(temperatures) - 1)] for j in range(k)]
-    scale = torch.tensor([per_position if g else [1.0] * k for g in greedy], dtype=logits.dtype, device=logits.device)
-    return logits * scale[..., None]
+        return None
+    per_position = [1 / temperatures[min(j, len(temperatures) - 1)] for j in range(positions)]
+    return torch.tensor([per_position if g else [1.0] * positions for g in greedy])
 
 
 def plan_tree(seqs: list["Sequence"], logits: torch.Tensor, drafts: torch.Tensor, lengths: torch.Tensor,
@@ -293,7 +291,7 @@ def plan_tree(seqs: list["Sequence"], logits: torch.Tensor, drafts: torch.Tensor
     - tree leaves (`leaves`): another token t for draft j's position, as DDTree's best-first tree comes
       out for a few-token block. Its chance to be the accepted token there is, by the drafter's own
       distributions (softmax of the draft `logits` [N, B-1, V] at the drafter's chance `temperatures`,
-      `chance_logits`), q_1(d_1) ... q_{j-1}(d_{j-1}) q_j(t) (a sampling row's drafts at its recent
+      `chance_scales`), q_1(d_1) ... q_{j-1}(d_{j-1}) q_j(t) (a sampling row's drafts at its recent
       acceptance rates instead, `SequenceStats.draft_rates`).
     - a lookup extension (`extend`): the tokens that followed the drafts' last few tokens earlier in the
       row's text (`PromptLookup` keyed on the drafts), verified after them as a longer chain, where a
@@ -303,10 +301,11 @@ def plan_tree(seqs: list["Sequence"], logits: torch.Tensor, drafts: torch.Tensor
     `room`: the most drafts each row can use (its cache slots and token budget). Returns the leaves
     (None: none) and each row's extension tokens. (A few dozen numbers go to Python: small tensor ops
     right after a pass cost more than the loops.)"""
-    logits = chance_logits(logits, temperatures, [s.params.greedy for s in seqs])
-    top, token, norm = kernels.top_tokens(logits, LEAF_CHOICES + 1)  # the drafts' own tokens among them, skipped below
+    scales = chance_scales(logits.shape[1], temperatures, [s.params.greedy for s in seqs])
+    top, token, norm = kernels.top_tokens(logits, LEAF_CHOICES + 1, scales)  # the drafts' own tokens among them, skipped below
     chance = (top - norm[..., None]).exp().tolist()
-    right = (logits.gather(-1, drafts[..., None]).squeeze(-1) - norm).exp().tolist()
+    drafted = logits.gather(-1, drafts[..., None]).squeeze(-1)
+    right = ((drafted if scales is None else drafted * scales.to(drafted.device)) - norm).exp().tolist()
     # a sampled draft is accepted with probability min(1, p/q): likely where p and q agree, however unlikely the
     # draft itself (BENCHMARKS.md, "The planner's chances, calibrated"), so a sampling row's count at its recent rates
     right = [r if s.params.greedy else s.stats.draft_rates(len(r)) for s, r in zip(seqs, right)]

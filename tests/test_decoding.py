@@ -9,7 +9,7 @@ import torch
 from orthrus import kernels
 from orthrus.cache import KVCache
 from orthrus.checkpoint import init_untrained_twins
-from orthrus.engine import (SOURCES, PassCosts, PromptLookup, Sequence, SequenceStats, chained_rates, chance_logits,
+from orthrus.engine import (SOURCES, PassCosts, PromptLookup, Sequence, SequenceStats, chained_rates, chance_scales,
                             exploration_interval, extension_accepted, plan_cycle, plan_tree)
 
 from .conftest import PROMPTS
@@ -259,10 +259,9 @@ def test_chance_temperatures_make_a_greedy_rows_likely_draft_likelier_to_the_pla
     logits = torch.zeros(2, 3, 50)
     logits[:, 0, 7], logits[:, 0, 9] = 2.0, 1.0
     logits[:, 1, 8] = logits[:, 2, 10] = 12.0
-    sharpened = chance_logits(logits, (0.25,), [True, False])
-    assert torch.equal(sharpened[0], logits[0] * 4) and torch.equal(sharpened[1], logits[1])
-    assert chance_logits(logits, (), [True, True]) is logits
-    assert torch.equal(chance_logits(logits, (0.5, 0.25), [True, True]), logits * torch.tensor([2.0, 4.0, 4.0])[:, None])
+    assert torch.equal(chance_scales(3, (0.25,), [True, False]), torch.tensor([[4.0] * 3, [1.0] * 3]))
+    assert chance_scales(3, (), [True, True]) is None and chance_scales(3, (0.25,), [False]) is None
+    assert torch.equal(chance_scales(3, (0.5, 0.25), [True]), torch.tensor([[2.0, 4.0, 4.0]]))
     drafts, kept = torch.tensor([[7, 8, 10]]), torch.tensor([3])
     costs = PassCosts((0.0,) + tuple(1 + 0.1 * t for t in range(8)), 1.0)
     text = [1, 8, 10, 11, 12, 13, 14, 15, 2]

@@ -190,15 +190,23 @@ def takes_fp32(t: torch.Tensor) -> bool:
     return t.dtype is torch.float32 and _kernel_tensor(t)
 
 
-def top_tokens(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp32 logits [..., V] -> (the k largest [..., k], largest first, their indices, and the
-    log-sum-exp [...]): one pass over the logits where the kernels run, else torch's topk and logsumexp."""
+def top_tokens(logits: torch.Tensor, k: int, scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 logits [..., V], each row times its scale (`scales` [...], none: 1) -> (the k largest
+    [..., k], largest first, their indices, and the log-sum-exp [...]): one read of the logits, by
+    both cores, where the kernels run, else torch's topk and logsumexp."""
     if takes_fp32(logits):
         flat = logits.reshape(-1, logits.shape[-1]).contiguous()
-        values, indices, lse = _module.top_tokens(flat, k)
+        values, indices, lse = _module.top_tokens(flat, k, None if scales is None else scales.reshape(-1))
         return values.view(*logits.shape[:-1], k), indices.view(*logits.shape[:-1], k), lse.view(logits.shape[:-1])
+    if scales is not None:
+        logits = logits * scales[..., None]
     values, indices = logits.topk(k, -1)
     return values, indices, logits.logsumexp(-1)
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """fp32 logits [..., V] (kernels' tensors, `takes_fp32`) -> each row's first largest value's index."""
+    return _module.argmax(logits.reshape(-1, logits.shape[-1]).contiguous()).view(logits.shape[:-1])
 
 
 def sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
