@@ -204,11 +204,6 @@ def top_tokens(logits: torch.Tensor, k: int, scales: torch.Tensor | None = None)
     return values, indices, logits.logsumexp(-1)
 
 
-def argmax(logits: torch.Tensor) -> torch.Tensor:
-    """fp32 logits [..., V] (kernels' tensors, `takes_fp32`) -> each row's first largest value's index."""
-    return _module.argmax(logits.reshape(-1, logits.shape[-1]).contiguous()).view(logits.shape[:-1])
-
-
 def sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """fp32 probs [R, V] (need not be normalised), uniforms [R] -> an inverse-CDF draw per row, in
     one pass over each row's blocks and one over a block (`sampling.sample` where `takes_fp32`)."""

@@ -1732,17 +1732,16 @@ torch::Tensor rmsnorm(const torch::Tensor& x, const torch::Tensor& w, double eps
 }
 
 // Per row of x [R, V] (fp32 logits), each value times the row's scale (none: 1): its k largest
-// values, largest first (equal values: the lower index first), their indices, and (with `lse`)
-// log(sum(exp(x))): what a planner needs of a draft's distributions, and with k = 1 the argmax
-// greedy decoding takes. Each row goes in fixed pieces of TOP_PIECE values, the pieces of every row
-// shared by the threads and merged in order (so a row's result does not depend on the others or on
-// the thread count): freshly written logits are read once, by both cores (a verify pass's 8 rows
-// took numpy's argmax ~90 us, a draft's 3 rows top-k and log-sum-exp ~100 us, 2026-11-27, Zen 5).
+// values, largest first (equal values: the lower index first; NaN above all), their indices, and
+// log(sum(exp(x))): what a planner needs of a draft's distributions. Each row goes in fixed pieces
+// of TOP_PIECE values, the pieces of every row shared by the threads and merged in order (so a row's
+// result does not depend on the others or on the thread count): freshly written logits are read by
+// both cores (a draft's 3 rows took ~100 us in one thread, ~75 us so; 2026-11-27, Zen 5).
 constexpr int64_t TOP_PIECE = 8192;
 
 inline bool above(float a, float b) { return a > b || (std::isnan(a) && !std::isnan(b)); }  // NaN above all, as torch's topk and argmax
 
-std::vector<torch::Tensor> top_values(const torch::Tensor& x, int64_t k, const c10::optional<torch::Tensor>& scales, bool lse) {
+std::vector<torch::Tensor> top_tokens(const torch::Tensor& x, int64_t k, const c10::optional<torch::Tensor>& scales) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && k >= 1 && k <= x.size(1),
               "top_tokens: contiguous fp32 x [R, V], 1 <= k <= V");
   const int64_t R = x.size(0), V = x.size(1), pieces = (V + TOP_PIECE - 1) / TOP_PIECE;
@@ -1780,7 +1779,7 @@ std::vector<torch::Tensor> top_values(const torch::Tensor& x, int64_t k, const c
       }
       for (; v < v1; ++v) offer(v, row[v] * s);
       top[task] = b[0];
-      if (!lse || b[0] == -INFINITY || std::isnan(b[0])) continue;
+      if (b[0] == -INFINITY || std::isnan(b[0])) continue;
       __m256 sum8 = _mm256_setzero_ps();
       for (v = v0; v + 8 <= v1; v += 8)
         sum8 = _mm256_add_ps(sum8, exp_lanes(_mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(row + v), s8), _mm256_set1_ps(b[0]))));
@@ -1807,7 +1806,6 @@ std::vector<torch::Tensor> top_values(const torch::Tensor& x, int64_t k, const c
         b[i] = value, w[i] = where[piece * k + j];
       }
     }
-    if (!lse) continue;
     float sum = 0.f;
     for (int64_t piece = r * pieces; most != -INFINITY && piece < (r + 1) * pieces; ++piece)
       if (top[piece] != -INFINITY) sum += sums[piece] * exp1(top[piece] - most);  // a NaN makes the sum NaN
@@ -1816,13 +1814,6 @@ std::vector<torch::Tensor> top_values(const torch::Tensor& x, int64_t k, const c
   return {values, indices, lses};
 }
 
-std::vector<torch::Tensor> top_tokens(const torch::Tensor& x, int64_t k, const c10::optional<torch::Tensor>& scales) {
-  return top_values(x, k, scales, true);
-}
-
-torch::Tensor argmax(const torch::Tensor& x) {  // per row of x [R, V]: the index of its largest value (the first on ties)
-  return top_values(x, 1, c10::nullopt, false)[1].view({x.size(0)});
-}
 
 inline float sum_of(const float* x, int64_t n) {  // 8 lanes, then their fixed-order sum, then the tail
   __m256 acc = _mm256_setzero_ps();
@@ -2317,7 +2308,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rmsnorm", &rmsnorm, "RMSNorm over the last dimension");
   m.def("top_tokens", &top_tokens, "per row (times its scale): the k largest values, their indices, and the log-sum-exp",
         py::arg("x"), py::arg("k"), py::arg("scales") = py::none(), py::call_guard<py::gil_scoped_release>());
-  m.def("argmax", &argmax, "per row: the index of its largest value (the first on ties)", py::call_guard<py::gil_scoped_release>());
   m.def("rope_", &rope_, "rotary embedding in place");
   m.def("sample", &sample, "per row: an inverse-CDF draw from (unnormalised) probabilities",
         py::call_guard<py::gil_scoped_release>());
