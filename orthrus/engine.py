@@ -256,10 +256,9 @@ def plan_cycle(seqs: list["Sequence"], block_size: int, costs: PassCosts, source
             tokens = 1 + s.stats.recent_accepted("diffusion")
             options.append((tokens / (costs.draft_pass(context) + costs.verify_pass(block_size, context)), Plan("diffusion")))
         found = s.lookup.drafts(s.prompt + s.generated, min(MAX_LOOKUP_DRAFTS, space)) if "lookup" in sources and space > 0 else []
-        tokens, reach = 1.0, 1.0
-        for n, rate in enumerate(s.stats.lookup_rates(len(found)), 1):
-            reach *= rate
-            tokens += reach
+        tokens = 1.0
+        for n, reach in enumerate(itertools.accumulate(s.stats.lookup_rates(len(found)), operator.mul), 1):
+            tokens += reach  # the chance the chain gets through draft n
             options.append((tokens / costs.verify_pass(n + 1, context), Plan("lookup", found[:n])))
         if not options:
             options.append((0.0, Plan("ar")))  # only lookup allowed and none found
