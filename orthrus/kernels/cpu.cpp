@@ -1739,7 +1739,17 @@ torch::Tensor rmsnorm(const torch::Tensor& x, const torch::Tensor& w, double eps
 // both cores (a draft's 3 rows took ~100 us in one thread, ~75 us so; 2026-11-27, Zen 5).
 constexpr int64_t TOP_PIECE = 8192;
 
-inline bool above(float a, float b) { return a > b || (std::isnan(a) && !std::isnan(b)); }  // NaN above all, as torch's topk and argmax
+inline bool above(float a, float b) { return a > b || (std::isnan(a) && !std::isnan(b)); }  // NaN above all, as torch's topk
+
+// (value, index) into the k best so far (values b, largest first, indices w; -1 where fewer): strictly
+// larger moves up, so of equal values the one offered first stays first. False where it stays out.
+inline bool insert_best(float* b, int64_t* w, int64_t k, float value, int64_t index) {
+  if (!above(value, b[k - 1]) && w[k - 1] >= 0) return false;
+  int64_t i = k - 1;
+  for (; i > 0 && above(value, b[i - 1]); --i) b[i] = b[i - 1], w[i] = w[i - 1];
+  b[i] = value, w[i] = index;
+  return true;
+}
 
 std::vector<torch::Tensor> top_tokens(const torch::Tensor& x, int64_t k, const c10::optional<torch::Tensor>& scales) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && k >= 1 && k <= x.size(1),
@@ -1761,12 +1771,6 @@ std::vector<torch::Tensor> top_tokens(const torch::Tensor& x, int64_t k, const c
       const float s = sp ? sp[r] : 1.f;
       float* b = best.data() + task * k;
       int64_t* w = where.data() + task * k;
-      auto offer = [&](int64_t v, float value) {  // insertion into the sorted k best (strictly larger moves up)
-        if (!above(value, b[k - 1]) && w[k - 1] >= 0) return;
-        int64_t i = k - 1;
-        for (; i > 0 && above(value, b[i - 1]); --i) b[i] = b[i - 1], w[i] = w[i - 1];
-        b[i] = value, w[i] = v;
-      };
       const __m256 s8 = _mm256_set1_ps(s);
       int64_t v = v0;
       for (; v + 8 <= v1; v += 8) {
@@ -1774,10 +1778,10 @@ std::vector<torch::Tensor> top_tokens(const torch::Tensor& x, int64_t k, const c
         if (w[k - 1] < 0 || _mm256_movemask_ps(_mm256_cmp_ps(chunk, _mm256_set1_ps(b[k - 1]), _CMP_NLE_UQ))) {  // larger, or NaN
           float values[8];
           _mm256_storeu_ps(values, chunk);
-          for (int j = 0; j < 8; ++j) offer(v + j, values[j]);
+          for (int j = 0; j < 8; ++j) insert_best(b, w, k, values[j], v + j);
         }
       }
-      for (; v < v1; ++v) offer(v, row[v] * s);
+      for (; v < v1; ++v) insert_best(b, w, k, row[v] * s, v);
       top[task] = b[0];
       if (b[0] == -INFINITY || std::isnan(b[0])) continue;
       __m256 sum8 = _mm256_setzero_ps();
@@ -1798,13 +1802,8 @@ std::vector<torch::Tensor> top_tokens(const torch::Tensor& x, int64_t k, const c
     float most = -INFINITY;
     for (int64_t piece = r * pieces; piece < (r + 1) * pieces; ++piece) {
       most = above(top[piece], most) ? top[piece] : most;
-      for (int64_t j = 0; j < k && where[piece * k + j] >= 0; ++j) {
-        const float value = best[piece * k + j];
-        if (!above(value, b[k - 1]) && w[k - 1] >= 0) break;  // the piece's next ones are no larger
-        int64_t i = k - 1;
-        for (; i > 0 && above(value, b[i - 1]); --i) b[i] = b[i - 1], w[i] = w[i - 1];
-        b[i] = value, w[i] = where[piece * k + j];
-      }
+      for (int64_t j = 0; j < k && where[piece * k + j] >= 0; ++j)
+        if (!insert_best(b, w, k, best[piece * k + j], where[piece * k + j])) break;  // the piece's next ones are no larger
     }
     float sum = 0.f;
     for (int64_t piece = r * pieces; most != -INFINITY && piece < (r + 1) * pieces; ++piece)
@@ -1813,7 +1812,6 @@ std::vector<torch::Tensor> top_tokens(const torch::Tensor& x, int64_t k, const c
   }
   return {values, indices, lses};
 }
-
 
 inline float sum_of(const float* x, int64_t n) {  // 8 lanes, then their fixed-order sum, then the tail
   __m256 acc = _mm256_setzero_ps();
