@@ -1,0 +1,68 @@
+"""Orthrus against AR prompt by prompt, each pair read with where the host had put the two CPUs
+(`core_handoff.c` before and after the pair: "near", a flag's round trip under 150 ns both times,
+one core complex; "far", over it both times; else "mixed"), then tokens/s and the ratio per set
+and placement. On the project's 2-vCPU VMs the placement changes minute to minute and moves the
+AR step far more than an Orthrus cycle (BENCHMARKS.md, "Two placements").
+
+    python benchmarks/placement_ab.py --sets mtbench --rounds 3
+
+Greedy, the default model and drafter, 128 new tokens, the two methods in alternating order.
+Pause background jobs first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+
+import torch
+from machine_states import handoff_probe
+
+import orthrus
+from orthrus.bench.prompts import load_prompt_set
+
+NEAR_NS = 150  # round trips below this: both CPUs on one core complex
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sets", default="mtbench")
+    ap.add_argument("--num-prompts", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    llm = orthrus.load(None)
+    probe = handoff_probe()
+    if probe is None:
+        raise SystemExit("needs gcc and two CPUs to tell the placement")
+    llm.generate("Hello", max_new_tokens=8)  # warm up (kernel packing, calibration)
+    pairs = collections.defaultdict(list)  # (set, placement) -> (AR seconds, Orthrus seconds, tokens, cycles)
+    for name in args.sets.split(","):
+        prompts = [llm.encode(p) for p in load_prompt_set(name, args.num_prompts).prompts]
+        for r in range(args.rounds):
+            for i, ids in enumerate(prompts):
+                before, seconds, cycles = probe(), {}, 0
+                for mode in ("ar", "orthrus") if (r + i) % 2 else ("orthrus", "ar"):
+                    start = time.perf_counter()
+                    out = llm.generate(ids, max_new_tokens=args.max_new_tokens, mode=mode)
+                    seconds[mode] = time.perf_counter() - start
+                    cycles = out.stats.cycles if mode == "orthrus" else cycles
+                after, tokens = probe(), len(out.token_ids)
+                placement = "far" if min(before, after) >= NEAR_NS else "near" if max(before, after) < NEAR_NS else "mixed"
+                pairs[name, placement].append((seconds["ar"], seconds["orthrus"], tokens, cycles))
+                print(f"{name} round {r} prompt {i}: handoff {before:.0f} / {after:.0f} ns, AR {tokens / seconds['ar']:.1f} tok/s, "
+                      f"Orthrus {tokens / seconds['orthrus']:.1f} tok/s, {seconds['ar'] / seconds['orthrus']:.2f}x", flush=True)
+    print("| set | placement | pairs | AR tok/s | Orthrus tok/s | Orthrus / AR | tokens a cycle |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for (name, placement), runs in sorted(pairs.items()):
+        ar, orthrus_s, tokens, cycles = (sum(column) for column in zip(*runs))
+        print(f"| {name} | {placement} | {len(runs)} | {tokens / ar:.1f} | {tokens / orthrus_s:.1f} | {ar / orthrus_s:.2f}x | "
+              f"{tokens / cycles:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
