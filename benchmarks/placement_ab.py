@@ -1,8 +1,10 @@
 """Orthrus against AR prompt by prompt, each pair read with where the host had put the two CPUs
 (`core_handoff.c` before and after the pair: "near", a flag's round trip under 150 ns both times,
 one core complex; "far", over it both times; else "mixed"), then tokens/s and the ratio per set
-and placement. On the project's 2-vCPU VMs the placement changes minute to minute and moves the
-AR step far more than an Orthrus cycle (BENCHMARKS.md, "Two placements").
+and placement, and where a cycle's time went: the verify (or AR) passes, the draft passes (with their
+head) and the rest (the engine's Python, prefill left out), timed by wrapping the model's `forward`
+and `draft`. On the project's 2-vCPU VMs the placement changes minute to minute and moves the AR
+step far more than an Orthrus cycle (BENCHMARKS.md, "Two placements").
 
     python benchmarks/placement_ab.py --sets mtbench --rounds 3
 
@@ -21,8 +23,35 @@ from machine_states import handoff_probe
 
 import orthrus
 from orthrus.bench.prompts import load_prompt_set
+from orthrus.engine import Engine
 
 NEAR_NS = 150  # round trips below this: both CPUs on one core complex
+
+
+def timed_passes(llm) -> dict[str, float]:
+    """Seconds spent in each kind of call since the dict was last cleared: "ar" (the model's
+    forward outside the others), "draft" (the draft pass and its head), "prefill"."""
+    spent = collections.defaultdict(float)
+    depth = [0]
+
+    def timed(owner, name, kind):
+        function = getattr(owner, name)
+
+        def run(*args, **kwargs):
+            depth[0] += 1
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+                if depth[0] == 0:  # the outermost call only: a draft's forward is the draft's
+                    spent[kind] += time.perf_counter() - start
+        setattr(owner, name, run)
+
+    timed(type(llm.model), "forward", "ar")
+    timed(type(llm.model), "draft", "draft")
+    timed(Engine, "_prefill", "prefill")
+    return spent
 
 
 def main(argv=None) -> None:
@@ -40,20 +69,29 @@ def main(argv=None) -> None:
     if probe is None:
         raise SystemExit("needs gcc and two CPUs to tell the placement")
     llm.generate("Hello", max_new_tokens=8)  # warm up (kernel packing, calibration)
+    spent = timed_passes(llm)
     pairs = collections.defaultdict(list)  # (set, placement) -> (AR seconds, Orthrus seconds, tokens, cycles)
+    parts = collections.defaultdict(lambda: collections.defaultdict(float))  # (placement, mode) -> seconds by part
     for name in args.sets.split(","):
         prompts = [llm.encode(p) for p in load_prompt_set(name, args.num_prompts).prompts]
         for r in range(args.rounds):
             for i, ids in enumerate(prompts):
-                before, seconds, cycles = probe(), {}, 0
+                before, seconds, split, cycles = probe(), {}, {}, {}
                 for mode in ("ar", "orthrus") if (r + i) % 2 else ("orthrus", "ar"):
+                    spent.clear()
                     start = time.perf_counter()
                     out = llm.generate(ids, max_new_tokens=args.max_new_tokens, mode=mode)
                     seconds[mode] = time.perf_counter() - start
-                    cycles = out.stats.cycles if mode == "orthrus" else cycles
+                    split[mode], cycles[mode] = dict(spent), out.stats.cycles
                 after, tokens = probe(), len(out.token_ids)
                 placement = "far" if min(before, after) >= NEAR_NS else "near" if max(before, after) < NEAR_NS else "mixed"
-                pairs[name, placement].append((seconds["ar"], seconds["orthrus"], tokens, cycles))
+                pairs[name, placement].append((seconds["ar"], seconds["orthrus"], tokens, cycles["orthrus"]))
+                for mode in seconds:
+                    part = parts[placement, mode]
+                    part["cycles"] += cycles[mode]
+                    part["engine"] += seconds[mode] - sum(split[mode].values())
+                    for kind in ("ar", "draft"):
+                        part[kind] += split[mode].get(kind, 0.0)
                 print(f"{name} round {r} prompt {i}: handoff {before:.0f} / {after:.0f} ns, AR {tokens / seconds['ar']:.1f} tok/s, "
                       f"Orthrus {tokens / seconds['orthrus']:.1f} tok/s, {seconds['ar'] / seconds['orthrus']:.2f}x", flush=True)
     print("| set | placement | pairs | AR tok/s | Orthrus tok/s | Orthrus / AR | tokens a cycle |")
@@ -62,6 +100,13 @@ def main(argv=None) -> None:
         ar, orthrus_s, tokens, cycles = (sum(column) for column in zip(*runs))
         print(f"| {name} | {placement} | {len(runs)} | {tokens / ar:.1f} | {tokens / orthrus_s:.1f} | {ar / orthrus_s:.2f}x | "
               f"{tokens / cycles:.2f} |")
+    print("\nms a cycle (AR: a step), every set: | placement | AR step: pass + engine | Orthrus: verify | draft pass | engine |")
+    for placement in ("far", "near", "mixed"):
+        ar, orth = parts.get((placement, "ar")), parts.get((placement, "orthrus"))
+        if ar and orth:
+            per = lambda part, kind: part[kind] / part["cycles"] * 1e3  # noqa: E731
+            print(f"| {placement} | {per(ar, 'ar'):.2f} + {per(ar, 'engine'):.2f} | {per(orth, 'ar'):.2f} | "
+                  f"{per(orth, 'draft'):.2f} | {per(orth, 'engine'):.2f} |")
 
 
 if __name__ == "__main__":
