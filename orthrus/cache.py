@@ -45,8 +45,7 @@ class KVCache:
         offsets = torch.arange(num_tokens)
         if depths is None:
             depths = offsets.expand(len(rows), -1)
-        elif bidirectional or depths.shape != (len(rows), num_tokens) or not all(
-                all(d <= t and (t >= max(row) or d == t) for t, d in enumerate(row)) for row in depths.tolist()):
+        elif bidirectional or depths.shape != (len(rows), num_tokens) or not all(map(is_tree, depths.tolist())):
             raise ValueError("a tree's depths: causal, [rows, tokens], each token's ancestors the chain before it")
         positions = start[:, None] + depths
         end = int(start.max()) + num_tokens
@@ -55,6 +54,13 @@ class KVCache:
         limits = positions + 1 if not bidirectional else (start + num_tokens)[:, None].expand_as(positions)
         lasts = start[:, None] + offsets if not bidirectional else limits - 1
         return CacheWindow(self, rows.to(self.k.device), positions.to(self.k.device), end, limits, lasts)
+
+
+def is_tree(depths: list[int]) -> bool:
+    """Whether one row's depths are a chain and leaves: token t at depth t up to the deepest one, each
+    later token (a leaf) at a depth no greater than its own index."""
+    deepest = max(depths)
+    return all(d <= t and (t >= deepest or d == t) for t, d in enumerate(depths))
 
 
 @dataclass

@@ -127,6 +127,25 @@ def test_drafts_from_a_draft_vocabulary_are_the_full_heads_there_and_keep_the_ou
             model.draft_vocab = None
 
 
+def test_a_cache_window_takes_a_chain_and_its_leaves_and_nothing_else(qwen3):
+    cache = KVCache(qwen3.model.config, 2, 16, torch.float32, "cpu")
+    cache.lengths[:] = torch.tensor([3, 5])
+    rows, depths = torch.tensor([0, 1]), torch.tensor([[0, 1, 2, 3, 1, 2], [0, 1, 2, 3, 0, 0]])
+    window = cache.window(rows, 6, bidirectional=False, depths=depths)
+    assert torch.equal(window.positions, torch.tensor([[3], [5]]) + depths)  # a leaf sits at its draft's position
+    assert torch.equal(window.limits, window.positions + 1)  # and sees the chain before it and itself
+    assert torch.equal(window.lasts, torch.tensor([[3], [5]]) + torch.arange(6))  # its own K/V in its own slot
+    for bad in ([0, 1, 2, 1, 3, 4],  # a leaf before the chain's end
+                [0, 2, 2, 3, 1, 2],  # a token deeper than its index
+                [0, 1, 2, 3, 5, 1]):  # a leaf deeper than its index
+        with pytest.raises(ValueError, match="a tree's depths"):
+            cache.window(rows, 6, bidirectional=False, depths=torch.tensor([bad, [0, 1, 2, 3, 4, 5]]))
+    with pytest.raises(ValueError, match="a tree's depths"):
+        cache.window(rows, 6, bidirectional=True, depths=depths)
+    with pytest.raises(ValueError, match="a tree's depths"):
+        cache.window(rows, 5, bidirectional=False, depths=depths)
+
+
 def test_batch_equals_each_prompt_alone(qwen3):
     prompts = ["Hi", "A much longer prompt that has quite a few more tokens than the first one does.", "Hello there", "Hi"]
     for mode in ("ar", "orthrus"):
