@@ -2,7 +2,7 @@
 // pinned to each (ns). On the project's 2-vCPU VMs it reads ~45-70 ns when the host places both on
 // one core complex (a shared L3) and ~400 ns when it places them on two, and the placement changes
 // minute to minute: two memory paths then speed a 1-row AR step ~20% while the few-row passes,
-// which hand more data between the threads, gain nothing (BENCHMARKS.md, "Two placements").
+// which hand more data between the threads, gain little (BENCHMARKS.md, "Two placements").
 // `machine_states.py` builds and loads it (gcc -O2 -shared -fPIC -pthread).
 #define _GNU_SOURCE
 #include <pthread.h>
