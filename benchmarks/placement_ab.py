@@ -8,7 +8,9 @@ step far more than an Orthrus cycle (BENCHMARKS.md, "Two placements").
 
     python benchmarks/placement_ab.py --sets mtbench --rounds 3
 
-Greedy, the default model and drafter, 128 new tokens, the two methods in alternating order.
+The default model and drafter, 128 new tokens, the two methods in alternating order; greedy, or
+sampled with `--temperature` (prompt i's seed 1 + i; the two methods then write different replies of
+the same distribution, so each pair compares tokens/s, not times).
 Pause background jobs first.
 """
 
@@ -61,6 +63,7 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--temperature", type=float, default=0.0)
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -70,36 +73,39 @@ def main(argv=None) -> None:
         raise SystemExit("needs gcc and two CPUs to tell the placement")
     llm.generate("Hello", max_new_tokens=8)  # warm up (kernel packing, calibration)
     spent = timed_passes(llm)
-    pairs = collections.defaultdict(list)  # (set, placement) -> (AR seconds, Orthrus seconds, tokens, cycles)
+    pairs = collections.defaultdict(list)  # (set, placement) -> (AR seconds, AR tokens, Orthrus seconds, tokens, cycles)
     parts = collections.defaultdict(lambda: collections.defaultdict(float))  # (placement, mode) -> seconds by part
     for name in args.sets.split(","):
         prompts = [llm.encode(p) for p in load_prompt_set(name, args.num_prompts).prompts]
         for r in range(args.rounds):
             for i, ids in enumerate(prompts):
-                before, seconds, split, cycles = probe(), {}, {}, {}
+                before, seconds, split, cycles, tokens = probe(), {}, {}, {}, {}
                 for mode in ("ar", "orthrus") if (r + i) % 2 else ("orthrus", "ar"):
                     spent.clear()
                     start = time.perf_counter()
-                    out = llm.generate(ids, max_new_tokens=args.max_new_tokens, mode=mode)
+                    out = llm.generate(ids, max_new_tokens=args.max_new_tokens, mode=mode, temperature=args.temperature,
+                                       seed=1 + i)
                     seconds[mode] = time.perf_counter() - start
-                    split[mode], cycles[mode] = dict(spent), out.stats.cycles
-                after, tokens = probe(), len(out.token_ids)
+                    split[mode], cycles[mode], tokens[mode] = dict(spent), out.stats.cycles, len(out.token_ids)
+                after = probe()
                 placement = "far" if min(before, after) >= NEAR_NS else "near" if max(before, after) < NEAR_NS else "mixed"
-                pairs[name, placement].append((seconds["ar"], seconds["orthrus"], tokens, cycles["orthrus"]))
+                pairs[name, placement].append((seconds["ar"], tokens["ar"], seconds["orthrus"], tokens["orthrus"], cycles["orthrus"]))
                 for mode in seconds:
                     part = parts[placement, mode]
                     part["cycles"] += cycles[mode]
                     part["engine"] += seconds[mode] - sum(split[mode].values())
                     for kind in ("ar", "draft"):
                         part[kind] += split[mode].get(kind, 0.0)
-                print(f"{name} round {r} prompt {i}: handoff {before:.0f} / {after:.0f} ns, AR {tokens / seconds['ar']:.1f} tok/s, "
-                      f"Orthrus {tokens / seconds['orthrus']:.1f} tok/s, {seconds['ar'] / seconds['orthrus']:.2f}x", flush=True)
+                speed = {mode: tokens[mode] / seconds[mode] for mode in seconds}
+                print(f"{name} round {r} prompt {i}: handoff {before:.0f} / {after:.0f} ns, AR {speed['ar']:.1f} tok/s, "
+                      f"Orthrus {speed['orthrus']:.1f} tok/s, {speed['orthrus'] / speed['ar']:.2f}x", flush=True)
     print("| set | placement | pairs | AR tok/s | Orthrus tok/s | Orthrus / AR | tokens a cycle |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for (name, placement), runs in sorted(pairs.items()):
-        ar, orthrus_s, tokens, cycles = (sum(column) for column in zip(*runs))
-        print(f"| {name} | {placement} | {len(runs)} | {tokens / ar:.1f} | {tokens / orthrus_s:.1f} | {ar / orthrus_s:.2f}x | "
-              f"{tokens / cycles:.2f} |")
+        ar, ar_tokens, orthrus_s, orthrus_tokens, cycles = (sum(column) for column in zip(*runs))
+        ar_speed, orthrus_speed = ar_tokens / ar, orthrus_tokens / orthrus_s
+        print(f"| {name} | {placement} | {len(runs)} | {ar_speed:.1f} | {orthrus_speed:.1f} | {orthrus_speed / ar_speed:.2f}x | "
+              f"{orthrus_tokens / cycles:.2f} |")
     print("\nms a cycle (AR: a step), every set: | placement | AR step: pass + engine | Orthrus: verify | draft pass | engine |")
     for placement in ("far", "near", "mixed"):
         ar, orth = parts.get((placement, "ar")), parts.get((placement, "orthrus"))
