@@ -35,6 +35,27 @@ PROMPTS = [
 ]
 
 
+def time_outermost(record, *methods) -> None:
+    """Wrap each (owner, name) so that record(name, args, seconds) follows every call not made inside
+    another wrapped one (a draft pass's own forward is the draft's; a prefill's forwards, the prefill's)."""
+    depth = [0]
+
+    def timed(name, function):
+        def run(*args, **kwargs):
+            depth[0] += 1
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+                if depth[0] == 0:
+                    record(name, args, time.perf_counter() - start)
+        return run
+
+    for owner, name in methods:
+        setattr(owner, name, timed(name, getattr(owner, name)))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-new-tokens", type=int, default=128)
@@ -48,27 +69,17 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     llm = orthrus.load(None)
     prompts = [llm.encode(p) for p in load_prompt_set(args.set, args.num_prompts).prompts] if args.set else PROMPTS
-    in_forward, depth = [0.0], [0]
+    in_forward = [0.0]
     by_shape = collections.defaultdict(lambda: [0.0, 0])  # (view, tokens): seconds, passes
 
-    def timed_pass(function):  # a pass: forward, or draft (which calls forward, then the draft head)
-        def run(self, tokens, *a, **k):
-            depth[0] += 1
-            start = time.perf_counter()
-            try:
-                return function(self, tokens, *a, **k)
-            finally:
-                depth[0] -= 1
-                if depth[0] == 0:
-                    seconds = time.perf_counter() - start
-                    in_forward[0] += seconds
-                    view = "draft" if function.__name__ == "draft" else "prefill" if tokens.shape[1] > 16 else "ar"
-                    shape = by_shape[view, tokens.shape[1] if view != "prefill" else 0]
-                    shape[0], shape[1] = shape[0] + seconds, shape[1] + 1
-        return run
+    def record_pass(name, args, seconds):  # a pass: forward, or draft (which calls forward, then the draft head)
+        tokens = args[1]
+        in_forward[0] += seconds
+        view = "draft" if name == "draft" else "prefill" if tokens.shape[1] > 16 else "ar"
+        shape = by_shape[view, tokens.shape[1] if view != "prefill" else 0]
+        shape[0], shape[1] = shape[0] + seconds, shape[1] + 1
 
-    for name in ("forward", "draft"):
-        setattr(type(llm.model), name, timed_pass(getattr(type(llm.model), name)))
+    time_outermost(record_pass, (type(llm.model), "forward"), (type(llm.model), "draft"))
     spent = {name: [0.0, 0] for name in TIMED}
 
     def timed(name, function):

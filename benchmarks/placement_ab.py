@@ -21,6 +21,7 @@ import collections
 import time
 
 import torch
+from engine_overhead import time_outermost
 from machine_states import handoff_probe
 
 import orthrus
@@ -30,29 +31,18 @@ from orthrus.engine import Engine
 NEAR_NS = 150  # round trips below this: both CPUs on one core complex
 
 
+KINDS = {"forward": "ar", "draft": "draft", "_prefill": "prefill"}  # the calls timed, by what they are
+
+
 def timed_passes(llm) -> dict[str, float]:
     """Seconds spent in each kind of call since the dict was last cleared: "ar" (the model's
     forward outside the others), "draft" (the draft pass and its head), "prefill"."""
     spent = collections.defaultdict(float)
-    depth = [0]
 
-    def timed(owner, name, kind):
-        function = getattr(owner, name)
+    def record(name, args, seconds):
+        spent[KINDS[name]] += seconds
 
-        def run(*args, **kwargs):
-            depth[0] += 1
-            start = time.perf_counter()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                depth[0] -= 1
-                if depth[0] == 0:  # the outermost call only: a draft's forward is the draft's
-                    spent[kind] += time.perf_counter() - start
-        setattr(owner, name, run)
-
-    timed(type(llm.model), "forward", "ar")
-    timed(type(llm.model), "draft", "draft")
-    timed(Engine, "_prefill", "prefill")
+    time_outermost(record, (type(llm.model), "forward"), (type(llm.model), "draft"), (Engine, "_prefill"))
     return spent
 
 
