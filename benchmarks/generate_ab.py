@@ -10,7 +10,8 @@ per cycle (AR steps count as cycles of one token).
 A variant is a name and `key=value` options of `generate` (a comma makes a tuple of strings; an
 integer or a float is parsed as one), or `engine.NAME=value`: a planner constant of `orthrus.engine`
 set for that variant's runs (`--variant off engine.MAX_EXTENSION=0`; variants without it run at the
-module's own value). `--paired` also prints, per prompt, every variant's time from
+module's own value), or `drafter=FOLDER`: that variant decodes with another drafter (`--variant new
+drafter=/tmp/export block_size=5`; without it, the shipped one). `--paired` also prints, per prompt, every variant's time from
 the one round in which the last variant ran fastest, beside each variant's own fastest: on a machine
 whose memory bus is sometimes shared (BENCHMARKS.md, "Two machine states"), with AR as the last
 variant this gives the ratios of the uncontended state, where the variants of a round ran within
@@ -86,8 +87,11 @@ def main(argv=None) -> None:
     variants = {name: dict(map(option, options)) for name, *options in args.variant}
     constants = {key: getattr(engine, key.removeprefix("engine.")) for options in variants.values() for key in options
                  if key.startswith("engine.")}  # each at its own value, for the variants that do not set it
-    llm = orthrus.load(None)
-    llm.generate("Hello", max_new_tokens=8)  # packs the weights, calibrates the planner
+    models = {}  # per drafter folder (None: the shipped one), loaded once
+    for options in variants.values():
+        if options.get("drafter") not in models:
+            models[options.get("drafter")] = llm = orthrus.load(None, drafter=options.get("drafter"))
+            llm.generate("Hello", max_new_tokens=8)  # packs the weights, calibrates the planner
     for spec in args.sets.split(","):
         prompts = load_prompt_set(spec, args.num_prompts).prompts
         took = {name: [[] for _ in prompts] for name in variants}  # seconds, per prompt, per round
@@ -98,7 +102,8 @@ def main(argv=None) -> None:
                 for name, options in variants.items():
                     for key, default in constants.items():
                         setattr(engine, key.removeprefix("engine."), options.get(key, default))
-                    generate = {key: value for key, value in options.items() if key not in constants}
+                    generate = {key: value for key, value in options.items() if key not in constants and key != "drafter"}
+                    llm = models[options.get("drafter")]
                     timing = modeled_passes(llm, generate.get("block_size")) if args.modeled else contextlib.nullcontext()
                     with timing as spent:
                         start = time.perf_counter()

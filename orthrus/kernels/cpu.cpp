@@ -46,6 +46,17 @@ inline void store16(__m512 v, bf16* p) {  // v holds bf16 values (exact): their 
 inline float to_float(float v) { return v; }
 inline float to_float(bf16 v) { return static_cast<float>(v); }
 
+// n values in fp32 (exact). 16 lanes at a time on AVX-512 builds, then 8, the last few one by one.
+template <typename A>
+void widen(const A* src, int64_t n, float* dst) {
+  int64_t i = 0;
+#ifdef __AVX512F__
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, load16(src + i));
+#endif
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8(src + i));
+  for (; i < n; ++i) dst[i] = to_float(src[i]);
+}
+
 inline float hsum(__m256 v) {  // fixed order: (lo + hi), then pairs, then the last two
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -192,19 +203,20 @@ torch::Tensor pack(const torch::Tensor& w) {
 // conversion's default mode, as std::nearbyint), in [-127, 127], into out, 8 at a time; adds the
 // q's to *sum and returns the scale that takes them back (max / 127). Weights and activations
 // are quantized by this one rule.
-inline float quantize_row(const float* row, int64_t K, int8_t* out, int32_t* sum) {
+template <typename A>
+inline float quantize_row(const A* row, int64_t K, int8_t* out, int32_t* sum) {
   const __m256 no_sign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   __m256 top8 = _mm256_setzero_ps();
   int64_t k = 0;
-  for (; k + 8 <= K; k += 8) top8 = _mm256_max_ps(top8, _mm256_and_ps(_mm256_loadu_ps(row + k), no_sign));
+  for (; k + 8 <= K; k += 8) top8 = _mm256_max_ps(top8, _mm256_and_ps(load8(row + k), no_sign));
   float lanes[8], top = 0.f;
   _mm256_storeu_ps(lanes, top8);
   for (float v : lanes) top = std::max(top, v);
-  for (; k < K; ++k) top = std::max(top, std::fabs(row[k]));
+  for (; k < K; ++k) top = std::max(top, std::fabs(to_float(row[k])));
   const float inv = top > 0.f ? 127.f / top : 0.f;
   __m256i sum8 = _mm256_setzero_si256();
   for (k = 0; k + 8 <= K; k += 8) {
-    const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + k), _mm256_set1_ps(inv)));
+    const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(load8(row + k), _mm256_set1_ps(inv)));
     sum8 = _mm256_add_epi32(sum8, q);
     const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
     _mm_storel_epi64(reinterpret_cast<__m128i*>(out + k), _mm_packs_epi16(q16, q16));
@@ -213,7 +225,7 @@ inline float quantize_row(const float* row, int64_t K, int8_t* out, int32_t* sum
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(sums), sum8);
   for (int32_t v : sums) *sum += v;
   for (; k < K; ++k) {
-    const int32_t q = static_cast<int32_t>(std::nearbyint(row[k] * inv));
+    const int32_t q = static_cast<int32_t>(std::nearbyint(to_float(row[k]) * inv));
     *sum += q;
     out[k] = static_cast<int8_t>(q);
   }
@@ -830,7 +842,8 @@ inline int32_t sum_of_bytes(const int8_t* q, int64_t n) {
 // inputs a word (a last partial word zero-padded), then the row's scale (fp32 bits) and the sum of
 // its quantized inputs (see `int8_tile`); for 4-bit weights then, per `group` inputs, the sum of
 // the group's (fp32, exact; see `q4_tile`).
-std::vector<uint32_t> int8_quads(const float* x, int64_t M, int64_t K, int64_t group = 0) {
+template <typename A>
+std::vector<uint32_t> int8_quads(const A* x, int64_t M, int64_t K, int64_t group = 0) {
   const int64_t steps = (K + 3) / 4, groups = group ? K / group : 0, ld = steps + 2 + groups;
   std::vector<uint32_t> quads(M * ld, 0);
   for (int64_t m = 0; m < M; ++m) {
@@ -1049,7 +1062,8 @@ inline void q4_panels(const uint32_t* x, int64_t ldx, int64_t groups, const uint
 
 // Products with 4-bit weights: the threads split every weight's panels in runs of up to GROUP; the
 // row tiles pass over a run while it stays in cache.
-void run_q4(const float* x, int64_t M, int64_t K, const std::vector<Operand>& operands, const std::vector<float*>& ys,
+template <typename A>
+void run_q4(const A* x, int64_t M, int64_t K, const std::vector<Operand>& operands, const std::vector<float*>& ys,
             const Epilogue* after) {
   const int64_t groups = K / Q4_INPUTS, ldx = K / 4 + 2 + groups;
   const auto rows = int8_quads(x, M, K, Q4_INPUTS);
@@ -1079,15 +1093,25 @@ void run_q4(const float* x, int64_t M, int64_t K, const std::vector<Operand>& op
   });
 }
 
-// The products of x [M, K] with weights of one dtype W, into fp32 outputs. `x_in_bf16`: x holds bf16
-// values (the bf16 model's activations), so bf16 weights may take the dot instruction where the
-// build has it.
-template <typename W>
-void run_products(const float* x, int64_t M, int64_t K, const std::vector<Operand>& operands, const std::vector<float*>& ys,
-                  bool x_in_bf16, const Epilogue* after) {
-  auto run = [&](const auto* tile_x, int64_t ldx) {
+// The products of x [M, K] (activations: fp32, or a bf16 model's bf16) with weights of one dtype W,
+// into fp32 outputs. With bf16 weights and the dot instruction, bf16 activations are its pairs as
+// they lie in memory: no copy made on one thread for the others to read. Other weights take x's
+// values in fp32 or as int8 rows, the same values from either dtype.
+template <typename W, typename A>
+void run_products(const A* x, int64_t M, int64_t K, const std::vector<Operand>& operands, const std::vector<float*>& ys,
+                  const Epilogue* after) {
+  std::vector<float> widened;
+  auto in_fp32 = [&]() -> const float* {  // x in fp32, for the fp32 products and the features past the last whole panel
+    if constexpr (std::is_same_v<A, float>) {
+      return x;
+    } else {
+      if (widened.empty()) widened.resize(M * K), widen(x, M * K, widened.data());
+      return widened.data();
+    }
+  };
+  auto run = [&](const auto* tile_x, int64_t ldx, const float* xf) {
     using X = std::remove_const_t<std::remove_pointer_t<decltype(tile_x)>>;
-    Products<X, W> p{tile_x, ldx, x, M, K, {}, {}, {}, {}, ys, after};
+    Products<X, W> p{tile_x, ldx, xf, M, K, {}, {}, {}, {}, ys, after};
     for (const Operand& o : operands) {
       p.w.push_back(o.w->template data_ptr<W>());
       p.N.push_back(o.w->size(0));
@@ -1098,24 +1122,27 @@ void run_products(const float* x, int64_t M, int64_t K, const std::vector<Operan
   };
   if constexpr (std::is_same_v<W, int8_t>) {
     const auto quads = int8_quads(x, M, K);
-    run(quads.data(), (K + 3) / 4 + 2);
+    run(quads.data(), (K + 3) / 4 + 2, nullptr);
   } else {
 #ifdef __AVX512BF16__
-    if (std::is_same_v<W, bf16> && x_in_bf16) {
-      const auto pairs = bf16_pairs(x, M, K);
-      return run(pairs.data(), (K + 1) / 2);
+    if constexpr (std::is_same_v<W, bf16> && std::is_same_v<A, bf16>) {
+      const bool tails = std::any_of(operands.begin(), operands.end(), [](const Operand& o) { return o.w->size(0) % PANEL != 0; });
+      if (K % 2 == 0) return run(reinterpret_cast<const uint32_t*>(x), K / 2, tails ? in_fp32() : nullptr);
+      const auto pairs = bf16_pairs(in_fp32(), M, K);  // an odd K's last input paired with a zero
+      return run(pairs.data(), (K + 1) / 2, in_fp32());
     }
 #endif
-    run(x, K);
+    run(in_fp32(), K, in_fp32());
   }
 }
 
-void products(const float* x, int64_t M, int64_t K, const std::vector<Operand>& operands, const std::vector<float*>& ys,
-              bool x_in_bf16, const Epilogue* after = nullptr) {
+template <typename A>
+void products(const A* x, int64_t M, int64_t K, const std::vector<Operand>& operands, const std::vector<float*>& ys,
+              const Epilogue* after = nullptr) {
   switch (operands.at(0).w->scalar_type()) {
-    case at::kFloat: return run_products<float>(x, M, K, operands, ys, x_in_bf16, after);
-    case at::kBFloat16: return run_products<bf16>(x, M, K, operands, ys, x_in_bf16, after);
-    case at::kChar: return run_products<int8_t>(x, M, K, operands, ys, x_in_bf16, after);
+    case at::kFloat: return run_products<float>(x, M, K, operands, ys, after);
+    case at::kBFloat16: return run_products<bf16>(x, M, K, operands, ys, after);
+    case at::kChar: return run_products<int8_t>(x, M, K, operands, ys, after);
     case at::kByte: return run_q4(x, M, K, operands, ys, after);
     default: TORCH_CHECK(false, "weights must be fp32, bf16, int8 or 4-bit");
   }
@@ -1131,7 +1158,7 @@ std::vector<torch::Tensor> linear(const torch::Tensor& x, const std::vector<torc
   TORCH_CHECK(x.dim() >= 1 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16), "x: fp32 or bf16 [..., K]");
   TORCH_CHECK(!ws.empty() && biases.size() == ws.size() && scales.size() == ws.size(), "one bias and one scale (or None) per weight");
   const int64_t K = x.size(-1), M = x.numel() / K;
-  const auto xf = x.to(at::kFloat).contiguous();  // no copy when x is contiguous fp32
+  const auto xc = x.contiguous();
   std::vector<torch::Tensor> ys(ws.size()), bs(ws.size()), cs(ws.size());
   std::vector<Operand> operands;
   std::vector<float*> outs;
@@ -1152,7 +1179,7 @@ std::vector<torch::Tensor> linear(const torch::Tensor& x, const std::vector<torc
       TORCH_CHECK(scales[j]->scalar_type() == at::kFloat && scales[j]->numel() == w.size(0) && scales[j]->is_contiguous(), "scale: fp32 [N]");
       cs[j] = *scales[j];
     }
-    ys[j] = torch::empty({M, N}, xf.options());
+    ys[j] = torch::empty({M, N}, xc.options().dtype(at::kFloat));
     operands.push_back({&ws[j], &cs[j], &bs[j]});
     outs.push_back(ys[j].data_ptr<float>());
   }
@@ -1166,7 +1193,10 @@ std::vector<torch::Tensor> linear(const torch::Tensor& x, const std::vector<torc
       for (; i < n1; ++i) y[i] = static_cast<float>(static_cast<bf16>(y[i]));
     }
   };
-  products(xf.data_ptr<float>(), M, K, operands, outs, x.scalar_type() == at::kBFloat16, bf16_in_fp32 ? &to_bf16 : nullptr);
+  if (x.scalar_type() == at::kBFloat16)
+    products(xc.data_ptr<bf16>(), M, K, operands, outs, bf16_in_fp32 ? &to_bf16 : nullptr);
+  else
+    products(xc.data_ptr<float>(), M, K, operands, outs, bf16_in_fp32 ? &to_bf16 : nullptr);
   auto shape = x.sizes().vec();
   for (size_t j = 0; j < ys.size(); ++j) {
     shape.back() = ys[j].size(1);
@@ -2191,21 +2221,12 @@ class DecoderStack {
     const int64_t M = N * T_, C = layers_[0].post_norm.numel(), I = intermediate_;
     const int64_t H = heads_, G = kv_heads_, D = head_dim_, QD = H * D, KD = G * D;
     const float scale = 1.f / std::sqrt(static_cast<float>(D));
-    constexpr bool IN_BF16 = std::is_same_v<T, bf16>;  // the products' inputs are activations in T
+    // the products take their inputs in T (h, act); attention its queries in fp32 (qf in, hf out)
     std::vector<T> h(M * std::max(C, QD)), q(M * QD), k(M * KD), v(M * KD), act(M * I);
-    // af: SiLU * up in fp32, down's input (written while gate/up still read hf)
-    std::vector<float> hf(M * std::max(C, QD)), qf(M * QD), kf(M * KD), vf(M * KD), yf(M * std::max(C, 2 * I)), af(M * I);
+    std::vector<float> hf(M * QD), qf(M * QD), kf(M * KD), vf(M * KD), yf(M * std::max(C, 2 * I));
     // 16 lanes at a time on AVX-512 builds, then 8, the last few one by one: the same roundings
     // (to nearest, ties to even) lane for lane (an 8-token bf16 pass 0.974x against 8 at a time,
     // the draft pass 0.990x; `kernel_ab.py`, 2026-11-27, Zen 5)
-    auto widen = [](const T* src, int64_t n, float* dst) {  // a product's input in fp32 (exact)
-      int64_t i = 0;
-#ifdef __AVX512F__
-      for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, load16(src + i));
-#endif
-      for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8(src + i));
-      for (; i < n; ++i) dst[i] = to_float(src[i]);
-    };
     auto round_into = [](const float* src, T* dst, int64_t n) {
       int64_t i = 0;
 #ifdef __AVX512F__
@@ -2228,7 +2249,6 @@ class DecoderStack {
         const float* y = yf.data() + m * 2 * I;
         auto act_of = [&](int64_t gate_at, int64_t up_at, int64_t at, int64_t n) {
           silu_mul(y + gate_at, y + up_at, act.data() + m * I + at, n);
-          widen(act.data() + m * I + at, n, af.data() + m * I + at);
         };
         for (int64_t f = n0; f < std::min(n1, 2 * paired); f += 2 * PANEL) act_of(f, f + PANEL, f / 2, PANEL);  // runs start at even panels
         if (n1 == 2 * I && paired < I) act_of(2 * paired, paired + I, paired, I - paired);
@@ -2242,10 +2262,9 @@ class DecoderStack {
       const LayerWeights& w = layers_[l];
       const ViewWeights& a = diffusion ? w.diffusion : w.ar;
       rmsnorm_impl(x, w.input_norm.data_ptr<T>(), h.data(), M, C, eps_);
-      widen(h.data(), M * C, hf.data());
       PHASE(QKV);
-      products(hf.data(), M, C, {operand(a.q, &a.q_bias), operand(a.k, &a.k_bias), operand(a.v, &a.v_bias)},
-               {qf.data(), kf.data(), vf.data()}, IN_BF16);
+      products(h.data(), M, C, {operand(a.q, &a.q_bias), operand(a.k, &a.k_bias), operand(a.v, &a.v_bias)},
+               {qf.data(), kf.data(), vf.data()});
       PHASE(SMALL_OPS);
       round_into(qf.data(), q.data(), M * QD);
       round_into(kf.data(), k.data(), M * KD);
@@ -2270,16 +2289,14 @@ class DecoderStack {
       attend_raw<T>(hf.data(), N, T_, H, G, D, kl, vl, cs[1], cs[2], cs[3], rows, limits, lasts, scale, qf.data());
       PHASE(SMALL_OPS);
       round_into(qf.data(), h.data(), M * QD);  // the heads' output, in the model's dtype
-      widen(h.data(), M * QD, hf.data());
       PHASE(O_PROJ);
-      products(hf.data(), M, QD, {operand(a.o)}, {yf.data()}, IN_BF16, &add_after);
+      products(h.data(), M, QD, {operand(a.o)}, {yf.data()}, &add_after);
       PHASE(SMALL_OPS);
       rmsnorm_impl(x, w.post_norm.data_ptr<T>(), h.data(), M, C, eps_);
-      widen(h.data(), M * C, hf.data());
       PHASE(GATE_UP);
-      products(hf.data(), M, C, {operand(a.gate_up)}, {yf.data()}, IN_BF16, &silu_after);
+      products(h.data(), M, C, {operand(a.gate_up)}, {yf.data()}, &silu_after);
       PHASE(DOWN);
-      products(af.data(), M, I, {operand(a.down)}, {yf.data()}, IN_BF16, &add_after);
+      products(act.data(), M, I, {operand(a.down)}, {yf.data()}, &add_after);
       PHASE(SMALL_OPS);
     }
   }
