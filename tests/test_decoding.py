@@ -10,7 +10,7 @@ from orthrus import kernels
 from orthrus.cache import KVCache
 from orthrus.checkpoint import init_untrained_twins
 from orthrus.engine import (SOURCES, PassCosts, PromptLookup, Sequence, SequenceStats, chained_rates, chance_scales,
-                            exploration_interval, extension_accepted, plan_cycle, plan_tree)
+                            exploration_interval, extension_accepted, most_verify_tokens, plan_cycle, plan_tree)
 
 from .conftest import PROMPTS
 
@@ -315,15 +315,19 @@ def test_a_sampling_row_counts_its_drafts_at_its_own_recent_acceptance_rates():
         assert plan_tree([greedy], logits, drafts, kept, costs, [7]) == (None, [[]])
 
 
-def test_greedy_orthrus_with_lookup_extensions_equals_ar(smollm2):
+def test_greedy_orthrus_with_lookup_extensions_equals_ar(smollm2, monkeypatch):
     """Text the model copies: with every draft right (the oracle drafter), lookup extensions after
-    the block draft are verified and accepted, and the output is AR's, alone and in a batch."""
+    the block draft are verified and accepted, and the output is AR's, alone and in a batch. The
+    planner runs on fixed pass costs where rows are cheap: whether extensions pay must not hang on
+    how busy the machine was when it timed its passes."""
     text = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
             "How vexingly quick daft zebras jump. ")
     prompts = [[{"role": "user", "content": f"Repeat this text exactly, twice:\n{text}"}],
                [{"role": "user", "content": f"Copy the next line:\n{text * 2}"}]]
     expected = [g.token_ids for g in smollm2.generate(prompts, max_new_tokens=40, mode="ar")]
     smollm2.pass_costs(4)  # measured with the model's own draft pass, not the oracle's (the file is kept for later tests)
+    cheap_rows = PassCosts((0.0,) + tuple(1 + 0.02 * t for t in range(most_verify_tokens(4))), 0.5)
+    monkeypatch.setattr(smollm2, "pass_costs", lambda block_size=None, refresh=False: cheap_rows)
     restore = make_oracle(smollm2, [smollm2.encode(p) + e for p, e in zip(prompts, expected)])
     try:
         batch = smollm2.generate(prompts, max_new_tokens=40, block_size=4, sources=("diffusion", "lookup"))
