@@ -33,6 +33,13 @@ from orthrus.engine import prefill, time_pass
 
 SHAPES = (("ar", 1), ("ar", 4), ("ar", 8), ("ar", 16), ("diffusion", 4))
 HANDOFF_TRIPS = 2000  # round trips per reading: ~0.1-1 ms
+NEAR_NS = 150  # round trips below this: both CPUs on one core complex
+
+
+def placement(before: float, after: float) -> str:
+    """Where the host had the two CPUs over a stretch of work, from handoff readings before and after
+    it: "near" (one core complex both times), "far" (two both times) or "mixed"."""
+    return "far" if min(before, after) >= NEAR_NS else "near" if max(before, after) < NEAR_NS else "mixed"
 
 
 def handoff_probe():

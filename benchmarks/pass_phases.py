@@ -8,9 +8,9 @@ build has none) into a temp folder, then times passes of the default model:
     python benchmarks/pass_phases.py --dtype bfloat16 --draft-dtype int8 --threads 2
 
 `--rounds R` times every shape R times over, reading where the host placed the two vCPUs before and
-after each round (`machine_states.handoff_probe`: "near", one core complex, when a flag's round
-trip is under 150 ns both times; "far", two, when over 250 both times; rounds in between are left
-out), and prints a table per placement: which phases pay for the far one's slower handoffs.
+after each round (`machine_states.placement`: "near", one core complex, or "far", two; rounds that
+straddle a change are left out), and prints a table per placement: which phases pay for the far
+one's slower handoffs.
 
 Pause background jobs first; phases are medians over the passes, in ms.
 """
@@ -24,14 +24,14 @@ import time
 
 import torch
 from cpu_hot_path import prefilled_cache
-from machine_states import handoff_probe
+from machine_states import handoff_probe, placement
 from torch.utils.cpp_extension import load
 
 import orthrus
 from orthrus import kernels
 
 PHASES = ("small ops", "qkv", "attention", "o", "gate/up", "down")
-NEAR_NS, FAR_NS = 150, 250  # a flag's round trip between the vCPUs: one core complex under the first, two over the second
+PARTS = ("total", "python", *PHASES, "head")  # a pass's time, and its phases
 
 
 def main(argv=None) -> None:
@@ -57,33 +57,30 @@ def main(argv=None) -> None:
     cache, rows = prefilled_cache(model, args.context)
 
     shapes = [(view, int(tokens)) for view, tokens in (shape.split(":") for shape in args.shapes.split(","))]
-    names = ("total", "python", *PHASES, "head")
     probe = handoff_probe() if args.rounds else None
     placements: dict[str, dict] = {}  # placement -> (view, tokens) -> phase -> ms of each pass
     for _ in range(max(1, args.rounds)):
         before = probe() if probe else 0.0
         took = {shape: time_passes(model, cache, rows, *shape, args.passes) for shape in shapes}
-        after = probe() if probe else 0.0
-        placement = ("all" if not probe else "near" if max(before, after) < NEAR_NS
-                     else "far" if min(before, after) > FAR_NS else None)
-        if placement is None:
+        where = placement(before, probe()) if probe else "all"
+        if where == "mixed":
             continue
         for shape, parts in took.items():
-            for name in names:
-                placements.setdefault(placement, {}).setdefault(shape, {}).setdefault(name, []).extend(parts[name])
+            for name in PARTS:
+                placements.setdefault(where, {}).setdefault(shape, {}).setdefault(name, []).extend(parts[name])
     print(f"{args.dtype} model, {args.draft_dtype} drafts, {args.threads} threads, {args.context} cached tokens; ms per pass")
-    for placement, by_shape in placements.items():
+    for where, by_shape in placements.items():
         if probe:
-            print(f"\n{placement} ({len(by_shape[shapes[0]]['total']) // args.passes} rounds)")
+            print(f"\n{where} ({len(by_shape[shapes[0]]['total']) // args.passes} rounds)")
         print(f"| pass | total | Python before the stack | {' | '.join(PHASES)} | norm + head |")
         print("|---|" + "---:|" * (3 + len(PHASES)))
         for (view, tokens), parts in by_shape.items():
-            print(f"| {view} {tokens} | " + " | ".join(f"{statistics.median(parts[name]):.2f}" for name in names) + " |")
+            print(f"| {view} {tokens} | " + " | ".join(f"{statistics.median(parts[name]):.2f}" for name in PARTS) + " |")
 
 
 def time_passes(model, cache, rows, view: str, tokens: int, passes: int) -> dict[str, list[float]]:
     """ms of each phase of `passes` passes of one shape (after two that warm up)."""
-    parts: dict[str, list[float]] = {name: [] for name in ("total", "python", *PHASES, "head")}
+    parts: dict[str, list[float]] = {name: [] for name in PARTS}
     for i in range(passes + 2):
         ids = torch.randint(0, 1000, (1, tokens))
         with torch.inference_mode():

@@ -22,14 +22,11 @@ import time
 
 import torch
 from engine_overhead import time_outermost
-from machine_states import handoff_probe
+from machine_states import handoff_probe, placement
 
 import orthrus
 from orthrus.bench.prompts import load_prompt_set
 from orthrus.engine import Engine
-
-NEAR_NS = 150  # round trips below this: both CPUs on one core complex
-
 
 KINDS = {"forward": "ar", "draft": "draft", "_prefill": "prefill"}  # the calls timed, by what they are
 
@@ -78,10 +75,10 @@ def main(argv=None) -> None:
                     seconds[mode] = time.perf_counter() - start
                     split[mode], cycles[mode], tokens[mode] = dict(spent), out.stats.cycles, len(out.token_ids)
                 after = probe()
-                placement = "far" if min(before, after) >= NEAR_NS else "near" if max(before, after) < NEAR_NS else "mixed"
-                pairs[name, placement].append((seconds["ar"], tokens["ar"], seconds["orthrus"], tokens["orthrus"], cycles["orthrus"]))
+                where = placement(before, after)
+                pairs[name, where].append((seconds["ar"], tokens["ar"], seconds["orthrus"], tokens["orthrus"], cycles["orthrus"]))
                 for mode in seconds:
-                    part = parts[placement, mode]
+                    part = parts[where, mode]
                     part["cycles"] += cycles[mode]
                     part["engine"] += seconds[mode] - sum(split[mode].values())
                     for kind in ("ar", "draft"):
@@ -91,17 +88,17 @@ def main(argv=None) -> None:
                       f"Orthrus {speed['orthrus']:.1f} tok/s, {speed['orthrus'] / speed['ar']:.2f}x", flush=True)
     print("| set | placement | pairs | AR tok/s | Orthrus tok/s | Orthrus / AR | tokens a cycle |")
     print("|---|---|---:|---:|---:|---:|---:|")
-    for (name, placement), runs in sorted(pairs.items()):
+    for (name, where), runs in sorted(pairs.items()):
         ar, ar_tokens, orthrus_s, orthrus_tokens, cycles = (sum(column) for column in zip(*runs))
         ar_speed, orthrus_speed = ar_tokens / ar, orthrus_tokens / orthrus_s
-        print(f"| {name} | {placement} | {len(runs)} | {ar_speed:.1f} | {orthrus_speed:.1f} | {orthrus_speed / ar_speed:.2f}x | "
+        print(f"| {name} | {where} | {len(runs)} | {ar_speed:.1f} | {orthrus_speed:.1f} | {orthrus_speed / ar_speed:.2f}x | "
               f"{orthrus_tokens / cycles:.2f} |")
     print("\nms a cycle (AR: a step), every set: | placement | AR step: pass + engine | Orthrus: verify | draft pass | engine |")
-    for placement in ("far", "near", "mixed"):
-        ar, orth = parts.get((placement, "ar")), parts.get((placement, "orthrus"))
+    for where in ("far", "near", "mixed"):
+        ar, orth = parts.get((where, "ar")), parts.get((where, "orthrus"))
         if ar and orth:
             per = lambda part, kind: part[kind] / part["cycles"] * 1e3  # noqa: E731
-            print(f"| {placement} | {per(ar, 'ar'):.2f} + {per(ar, 'engine'):.2f} | {per(orth, 'ar'):.2f} | "
+            print(f"| {where} | {per(ar, 'ar'):.2f} + {per(ar, 'engine'):.2f} | {per(orth, 'ar'):.2f} | "
                   f"{per(orth, 'draft'):.2f} | {per(orth, 'engine'):.2f} |")
 
 
