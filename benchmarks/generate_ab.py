@@ -11,7 +11,9 @@ A variant is a name and `key=value` options of `generate` (a comma makes a tuple
 integer or a float is parsed as one), or `engine.NAME=value`: a planner constant of `orthrus.engine`
 set for that variant's runs (`--variant off engine.MAX_EXTENSION=0`; variants without it run at the
 module's own value), or `drafter=FOLDER`: that variant decodes with another drafter (`--variant new
-drafter=/tmp/export block_size=5`; without it, the shipped one). `--paired` also prints, per prompt, every variant's time from
+drafter=/tmp/export block_size=5`; without it, the shipped one; each drafter's model is loaded once,
+and the same two drafters measured 1.03-1.06x for whichever was loaded second in one run and about
+even in the other order, 2026-11-28: run both orders). `--paired` also prints, per prompt, every variant's time from
 the one round in which the last variant ran fastest, beside each variant's own fastest: on a machine
 whose memory bus is sometimes shared (BENCHMARKS.md, "Two machine states"), with AR as the last
 variant this gives the ratios of the uncontended state, where the variants of a round ran within
