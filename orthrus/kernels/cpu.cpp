@@ -2221,7 +2221,7 @@ class DecoderStack {
     const int64_t M = N * T_, C = layers_[0].post_norm.numel(), I = intermediate_;
     const int64_t H = heads_, G = kv_heads_, D = head_dim_, QD = H * D, KD = G * D;
     const float scale = 1.f / std::sqrt(static_cast<float>(D));
-    // the products take their inputs in T (h, act); attention its queries in fp32 (qf in, hf out)
+    // the products take their inputs in T (h, act); attention its queries in fp32 (hf in, qf out)
     std::vector<T> h(M * std::max(C, QD)), q(M * QD), k(M * KD), v(M * KD), act(M * I);
     std::vector<float> hf(M * QD), qf(M * QD), kf(M * KD), vf(M * KD), yf(M * std::max(C, 2 * I));
     // 16 lanes at a time on AVX-512 builds, then 8, the last few one by one: the same roundings
