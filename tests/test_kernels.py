@@ -399,12 +399,8 @@ def pass_logits(folder: str, dtype: str) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("other", ["avx2", "avx512"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_every_build_gives_the_same_bits(request, tmp_path, dtype, other):
-    """The AVX-512 builds hold more rows per tile, and with AVX512-BF16 multiply bf16 by its dot
-    instruction, but compute each output with the AVX2 build's operations in the same order: a
-    model's logits are identical under each, so output does not depend on the CPU it was decoded on."""
+def logits_under(isa: str, folder: str, dtype: str, tmp_path) -> dict[str, torch.Tensor]:
+    """`pass_logits` with the kernels built for `isa`: in this process if it runs that build, else in a child."""
     import os
     import subprocess
     import sys
@@ -412,14 +408,50 @@ def test_every_build_gives_the_same_bits(request, tmp_path, dtype, other):
 
     from safetensors.torch import load_file
 
-    if other == kernels.isa() or other not in kernels.runnable_isas():
-        pytest.skip(f"this CPU runs {' and '.join(kernels.runnable_isas())}: no {other} build to compare with {kernels.isa()}")
+    if isa == kernels.isa():
+        return pass_logits(folder, dtype)
+    out = tmp_path / f"{isa}.st"
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent.parent)!r}); from tests.test_kernels import pass_logits; "
+              f"from safetensors.torch import save_file; save_file(pass_logits({folder!r}, {dtype!r}), {str(out)!r})")
+    subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "ORTHRUS_ISA": isa})
+    return load_file(out)
+
+
+def builds_of_one_bits(dtype: str) -> list[str]:
+    """The builds this CPU runs that must give identical bits: all of them, but for bf16 the AMX
+    build, whose tile unit sums a bf16 product's terms in an order of its own."""
+    return [isa for isa in kernels.runnable_isas() if not (isa == "amx" and dtype == "bfloat16")]
+
+
+@pytest.mark.parametrize("other", ["avx2", "avx512", "amx"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_every_build_gives_the_same_bits(request, tmp_path, dtype, other):
+    """The AVX-512 builds hold more rows per tile, and with AVX512-BF16 multiply bf16 by its dot
+    instruction, but compute each output with the AVX2 build's operations in the same order: a
+    model's logits are identical under each, so output does not depend on the CPU it was decoded on
+    (the AMX build's bf16 products excepted: the next test)."""
+    builds = builds_of_one_bits(dtype)
+    if other == builds[-1] or other not in builds:
+        pytest.skip(f"for {dtype} this CPU runs {' and '.join(builds)}: no {other} build to compare with {builds[-1]}")
     for name in ("qwen3_folder", "smollm2_folder"):
         folder = str(request.getfixturevalue(name))
-        script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent.parent)!r}); from tests.test_kernels import pass_logits; "
-                  f"from safetensors.torch import save_file; save_file(pass_logits({folder!r}, {dtype!r}), {str(tmp_path / 'other.st')!r})")
-        subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "ORTHRUS_ISA": other})
-        theirs, ours = load_file(tmp_path / "other.st"), pass_logits(folder, dtype)
+        theirs, ours = logits_under(other, folder, dtype, tmp_path), logits_under(builds[-1], folder, dtype, tmp_path)
         assert theirs.keys() == ours.keys()
         for key in ours:
             assert torch.equal(theirs[key], ours[key]), f"{name} {key}"
+
+
+def test_the_amx_build_computes_bf16_products_as_the_others_do_but_for_rounding(request, tmp_path):
+    """The AMX build's bf16 logits are not the dot-instruction build's bits, but the same values to
+    bf16's precision: the tile unit sums the same products, in another order. (The passes of
+    the AR view: the drafts' int8 products quantize their inputs, so a last-bit change of an input
+    can move its int8 value a step, and an untrained drafter amplifies that.)"""
+    if "amx" not in kernels.runnable_isas():
+        pytest.skip(f"this CPU runs {' and '.join(kernels.runnable_isas())}: no AMX")
+    for name in ("qwen3_folder", "smollm2_folder"):
+        folder = str(request.getfixturevalue(name))
+        theirs, ours = logits_under("avx512bf16", folder, "bfloat16", tmp_path), logits_under("amx", folder, "bfloat16", tmp_path)
+        differences = {key: (theirs[key] - ours[key]).abs().max().item() for key in ours if key.startswith("ar")}
+        assert differences["ar1"] > 0, f"{name}: the AMX build gave the dot instruction's bits"
+        for key, difference in differences.items():
+            assert difference <= 0.02 * ours[key].abs().max().item(), f"{name} {key}: {difference}"

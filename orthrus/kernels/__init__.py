@@ -8,7 +8,9 @@ builds it. The instruction set is AVX2 + FMA, or AVX-512 where the CPU has it (i
 twice the rows per tile), with AVX512-BF16 and VNNI where it has those too (bf16 products by
 the BF16 dot instruction; the int8 products of drafts, `linear(..., int8=True)` and the stack's
 int8 diffusion view, by VNNI's); all compute every output with the same operations in the same
-order, so they give the same bits (`ORTHRUS_ISA=avx2` or `avx512` forces a build).
+order, so they give the same bits (`ORTHRUS_ISA=avx2` or `avx512` forces a build). On a CPU with
+AMX, the `amx` build multiplies bf16 weights in the tile unit: a few rows cost what one does, and
+its bf16 products differ from the other builds' in the last bits (fp32 and int8 ones do not).
 Products stream each weight from a packed copy (`packed`), made on first use and kept beside the
 weight: it doubles the weights' memory, the price of one sequential stream per tile.
 Every output element is computed with the same reduction order whatever the number of rows, so
@@ -57,7 +59,9 @@ def unavailable_reason() -> str | None:
 
 
 _AVX512 = ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl"]
-ISA_FLAGS = {"avx2": ["-mavx2", "-mfma", "-mf16c"], "avx512": _AVX512, "avx512bf16": [*_AVX512, "-mavx512bf16", "-mavx512vnni"]}
+_AVX512BF16 = [*_AVX512, "-mavx512bf16", "-mavx512vnni"]
+ISA_FLAGS = {"avx2": ["-mavx2", "-mfma", "-mf16c"], "avx512": _AVX512, "avx512bf16": _AVX512BF16,
+             "amx": [*_AVX512BF16, "-mamx-tile", "-mamx-bf16"]}
 
 
 def isa() -> str:
@@ -69,7 +73,20 @@ def runnable_isas() -> list[str]:
     """The instruction sets this CPU runs, best last."""
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         return ["avx2"]
-    return ["avx2", "avx512", "avx512bf16"] if {"avx512_bf16", "avx512_vnni"} <= cpu_flags() else ["avx2", "avx512"]
+    if not {"avx512_bf16", "avx512_vnni"} <= cpu_flags():
+        return ["avx2", "avx512"]
+    return ["avx2", "avx512", "avx512bf16", "amx"] if amx_permitted() else ["avx2", "avx512", "avx512bf16"]
+
+
+def amx_permitted() -> bool:
+    """Whether the CPU has AMX's bf16 tiles and Linux lets this process use them (it must ask:
+    arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA); older kernels and some hypervisors refuse)."""
+    if not {"amx_tile", "amx_bf16"} <= cpu_flags():
+        return False
+    import ctypes
+
+    SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XTILEDATA = 158, 0x1023, 18
+    return ctypes.CDLL(None, use_errno=True).syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XTILEDATA) == 0
 
 
 def quantized_drafts() -> bool:

@@ -12,6 +12,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <omp.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <numeric>
@@ -627,9 +629,88 @@ inline void streamed_panels(bool cached, const X* x, int64_t ldx, int64_t K, con
 // products against 10.7; 16 rows as 8 + 8 rather than 6 + 6 + 4: a 16-token bf16 pass 0.955x, fp32
 // 0.979x, 2026-11-27), more rows 8 at a time (a 64-token prefill pass 0.979x, 32 tokens 0.953x
 // against 6 at a time).
+#ifdef __AMX_BF16__
+// The AMX build: a bf16 product's tile is a matrix multiply of up to 16 rows by a group's panels in
+// the CPU's tile unit, which streams the weights at the memory's pace for any row count (2 threads,
+// 2026-11-28: ~27 GB/s at 1 to 16 rows, where the dot instruction's tiles fall from 21 GB/s at 1 row
+// to 8 at 8). A tile multiplies 32 inputs at a time and sums its products in an order of its own
+// (not the dot instruction's pair chain), so this build's bf16 products differ from the other
+// builds' in the last bits; each output is still computed from its own row alone by one fixed
+// sequence of tile ops, whatever the row count, so every row count gives every row the same bits.
+constexpr int64_t AMX_ROWS = 16, AMX_INPUTS = 32;
+
+// The tile registers: sums 0-3 (one a panel, rows x 16 fp32), x's 32 inputs (rows x 64 bytes), and
+// two of weights (16 input pairs x 16 features). Loaded on every call: torch's own AMX products may
+// have set other shapes on this thread since.
+inline void configure_tiles(int rows) {
+  struct alignas(64) {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t bytes_per_row[16] = {};
+    uint8_t rows[16] = {};
+  } config;
+  for (int t = 0; t < 5; ++t) config.rows[t] = static_cast<uint8_t>(rows), config.bytes_per_row[t] = 64;
+  for (int t = 5; t < 7; ++t) config.rows[t] = 16, config.bytes_per_row[t] = 64;
+  _tile_loadconfig(&config);
+}
+
+// rows (<= 16) of x's bf16 pairs (ldx words apart) by S panels: every 32 inputs one tile of x and
+// one of each panel's weights (their 16 pairs `step` elements apart), then the bias.
+template <int S>
+void amx_tile(const uint32_t* x, int64_t ldx, int64_t K, const bf16* const* w, const int64_t* step, const PanelOut* out,
+              int64_t ldy, int rows) {
+  configure_tiles(rows);
+  _tile_zero(0);
+  if constexpr (S > 1) _tile_zero(1);
+  if constexpr (S > 2) _tile_zero(2);
+  if constexpr (S > 3) _tile_zero(3);
+  for (int64_t p = 0; p < K / 2; p += AMX_INPUTS / 2) {
+    _tile_loadd(4, x + p, ldx * 4);
+    _tile_loadd(5, w[0] + p * step[0], step[0] * 2);
+    _tile_dpbf16ps(0, 4, 5);
+    if constexpr (S > 1) {
+      _tile_loadd(6, w[1] + p * step[1], step[1] * 2);
+      _tile_dpbf16ps(1, 4, 6);
+    }
+    if constexpr (S > 2) {
+      _tile_loadd(5, w[2] + p * step[2], step[2] * 2);
+      _tile_dpbf16ps(2, 4, 5);
+    }
+    if constexpr (S > 3) {
+      _tile_loadd(6, w[3] + p * step[3], step[3] * 2);
+      _tile_dpbf16ps(3, 4, 6);
+    }
+  }
+  _tile_stored(0, out[0].y, ldy * 4);
+  if constexpr (S > 1) _tile_stored(1, out[1].y, ldy * 4);
+  if constexpr (S > 2) _tile_stored(2, out[2].y, ldy * 4);
+  if constexpr (S > 3) _tile_stored(3, out[3].y, ldy * 4);
+  for (int s = 0; s < S; ++s)
+    if (const float* b = out[s].bias)
+      for (int r = 0; r < rows; ++r) store16(_mm512_add_ps(load16(out[s].y + r * ldy), load16(b)), out[s].y + r * ldy);
+}
+
+int64_t amx_rows(const uint32_t* x, int64_t ldx, int64_t K, const bf16* const* w, const PanelOut* out, int64_t ldy,
+                 int count, int64_t rest) {
+  const int rows = static_cast<int>(std::min(rest, AMX_ROWS));
+  int64_t step[GROUP];
+  for (int s = 0; s < count; ++s) step[s] = panel_step<bf16>(count, s);
+  switch (count) {
+    case 1: amx_tile<1>(x, ldx, K, w, step, out, ldy, rows); break;
+    case 2: amx_tile<2>(x, ldx, K, w, step, out, ldy, rows); break;
+    case 3: amx_tile<3>(x, ldx, K, w, step, out, ldy, rows); break;
+    default: amx_tile<4>(x, ldx, K, w, step, out, ldy, rows); break;
+  }
+  return rows;
+}
+#endif
+
 template <typename X, typename W>
 int64_t linear_rows(const X* x, int64_t ldx, int64_t K, const W* const* w, const PanelOut* out,
                     int64_t ldy, int count, int64_t rest, bool /* cached: the same tiles either way */) {
+#ifdef __AMX_BF16__
+  if constexpr (std::is_same_v<X, uint32_t> && std::is_same_v<W, bf16>)
+    if (K % AMX_INPUTS == 0) return amx_rows(x, ldx, K, w, out, ldy, count, rest);
+#endif
   const int64_t rows = rest <= 8 ? rest : rest <= 16 ? (rest + 1) / 2 : 8;
   switch (rows) {
     case 1: linear_panels<X, W, 1, GROUP>(x, ldx, K, w, out, ldy, count); break;
@@ -2313,6 +2394,11 @@ class DecoderStack {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+#ifdef __AMX_BF16__
+  // Linux lets a process use the tile registers only once it asks (arch_prctl ARCH_REQ_XCOMP_PERM for
+  // XTILEDATA, feature 18); the ask covers every thread of the process
+  TORCH_CHECK(syscall(SYS_arch_prctl, 0x1023, 18) == 0, "this system does not let the process use AMX tiles");
+#endif
 #ifdef ORTHRUS_PHASES
   m.def("take_phases", &take_phases, "ms per phase of the decoder stack since the last call");
 #endif
