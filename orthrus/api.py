@@ -162,7 +162,8 @@ class Orthrus:
         """What this model's pass times depend on, and the file they are kept in."""
         param = next(self.model.parameters())
         identity = {"config": repr(self.model.config), "dtype": str(param.dtype), "device": str(param.device),
-                    "threads": torch.get_num_threads(), "block": block_size, "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "block": block_size, "most_verify": most_verify_tokens(block_size),
+                    "torch": torch.__version__,
                     "kernels": kernels.module() is not None and kernels.enabled and kernels.build_id(),
                     "int8_drafts": self.model.int8_drafts, "method": PASS_COSTS_METHOD,
                     "draft_vocab": None if self.model.draft_vocab is None else len(self.model.draft_vocab),
