@@ -1635,6 +1635,48 @@ class DotScorer {
 // result does not depend on which other queries share the call. The queries take each block of
 // keys, then each block of values, in turn: the head's cache comes from memory once for all of
 // them, not once per query (what counts at long contexts).
+// Each query's weights in place: exp(score - its top score) over keys [0, limits[i]) (a bf16
+// cache's rounded to bf16, see pair_sums), their sums in totals. Key s adds into lane s % 8, in key
+// order, then hsum's tree.
+template <typename KV>
+void softmax_rows(float* scores, int64_t used, const int64_t* limits, int64_t count, float* totals) {
+  for (int64_t i = 0; i < count; ++i) {
+    float* sc = scores + i * used;
+    const int64_t limit = limits[i];
+    int64_t s = 0;
+    __m256 top8 = _mm256_set1_ps(-INFINITY);
+    for (; s + 8 <= limit; s += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(sc + s));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, top8);
+    float top = *std::max_element(lanes, lanes + 8);
+    for (; s < limit; ++s) top = std::max(top, sc[s]);
+    __m256 total8 = _mm256_setzero_ps();
+    s = 0;
+#ifdef __AVX512F__  // 16 keys at a time, the same per-lane ops and the same adds into total8
+    for (; s + 16 <= limit; s += 16) {
+      const __m512 e = round_lanes(exp_lanes(_mm512_sub_ps(_mm512_loadu_ps(sc + s), _mm512_set1_ps(top))), static_cast<KV*>(nullptr));
+      _mm512_storeu_ps(sc + s, e);
+      total8 = _mm256_add_ps(total8, _mm512_castps512_ps256(e));
+      total8 = _mm256_add_ps(total8, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1)));
+    }
+#endif
+    for (; s + 8 <= limit; s += 8) {
+      const __m256 e = round_lanes(exp_lanes(_mm256_sub_ps(_mm256_loadu_ps(sc + s), _mm256_set1_ps(top))), static_cast<KV*>(nullptr));
+      _mm256_storeu_ps(sc + s, e);
+      total8 = _mm256_add_ps(total8, e);
+    }
+    totals[i] = hsum(total8);
+    for (; s < limit; ++s) totals[i] += sc[s] = store_round(exp1(sc[s] - top), static_cast<KV*>(nullptr));
+  }
+}
+
+// Queries sharing one kv head (query i as `scorer` holds it, its output at out[i], seeing keys
+// [0, limits[i]), the last of them read from slot lasts[i]: a token tree's leaf, whose own key sits
+// after its ancestors' siblings, attends as if it were right after its ancestors) attend: scores (8 keys at a time), softmax and the weighted sum of values run
+// over the keys in a fixed order (each output dimension one FMA chain over the keys), so a query's
+// result does not depend on which other queries share the call. The queries take each block of
+// keys, then each block of values, in turn: the head's cache comes from memory once for all of
+// them, not once per query (what counts at long contexts).
 template <typename KV, typename Scorer>
 void attend_queries(const Scorer& scorer, float* const* out, const int64_t* limits, const int64_t* lasts, int64_t count,
                     const KV* keys, const KV* values, int64_t kv_stride, int64_t D, float scale, std::vector<float>& scores) {
@@ -1654,40 +1696,18 @@ void attend_queries(const Scorer& scorer, float* const* out, const int64_t* limi
         _mm256_storeu_ps(scores.data() + i * used + s,
                          _mm256_mul_ps(scorer.eight(i, keys + s * kv_stride, kv_stride), _mm256_set1_ps(scale)));
   }
-  float totals[MAX_TASK_QUERIES];
-  for (int64_t i = 0; i < count; ++i) {
+  for (int64_t i = 0; i < count; ++i) {  // the keys past the blocks of 8, one by one
     float* sc = scores.data() + i * used;
     const int64_t limit = limits[i];
     auto key = [&](int64_t s) { return keys + (s == limit - 1 ? lasts[i] : s) * kv_stride; };
-    if (lasts[i] != limit - 1 && D % 8 == 0 && limit % 8 == 0)  // the last key was scored in a block of 8: rescore it
+    const int64_t blocks = D % 8 == 0 ? limit / 8 * 8 : 0;
+    if (lasts[i] != limit - 1 && blocks == limit)  // the last key was scored in a block of 8: rescore it
       sc[limit - 1] = scorer.one(i, key(limit - 1)) * scale;  // (`eight` scores each key as `one` does)
-    int64_t s = 0;
-    __m256 top8 = _mm256_set1_ps(-INFINITY);
-    if (D % 8 == 0)
-      for (; s + 8 <= limit; s += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(sc + s));
-    float lanes[8];
-    _mm256_storeu_ps(lanes, top8);
-    float top = *std::max_element(lanes, lanes + 8);
-    for (; s < limit; ++s) top = std::max(top, sc[s] = scorer.one(i, key(s)) * scale);
-    __m256 total8 = _mm256_setzero_ps();  // key s adds into lane s % 8, in key order; then hsum's tree
-    s = 0;
-#ifdef __AVX512F__  // 16 keys at a time, the same per-lane ops and the same adds into total8
-    for (; s + 16 <= limit; s += 16) {
-      const __m512 e = round_lanes(exp_lanes(_mm512_sub_ps(_mm512_loadu_ps(sc + s), _mm512_set1_ps(top))), static_cast<KV*>(nullptr));
-      _mm512_storeu_ps(sc + s, e);
-      total8 = _mm256_add_ps(total8, _mm512_castps512_ps256(e));
-      total8 = _mm256_add_ps(total8, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1)));
-    }
-#endif
-    for (; s + 8 <= limit; s += 8) {  // a bf16 cache's weights rounded to bf16 (see pair_sums)
-      const __m256 e = round_lanes(exp_lanes(_mm256_sub_ps(_mm256_loadu_ps(sc + s), _mm256_set1_ps(top))), static_cast<KV*>(nullptr));
-      _mm256_storeu_ps(sc + s, e);
-      total8 = _mm256_add_ps(total8, e);
-    }
-    totals[i] = hsum(total8);
-    for (; s < limit; ++s) totals[i] += sc[s] = store_round(exp1(sc[s] - top), static_cast<KV*>(nullptr));
-    std::fill_n(out[i], D, 0.f);
+    for (int64_t s = blocks; s < limit; ++s) sc[s] = scorer.one(i, key(s)) * scale;
   }
+  float totals[MAX_TASK_QUERIES];
+  softmax_rows<KV>(scores.data(), used, limits, count, totals);
+  for (int64_t i = 0; i < count; ++i) std::fill_n(out[i], D, 0.f);
   constexpr bool bf16_cache = std::is_same_v<KV, bf16>;
   // four queries take a whole block of values at once: a bf16 cache's widened to fp32 first (for
   // enough queries), an fp32 cache's as stored (an fp32 pass of 8 / 16 tokens after 1,000 cached
