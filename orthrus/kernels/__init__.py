@@ -9,8 +9,9 @@ twice the rows per tile), with AVX512-BF16 and VNNI where it has those too (bf16
 the BF16 dot instruction; the int8 products of drafts, `linear(..., int8=True)` and the stack's
 int8 diffusion view, by VNNI's); all compute every output with the same operations in the same
 order, so they give the same bits (`ORTHRUS_ISA=avx2` or `avx512` forces a build). On a CPU with
-AMX, the `amx` build multiplies bf16 weights in the tile unit: a few rows cost what one does, and
-its bf16 products differ from the other builds' in the last bits (fp32 and int8 ones do not).
+AMX, the `amx` build runs a bf16 model's products and attention in the tile unit: a few rows cost
+what one does, and its bf16 results differ from the other builds' in the last bits (fp32 and int8
+products do not).
 Products stream each weight from a packed copy (`packed`), made on first use and kept beside the
 weight: it doubles the weights' memory, the price of one sequential stream per tile.
 Every output element is computed with the same reduction order whatever the number of rows, so

@@ -1,13 +1,15 @@
 // Few-row CPU kernels (AVX2 + FMA; the products in AVX-512, and on AVX512-BF16/VNNI's dot
-// instructions, where the CPU has them) for decoding: a matrix product that streams each weight
-// once for all rows, and attention of a few query rows over the KV cache.
+// instructions, where the CPU has them; a bf16 model's products and attention in AMX's tile unit
+// where it has that) for decoding: a matrix product that streams each weight once for all rows,
+// and attention of a few query rows over the KV cache.
 //
 // Batch invariance: every output element is computed by the same sequence of floating-point
 // operations whatever the number of rows (or which tile it falls in): in a product, one FMA chain
 // over the reduction dimension in a fixed order, then the bias (int8 products: an exact integer
-// dot, then the scales); in attention, fixed 8-lane chains and a fixed horizontal sum. So row i of
-// a T-row product is bit-identical to the 1-row product of that row, which makes a T-token verify
-// pass compute each token exactly as a 1-token decode step does.
+// dot, then the scales); in attention, fixed 8-lane chains and a fixed horizontal sum; in the tile
+// unit, tiles of one shape whose outputs each depend on their own row alone. So row i of a T-row
+// product is bit-identical to the 1-row product of that row, which makes a T-token verify pass
+// compute each token exactly as a 1-token decode step does.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -1779,6 +1781,144 @@ void attend_queries(const Scorer& scorer, float* const* out, const int64_t* limi
     for (int64_t d = 0; d < D; ++d) out[i][d] /= totals[i];
 }
 
+#ifdef __AMX_BF16__
+// Attention on the tile unit (the AMX build; a bf16 cache, heads a multiple of 32 and at most
+// MAX_WIDE_D wide). Scores: 16 keys, read from the cache as they lie, by 16 queries laid out as
+// dimension pairs. Weighted sums: 16 queries' weights (bf16, as `pair_sums` rounds them) by 32 keys'
+// values (`pair_rows`' layout) for 16 dimensions. Every tile is 16 x 16 whatever the query count
+// (missing queries and keys zero), and a key past a query's limit weighs zero, which adds nothing,
+// so each query gets the bits it gets alone. A tree leaf's moved key is scored in a block of its own,
+// and where it is summed, the leaf's weights go through a second multiply of the block with the
+// moved key's values in its place (the other queries' weights zero in one multiply, the leaf's in the other).
+constexpr int64_t AMX_KEYS = 16, AMX_VALUE_KEYS = 32;
+
+inline uint32_t bf16_pair(const float* x) {  // x[0] and x[1], bf16-exact, as one word (x[0] low)
+  uint32_t even, odd;
+  std::memcpy(&even, x, 4);
+  std::memcpy(&odd, x + 1, 4);
+  return (odd & 0xFFFF0000u) | (even >> 16);
+}
+
+void amx_attend(const float* const* q, float* const* out, const int64_t* limits, const int64_t* lasts, int64_t count,
+                const bf16* keys, const bf16* values, int64_t kv_stride, int64_t D, float scale, std::vector<float>& scores) {
+  const int64_t used = *std::max_element(limits, limits + count);
+  scores.resize(count * used);
+  configure_tiles(16);
+  alignas(64) uint32_t queries[MAX_WIDE_D / 2 * 16];  // [D / 2 pairs][16 queries]
+  alignas(64) bf16 rows[AMX_VALUE_KEYS * MAX_WIDE_D];  // keys or values copied: a block's last, or with a moved key
+  alignas(64) uint32_t pairs[AMX_VALUE_KEYS / 2 * MAX_WIDE_D];  // a block of values, `pair_rows`' layout
+  alignas(64) bf16 weights[16 * AMX_VALUE_KEYS];  // [16 queries][32 keys]
+  alignas(64) float sums[16 * 64];
+  float totals[MAX_TASK_QUERIES];
+  auto score_tile = [&](const bf16* k, int64_t stride) {  // sums[key][query]
+    _tile_zero(0);
+    for (int64_t c = 0; c < D; c += 32) {
+      _tile_loadd(4, k + c, stride * 2);
+      _tile_loadd(5, queries + c / 2 * 16, 64);
+      _tile_dpbf16ps(0, 4, 5);
+    }
+    _tile_stored(0, sums, 64);
+  };
+  auto value_tiles = [&](int tiles, int64_t d0) {  // the weights by `pairs`' dimensions [d0, d0 + 16 tiles)
+    _tile_loadd(4, weights, 64);
+    _tile_loadd(5, pairs + d0, D * 4);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_loadd(6, pairs + d0 + 16, D * 4);
+    _tile_dpbf16ps(1, 4, 6);
+    if (tiles > 2) {
+      _tile_loadd(5, pairs + d0 + 32, D * 4);
+      _tile_dpbf16ps(2, 4, 5);
+      _tile_loadd(6, pairs + d0 + 48, D * 4);
+      _tile_dpbf16ps(3, 4, 6);
+    }
+  };
+  for (int64_t g0 = 0; g0 < count; g0 += 16) {
+    const int64_t group = std::min<int64_t>(16, count - g0), reach = *std::max_element(limits + g0, limits + g0 + group);
+    std::fill_n(queries, D / 2 * 16, 0u);
+    for (int64_t j = 0; j < group; ++j)
+      for (int64_t p = 0; p < D / 2; ++p) queries[p * 16 + j] = bf16_pair(q[g0 + j] + 2 * p);
+    for (int64_t s = 0; s < reach; s += AMX_KEYS) {
+      const int64_t n = std::min(AMX_KEYS, reach - s);
+      if (n == AMX_KEYS) {
+        score_tile(keys + s * kv_stride, kv_stride);
+      } else {  // the last keys, copied: the rows after them are past the cache's end
+        std::fill_n(rows, AMX_KEYS * D, bf16(0.f));
+        for (int64_t r = 0; r < n; ++r) std::copy_n(keys + (s + r) * kv_stride, D, rows + r * D);
+        score_tile(rows, D);
+      }
+      const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                _mm512_set1_epi32(16));
+      for (int64_t j = 0; j < group; ++j) {  // query j's column of the tile, its keys up to its limit
+        const int64_t valid = std::min(n, limits[g0 + j] - s);
+        if (valid <= 0) continue;
+        const __m512 v = _mm512_i32gather_ps(_mm512_add_epi32(column, _mm512_set1_epi32(static_cast<int>(j))), sums, 4);
+        _mm512_mask_storeu_ps(scores.data() + (g0 + j) * used + s, static_cast<__mmask16>((1u << valid) - 1),
+                              _mm512_mul_ps(v, _mm512_set1_ps(scale)));
+      }
+    }
+    for (int64_t j = 0; j < group; ++j)
+      if (const int64_t limit = limits[g0 + j]; lasts[g0 + j] != limit - 1) {  // a moved key: scored alone
+        std::fill_n(rows, AMX_KEYS * D, bf16(0.f));
+        std::copy_n(keys + lasts[g0 + j] * kv_stride, D, rows);
+        score_tile(rows, D);
+        scores[(g0 + j) * used + limit - 1] = sums[j] * scale;
+      }
+  }
+  softmax_rows<bf16>(scores.data(), used, limits, count, totals);
+  for (int64_t g0 = 0; g0 < count; g0 += 16) {
+    const int64_t group = std::min<int64_t>(16, count - g0), reach = *std::max_element(limits + g0, limits + g0 + group);
+    for (int64_t d0 = 0; d0 < D; d0 += 64) {
+      const int tiles = static_cast<int>(std::min<int64_t>(64, D - d0) / 16);
+      _tile_zero(0);  // (2 and 3 unused where `tiles` is 2)
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t first = 0; first < reach; first += AMX_VALUE_KEYS) {
+        const int64_t n = std::min(AMX_VALUE_KEYS, reach - first);
+        auto lay_values = [&](const bf16* from, int64_t stride) {
+          pair_rows(from, stride, n, D, pairs);
+          std::fill(pairs + (n + 1) / 2 * D, pairs + AMX_VALUE_KEYS / 2 * D, 0u);
+        };
+        auto lay_weights = [&](int64_t only) {  // every query's weights of the block, or query `only`'s alone
+          std::fill_n(weights, 16 * AMX_VALUE_KEYS, bf16(0.f));
+          for (int64_t j = 0; j < group; ++j) {
+            const int64_t i = g0 + j, limit = limits[i];
+            const bool moved = lasts[i] != limit - 1 && first <= limit - 1 && limit - 1 < first + AMX_VALUE_KEYS;
+            if (only >= 0 ? j != only : moved) continue;
+            const int64_t valid = std::min(n, limit - first);  // bf16-exact weights: the conversion is exact
+            for (int64_t r = 0; r < valid; r += 16) {
+              const __mmask16 keep = static_cast<__mmask16>(valid - r >= 16 ? 0xFFFFu : (1u << (valid - r)) - 1);
+              const __m256bh w = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(keep, scores.data() + i * used + first + r));
+              _mm256_mask_storeu_epi16(weights + j * AMX_VALUE_KEYS + r, keep, (__m256i)w);
+            }
+          }
+        };
+        lay_values(values + first * kv_stride, kv_stride);
+        lay_weights(-1);
+        value_tiles(tiles, d0);
+        for (int64_t j = 0; j < group; ++j) {
+          const int64_t i = g0 + j, limit = limits[i];
+          if (lasts[i] == limit - 1 || limit - 1 < first || limit - 1 >= first + AMX_VALUE_KEYS) continue;
+          for (int64_t r = 0; r < n; ++r)
+            std::copy_n(values + (r == limit - 1 - first ? lasts[i] : first + r) * kv_stride, D, rows + r * D);
+          lay_values(rows, D);
+          lay_weights(j);
+          value_tiles(tiles, d0);
+        }
+      }
+      _tile_stored(0, sums, 64 * 4);
+      _tile_stored(1, sums + 16, 64 * 4);
+      if (tiles > 2) {
+        _tile_stored(2, sums + 32, 64 * 4);
+        _tile_stored(3, sums + 48, 64 * 4);
+      }
+      for (int64_t j = 0; j < group; ++j)
+        for (int64_t d = 0; d < 16 * tiles; ++d) out[g0 + j][d0 + d] = sums[j * 64 + d] / totals[g0 + j];
+    }
+  }
+}
+#endif
+
 // q [N, T, H, D] fp32 contiguous -> out [N, T, H, D] fp32; keys/values of one layer, sequence n in
 // cache row rows[n] (strides kr, kg, ks for row, kv head, position); query (n, t) sees keys [0, limits[n, t]),
 // the last one read from slot lasts[n, t].
@@ -1810,6 +1950,12 @@ void attend_raw(const float* q, int64_t N, int64_t T, int64_t H, int64_t G, int6
       const int64_t off = rows[n] * kr + g * kg;
       if constexpr (std::is_same_v<KV, bf16>)
         if (PairScorer::fits(D)) {
+#ifdef __AMX_BF16__
+          if (D <= MAX_WIDE_D) {
+            amx_attend(qs, outs, lims, last, count, k + off, v + off, ks, D, scale, scores);
+            continue;
+          }
+#endif
           attend_queries(PairScorer(qs, count, D, pairs), outs, lims, last, count, k + off, v + off, ks, D, scale, scores);
           continue;
         }
