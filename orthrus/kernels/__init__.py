@@ -11,7 +11,7 @@ int8 diffusion view, by VNNI's); all compute every output with the same operatio
 order, so they give the same bits (`ORTHRUS_ISA=avx2` or `avx512` forces a build). On a CPU with
 AMX, the `amx` build runs a bf16 model's products and attention in the tile unit: a few rows cost
 what one does, and its bf16 results differ from the other builds' in the last bits (fp32 and int8
-products do not).
+products do not; `ORTHRUS_ISA=avx512bf16` there gives the other builds' bits).
 Products stream each weight from a packed copy (`packed`), made on first use and kept beside the
 weight: it doubles the weights' memory, the price of one sequential stream per tile.
 Every output element is computed with the same reduction order whatever the number of rows, so
@@ -24,6 +24,7 @@ falls back to plain PyTorch, said once in one line.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -79,6 +80,7 @@ def runnable_isas() -> list[str]:
     return ["avx2", "avx512", "avx512bf16", "amx"] if amx_permitted() else ["avx2", "avx512", "avx512bf16"]
 
 
+@functools.cache
 def amx_permitted() -> bool:
     """Whether the CPU has AMX's bf16 tiles and Linux lets this process use them (it must ask:
     arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA); older kernels and some hypervisors refuse)."""

@@ -620,22 +620,11 @@ inline void streamed_panels(bool cached, const X* x, int64_t ldx, int64_t K, con
     linear_panels<X, W, R, 1>(x, ldx, K, w, out, ldy, count);
 }
 
-// One pass over a group of up to GROUP panels (64 features) for the next of its `rest` rows; returns
-// how many rows it took.
-#ifdef __AVX512F__
-// 1 or 2 rows over the group's 4 panels at once (4 or 8 chains); 3 to 8 rows over 2 panels at a
-// time (6 to 16 chains), one sequential run a tile (a 4-, 5- or 6-token bf16 pass 0.93-0.94x against
-// 4 panels at once, 3 tokens 0.95x, fp32 4 tokens 0.975x, 2026-11-27, Zen 5; 7 and 8 rows so in one
-// pass over the group rather than two: an 8-token bf16 pass 0.88x, 7 tokens 0.93x, 2026-11-26); 9 to
-// 16 rows in two passes of half each (one 12-row pass over 2 panels at a time was slower: 14.5 ms of
-// products against 10.7; 16 rows as 8 + 8 rather than 6 + 6 + 4: a 16-token bf16 pass 0.955x, fp32
-// 0.979x, 2026-11-27), more rows 8 at a time (a 64-token prefill pass 0.979x, 32 tokens 0.953x
-// against 6 at a time).
 #ifdef __AMX_BF16__
 // The AMX build: a bf16 product's tile is a matrix multiply of up to 16 rows by a group's panels in
-// the CPU's tile unit, which streams the weights at the memory's pace for any row count (2 threads,
-// 2026-11-28: ~27 GB/s at 1 to 16 rows, where the dot instruction's tiles fall from 21 GB/s at 1 row
-// to 8 at 8). A tile multiplies 32 inputs at a time and sums its products in an order of its own
+// the CPU's tile unit, which keeps pace with the memory for any row count (SmolLM2's products from
+// 1 to 16 rows: +1.9 ms a pass, against +13.9 ms on the dot instruction; `pass_phases.py`, 2 threads,
+// 2026-11-28, Intel Xeon). A tile multiplies 32 inputs at a time and sums its products in an order of its own
 // (not the dot instruction's pair chain), so this build's bf16 products differ from the other
 // builds' in the last bits; each output is still computed from its own row alone by one fixed
 // sequence of tile ops, whatever the row count, so every row count gives every row the same bits.
@@ -706,6 +695,17 @@ int64_t amx_rows(const uint32_t* x, int64_t ldx, int64_t K, const bf16* const* w
 }
 #endif
 
+// One pass over a group of up to GROUP panels (64 features) for the next of its `rest` rows; returns
+// how many rows it took.
+#ifdef __AVX512F__
+// 1 or 2 rows over the group's 4 panels at once (4 or 8 chains); 3 to 8 rows over 2 panels at a
+// time (6 to 16 chains), one sequential run a tile (a 4-, 5- or 6-token bf16 pass 0.93-0.94x against
+// 4 panels at once, 3 tokens 0.95x, fp32 4 tokens 0.975x, 2026-11-27, Zen 5; 7 and 8 rows so in one
+// pass over the group rather than two: an 8-token bf16 pass 0.88x, 7 tokens 0.93x, 2026-11-26); 9 to
+// 16 rows in two passes of half each (one 12-row pass over 2 panels at a time was slower: 14.5 ms of
+// products against 10.7; 16 rows as 8 + 8 rather than 6 + 6 + 4: a 16-token bf16 pass 0.955x, fp32
+// 0.979x, 2026-11-27), more rows 8 at a time (a 64-token prefill pass 0.979x, 32 tokens 0.953x
+// against 6 at a time).
 template <typename X, typename W>
 int64_t linear_rows(const X* x, int64_t ldx, int64_t K, const W* const* w, const PanelOut* out,
                     int64_t ldy, int count, int64_t rest, bool /* cached: the same tiles either way */) {
@@ -1431,6 +1431,13 @@ inline void widen_rows(const bf16* rows, int64_t stride, int64_t count, int64_t 
   }
 }
 
+inline uint32_t bf16_pair(const float* x) {  // x[0] and x[1], bf16-exact, as one word (x[0]'s bits low)
+  uint32_t even, odd;
+  std::memcpy(&even, x, 4);
+  std::memcpy(&odd, x + 1, 4);
+  return (odd & 0xFFFF0000u) | (even >> 16);
+}
+
 #ifdef __AVX512BF16__
 // Rows [0, count) of D bf16 values (`stride` apart; D a multiple of 16) as key pairs: for pair m and
 // dimension d, rows 2m (low half) and 2m + 1 (high half) side by side, as the dot instruction
@@ -1477,12 +1484,7 @@ inline void pair_dots_into(const uint32_t* weights, const uint32_t* values, int6
 // p's weights of keys [0, 2 * pairs) as pair words (the even key's bf16 bits low; p holds bf16
 // values, whose low halves are zero).
 inline void pair_weights(const float* p, int64_t pairs, uint32_t* weights) {
-  for (int64_t m = 0; m < pairs; ++m) {
-    uint32_t even, odd;
-    std::memcpy(&even, p + 2 * m, 4);
-    std::memcpy(&odd, p + 2 * m + 1, 4);
-    weights[m] = (odd & 0xFFFF0000u) | (even >> 16);
-  }
+  for (int64_t m = 0; m < pairs; ++m) weights[m] = bf16_pair(p + 2 * m);
 }
 
 // The pair sums of keys s < count of a block in `pair_rows`' layout (D a multiple of 16).
@@ -1538,10 +1540,7 @@ class PairScorer {
     for (int64_t i = 0; i < count; ++i)
       for (int64_t p = 0; p < D / 2; ++p) {
 #ifdef __AVX512BF16__  // the pair as the instruction reads it: element 2p in the low half
-        uint32_t even, odd;
-        std::memcpy(&even, q[i] + 2 * p, 4);
-        std::memcpy(&odd, q[i] + 2 * p + 1, 4);
-        const uint32_t pair = (odd & 0xFFFF0000u) | (even >> 16);
+        const uint32_t pair = bf16_pair(q[i] + 2 * p);
         std::memcpy(data + i * D + p, &pair, 4);
 #else  // the odd elements, then the even ones
         data[i * D + p] = q[i][2 * p + 1];
@@ -1630,13 +1629,6 @@ class DotScorer {
   int64_t D_;
 };
 
-// Queries sharing one kv head (query i as `scorer` holds it, its output at out[i], seeing keys
-// [0, limits[i]), the last of them read from slot lasts[i]: a token tree's leaf, whose own key sits
-// after its ancestors' siblings, attends as if it were right after its ancestors) attend: scores (8 keys at a time), softmax and the weighted sum of values run
-// over the keys in a fixed order (each output dimension one FMA chain over the keys), so a query's
-// result does not depend on which other queries share the call. The queries take each block of
-// keys, then each block of values, in turn: the head's cache comes from memory once for all of
-// them, not once per query (what counts at long contexts).
 // Each query's weights in place: exp(score - its top score) over keys [0, limits[i]) (a bf16
 // cache's rounded to bf16, see pair_sums), their sums in totals. Key s adds into lane s % 8, in key
 // order, then hsum's tree.
@@ -1791,13 +1783,6 @@ void attend_queries(const Scorer& scorer, float* const* out, const int64_t* limi
 // and where it is summed, the leaf's weights go through a second multiply of the block with the
 // moved key's values in its place (the other queries' weights zero in one multiply, the leaf's in the other).
 constexpr int64_t AMX_KEYS = 16, AMX_VALUE_KEYS = 32;
-
-inline uint32_t bf16_pair(const float* x) {  // x[0] and x[1], bf16-exact, as one word (x[0] low)
-  uint32_t even, odd;
-  std::memcpy(&even, x, 4);
-  std::memcpy(&odd, x + 1, 4);
-  return (odd & 0xFFFF0000u) | (even >> 16);
-}
 
 void amx_attend(const float* const* q, float* const* out, const int64_t* limits, const int64_t* lasts, int64_t count,
                 const bf16* keys, const bf16* values, int64_t kv_stride, int64_t D, float scale, std::vector<float>& scores) {
