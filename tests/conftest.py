@@ -62,6 +62,18 @@ def qwen3_bf16(qwen3_folder):
 
 
 @pytest.fixture(scope="session")
+def qwen3_wide_heads_folder(tmp_path_factory) -> Path:
+    """Heads 96 wide: where the AMX build's attention runs (a multiple of 32), past one 64-wide chunk of value sums."""
+    return write_random_model(tmp_path_factory.mktemp("qwen3-wide-heads"), "qwen3", num_attention_heads=2,
+                              num_key_value_heads=1, head_dim=96)
+
+
+@pytest.fixture(scope="session")
+def qwen3_wide_heads_bf16(qwen3_wide_heads_folder):
+    return untrained(qwen3_wide_heads_folder, "bfloat16")
+
+
+@pytest.fixture(scope="session")
 def smollm2_bf16(smollm2_folder):
     return untrained(smollm2_folder, "bfloat16")
 

@@ -236,7 +236,7 @@ def ragged_pass(llm, view: str, rows: list[int]):
 
 
 @pytest.mark.parametrize("view", ["ar", "diffusion"])
-@pytest.mark.parametrize("name", ["qwen3", "qwen3_bf16"])
+@pytest.mark.parametrize("name", ["qwen3", "qwen3_bf16", "qwen3_wide_heads_bf16"])
 def test_the_decoder_stack_is_right_and_each_row_is_computed_as_if_alone(request, name, view):
     """The kernels' decoder stack over a ragged batch (rows 2 and 0 of the cache, at different
     lengths): close to the plain path, in logits and in the keys it writes, and each row bit for
@@ -331,7 +331,7 @@ def prefilled(llm, text: str, room: int) -> tuple[KVCache, int]:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("name", ["qwen3_folder", "smollm2_folder"])
+@pytest.mark.parametrize("name", ["qwen3_folder", "smollm2_folder", "qwen3_wide_heads_folder"])
 def test_a_verify_pass_computes_each_token_as_a_decode_step_does(request, name, dtype):
     """Logits of one T-token AR pass == logits of T one-token steps, bit for bit, for T up to 32; and
     so are a token tree's leaves'."""

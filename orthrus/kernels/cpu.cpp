@@ -1791,7 +1791,7 @@ void amx_attend(const float* const* q, float* const* out, const int64_t* limits,
   configure_tiles(16);
   alignas(64) uint32_t queries[MAX_WIDE_D / 2 * 16];  // [D / 2 pairs][16 queries]
   alignas(64) bf16 rows[AMX_VALUE_KEYS * MAX_WIDE_D];  // keys or values copied: a block's last, or with a moved key
-  alignas(64) uint32_t pairs[AMX_VALUE_KEYS / 2 * MAX_WIDE_D];  // a block of values, `pair_rows`' layout
+  alignas(64) uint32_t pairs[AMX_VALUE_KEYS / 2 * 64];  // a block's values for up to 64 dimensions, `pair_rows`' layout
   alignas(64) bf16 weights[16 * AMX_VALUE_KEYS];  // [16 queries][32 keys]
   alignas(64) float sums[16 * 64];
   float totals[MAX_TASK_QUERIES];
@@ -1804,19 +1804,22 @@ void amx_attend(const float* const* q, float* const* out, const int64_t* limits,
     }
     _tile_stored(0, sums, 64);
   };
-  auto value_tiles = [&](int tiles, int64_t d0) {  // the weights by `pairs`' dimensions [d0, d0 + 16 tiles)
+  auto value_tiles = [&](int tiles) {  // the weights by `pairs`' 16 * tiles dimensions
+    const int64_t stride = 16 * tiles * 4;
     _tile_loadd(4, weights, 64);
-    _tile_loadd(5, pairs + d0, D * 4);
+    _tile_loadd(5, pairs, stride);
     _tile_dpbf16ps(0, 4, 5);
-    _tile_loadd(6, pairs + d0 + 16, D * 4);
+    _tile_loadd(6, pairs + 16, stride);
     _tile_dpbf16ps(1, 4, 6);
     if (tiles > 2) {
-      _tile_loadd(5, pairs + d0 + 32, D * 4);
+      _tile_loadd(5, pairs + 32, stride);
       _tile_dpbf16ps(2, 4, 5);
-      _tile_loadd(6, pairs + d0 + 48, D * 4);
+      _tile_loadd(6, pairs + 48, stride);
       _tile_dpbf16ps(3, 4, 6);
     }
   };
+  const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(16));  // a score tile's column: key r at r * 16
   for (int64_t g0 = 0; g0 < count; g0 += 16) {
     const int64_t group = std::min<int64_t>(16, count - g0), reach = *std::max_element(limits + g0, limits + g0 + group);
     std::fill_n(queries, D / 2 * 16, 0u);
@@ -1831,8 +1834,6 @@ void amx_attend(const float* const* q, float* const* out, const int64_t* limits,
         for (int64_t r = 0; r < n; ++r) std::copy_n(keys + (s + r) * kv_stride, D, rows + r * D);
         score_tile(rows, D);
       }
-      const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                                _mm512_set1_epi32(16));
       for (int64_t j = 0; j < group; ++j) {  // query j's column of the tile, its keys up to its limit
         const int64_t valid = std::min(n, limits[g0 + j] - s);
         if (valid <= 0) continue;
@@ -1854,23 +1855,26 @@ void amx_attend(const float* const* q, float* const* out, const int64_t* limits,
     const int64_t group = std::min<int64_t>(16, count - g0), reach = *std::max_element(limits + g0, limits + g0 + group);
     for (int64_t d0 = 0; d0 < D; d0 += 64) {
       const int tiles = static_cast<int>(std::min<int64_t>(64, D - d0) / 16);
+      const int64_t width = 16 * tiles;
       _tile_zero(0);  // (2 and 3 unused where `tiles` is 2)
       _tile_zero(1);
       _tile_zero(2);
       _tile_zero(3);
       for (int64_t first = 0; first < reach; first += AMX_VALUE_KEYS) {
         const int64_t n = std::min(AMX_VALUE_KEYS, reach - first);
-        auto lay_values = [&](const bf16* from, int64_t stride) {
-          pair_rows(from, stride, n, D, pairs);
-          std::fill(pairs + (n + 1) / 2 * D, pairs + AMX_VALUE_KEYS / 2 * D, 0u);
+        auto moved_here = [&](int64_t i) {  // query i's moved key falls in this block
+          return lasts[i] != limits[i] - 1 && first <= limits[i] - 1 && limits[i] - 1 < first + AMX_VALUE_KEYS;
+        };
+        auto lay_values = [&](const bf16* from, int64_t stride) {  // dimensions [d0, d0 + width)
+          pair_rows(from + d0, stride, n, width, pairs);
+          std::fill(pairs + (n + 1) / 2 * width, pairs + AMX_VALUE_KEYS / 2 * width, 0u);
         };
         auto lay_weights = [&](int64_t only) {  // every query's weights of the block, or query `only`'s alone
           std::fill_n(weights, 16 * AMX_VALUE_KEYS, bf16(0.f));
           for (int64_t j = 0; j < group; ++j) {
-            const int64_t i = g0 + j, limit = limits[i];
-            const bool moved = lasts[i] != limit - 1 && first <= limit - 1 && limit - 1 < first + AMX_VALUE_KEYS;
-            if (only >= 0 ? j != only : moved) continue;
-            const int64_t valid = std::min(n, limit - first);  // bf16-exact weights: the conversion is exact
+            const int64_t i = g0 + j;
+            if (only >= 0 ? j != only : moved_here(i)) continue;
+            const int64_t valid = std::min(n, limits[i] - first);  // bf16-exact weights: the conversion is exact
             for (int64_t r = 0; r < valid; r += 16) {
               const __mmask16 keep = static_cast<__mmask16>(valid - r >= 16 ? 0xFFFFu : (1u << (valid - r)) - 1);
               const __m256bh w = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(keep, scores.data() + i * used + first + r));
@@ -1880,15 +1884,15 @@ void amx_attend(const float* const* q, float* const* out, const int64_t* limits,
         };
         lay_values(values + first * kv_stride, kv_stride);
         lay_weights(-1);
-        value_tiles(tiles, d0);
+        value_tiles(tiles);
         for (int64_t j = 0; j < group; ++j) {
-          const int64_t i = g0 + j, limit = limits[i];
-          if (lasts[i] == limit - 1 || limit - 1 < first || limit - 1 >= first + AMX_VALUE_KEYS) continue;
+          const int64_t i = g0 + j;
+          if (!moved_here(i)) continue;
           for (int64_t r = 0; r < n; ++r)
-            std::copy_n(values + (r == limit - 1 - first ? lasts[i] : first + r) * kv_stride, D, rows + r * D);
+            std::copy_n(values + (r == limits[i] - 1 - first ? lasts[i] : first + r) * kv_stride, D, rows + r * D);
           lay_values(rows, D);
           lay_weights(j);
-          value_tiles(tiles, d0);
+          value_tiles(tiles);
         }
       }
       _tile_stored(0, sums, 64 * 4);
@@ -1898,7 +1902,7 @@ void amx_attend(const float* const* q, float* const* out, const int64_t* limits,
         _tile_stored(3, sums + 48, 64 * 4);
       }
       for (int64_t j = 0; j < group; ++j)
-        for (int64_t d = 0; d < 16 * tiles; ++d) out[g0 + j][d0 + d] = sums[j * 64 + d] / totals[g0 + j];
+        for (int64_t d = 0; d < width; ++d) out[g0 + j][d0 + d] = sums[j * 64 + d] / totals[g0 + j];
     }
   }
 }
